@@ -1,0 +1,1 @@
+"""The cascadectl engine: models, caches, strided prefill, generation. Never imports typer, rich or pypdf."""
