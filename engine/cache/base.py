@@ -1,0 +1,102 @@
+"""The cache protocol shared by every policy.
+
+A model-level cache holds one layer's keys/values per decoder layer, preallocated, plus control state that is
+the same for every batch row, head and layer (which slot holds what depends only on token counts; which
+*token* wins a slot may differ per head). Each prefill chunk or decode step is one transaction:
+
+    cache.begin(n_new)                    # plan the chunk on the host, from integers only
+    for every layer:
+        k_past, v_past = cache.past(l)    # pre-RoPE [B, Hkv, P, D]: sinks first, then cached tokens oldest first
+        ...attention over [k_past | k_new] at slot positions 0 .. P + n_new - 1...
+        cache.update(l, k_new, v_new, score)   # score: [B, Hkv, P - sinks + n_new] fp32, or None
+    cache.end()
+
+Keys are stored before RoPE and rotated at their slot position (rank in `past`) at attention time.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    n_layers: int
+    batch: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class KVCache(ABC):
+    """One policy's cache for a whole model (one buffer set per layer)."""
+
+    needs_scores: bool = False  # does `update` consume attention scores?
+
+    def __init__(self, shape: CacheShape, n_sinks: int):
+        self.shape = shape
+        self.n_sinks = n_sinks  # the first n_sinks tokens of the stream are kept forever
+        self.seen = 0  # tokens consumed so far (absolute index of the next token)
+        self.n_new = 0  # tokens of the chunk in flight
+
+    @property
+    @abstractmethod
+    def n_past(self) -> int:
+        """Tokens visible to the next chunk (sinks + cached), the same in every layer."""
+
+    @property
+    def n_sinks_filled(self) -> int:
+        return min(self.seen, self.n_sinks)
+
+    def begin(self, n_new: int) -> None:
+        """Plan the insertion of the next `n_new` tokens."""
+        self.n_new = n_new
+        self._plan(n_new)
+
+    @abstractmethod
+    def _plan(self, n_new: int) -> None: ...
+
+    @abstractmethod
+    def past(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Pre-RoPE keys and values visible to the current chunk: [B, Hkv, n_past, D], age order."""
+
+    @abstractmethod
+    def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
+        """Insert the chunk's pre-RoPE k, v [B, Hkv, n_new, D]; `score` covers non-sink past + new columns."""
+
+    def end(self) -> None:
+        """Commit the planned control state after every layer has been updated."""
+        self._commit()
+        self.seen += self.n_new
+        self.n_new = 0
+
+    def _commit(self) -> None:
+        pass
+
+    @abstractmethod
+    def token_index(self, layer: int) -> Tensor:
+        """Original stream index of every visible token: [B, Hkv, n_past] int64 (for retention reports)."""
+
+    @abstractmethod
+    def fill(self) -> list[tuple[int, int]]:
+        """(used, capacity) of the sinks and of each sub-cache, for progress displays."""
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    @abstractmethod
+    def _tensors(self) -> list[Tensor]: ...
+
+
+def empty_buffers(shape: CacheShape, capacity: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Preallocated per-layer keys, values [B, Hkv, capacity, D] and token indices [B, Hkv, capacity]."""
+    kv = (shape.batch, shape.n_kv_heads, capacity, shape.head_dim)
+    ks = [torch.zeros(kv, dtype=shape.dtype, device=shape.device) for _ in range(shape.n_layers)]
+    vs = [torch.zeros(kv, dtype=shape.dtype, device=shape.device) for _ in range(shape.n_layers)]
+    idx = [torch.full(kv[:3], -1, dtype=torch.long, device=shape.device) for _ in range(shape.n_layers)]
+    return ks, vs, idx

@@ -1,0 +1,51 @@
+"""`full`: keep every token. The exactness baseline (quadratic time, linear memory)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import CacheShape, KVCache, empty_buffers
+
+
+class DenseCache(KVCache):
+    needs_scores = False
+
+    def __init__(self, shape: CacheShape, n_sinks: int = 0, capacity: int = 4096):
+        super().__init__(shape, n_sinks)
+        self.capacity = max(capacity, 1)
+        self.k, self.v, _ = empty_buffers(shape, self.capacity)
+
+    @property
+    def n_past(self) -> int:
+        return self.seen
+
+    def _plan(self, n_new: int) -> None:
+        need = self.seen + n_new
+        if need <= self.capacity:
+            return
+        # amortised doubling; only `full` ever grows, and it is refused past the model's position limit anyway
+        new_cap = max(need, 2 * self.capacity)
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                grown = old.new_zeros(*old.shape[:2], new_cap, old.shape[3])
+                grown[:, :, : self.seen] = old[:, :, : self.seen]
+                buffers[i] = grown
+        self.capacity = new_cap
+
+    def past(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.k[layer][:, :, : self.seen], self.v[layer][:, :, : self.seen]
+
+    def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
+        n = k.shape[2]
+        self.k[layer][:, :, self.seen : self.seen + n] = k
+        self.v[layer][:, :, self.seen : self.seen + n] = v
+
+    def token_index(self, layer: int) -> Tensor:
+        b, h = self.shape.batch, self.shape.n_kv_heads
+        return torch.arange(self.seen, device=self.shape.device).expand(b, h, self.seen)
+
+    def fill(self) -> list[tuple[int, int]]:
+        return [(self.seen, self.seen)]
+
+    def _tensors(self) -> list[Tensor]:
+        return self.k + self.v

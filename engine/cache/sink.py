@@ -1,0 +1,67 @@
+"""`sink`: StreamingLLM (arXiv 2309.17453) — the sink tokens plus a sliding window of the newest N tokens.
+
+Layout per layer: `[ S sinks | ring of N slots ]`. Scores are not needed, so attention can skip them."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import CacheShape, KVCache, empty_buffers
+
+
+class SinkWindowCache(KVCache):
+    needs_scores = False
+
+    def __init__(self, shape: CacheShape, n_sinks: int, window: int):
+        super().__init__(shape, n_sinks)
+        self.window = window
+        self.k, self.v, _ = empty_buffers(shape, n_sinks + window)
+        self.index = torch.full((n_sinks + window,), -1, dtype=torch.long, device=shape.device)
+        self.head = 0  # next ring slot to write
+        self.count = 0  # ring slots in use
+        self._order = torch.zeros(0, dtype=torch.long, device=shape.device)
+
+    @property
+    def n_past(self) -> int:
+        return self.n_sinks_filled + self.count
+
+    def _plan(self, n_new: int) -> None:
+        to_sinks = min(n_new, self.n_sinks - self.n_sinks_filled)
+        rest = n_new - to_sinks
+        kept = min(rest, self.window)
+        # tokens of the chunk and the slots they land in: sinks in order, then the ring (earlier ones overwritten)
+        src = list(range(to_sinks)) + list(range(n_new - kept, n_new))
+        dst = list(range(self.n_sinks_filled, self.n_sinks_filled + to_sinks))
+        dst += [self.n_sinks + (self.head + rest - kept + j) % self.window for j in range(kept)]
+        dev = self.shape.device
+        self._src = torch.tensor(src, dtype=torch.long, device=dev)
+        self._dst = torch.tensor(dst, dtype=torch.long, device=dev)
+        self._order = self._age_order(self.head, self.count)
+        self._next = ((self.head + rest) % self.window, min(self.window, self.count + rest))
+
+    def _age_order(self, head: int, count: int) -> Tensor:
+        oldest = head if count == self.window else 0
+        ring = [self.n_sinks + (oldest + i) % self.window for i in range(count)]
+        return torch.tensor(list(range(self.n_sinks_filled)) + ring, dtype=torch.long, device=self.shape.device)
+
+    def past(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.k[layer].index_select(2, self._order), self.v[layer].index_select(2, self._order)
+
+    def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
+        self.k[layer].index_copy_(2, self._dst, k.index_select(2, self._src))
+        self.v[layer].index_copy_(2, self._dst, v.index_select(2, self._src))
+
+    def _commit(self) -> None:
+        self.index[self._dst] = self._src + self.seen
+        self.head, self.count = self._next
+
+    def token_index(self, layer: int) -> Tensor:
+        order = self._age_order(self.head, self.count)
+        b, h = self.shape.batch, self.shape.n_kv_heads
+        return self.index[order].expand(b, h, -1)
+
+    def fill(self) -> list[tuple[int, int]]:
+        return [(self.n_sinks_filled, self.n_sinks), (self.count, self.window)]
+
+    def _tensors(self) -> list[Tensor]:
+        return self.k + self.v

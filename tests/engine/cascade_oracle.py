@@ -1,0 +1,36 @@
+"""Per-token statement of the cascading rule (docs/ALGORITHM.md §2), one head, pure Python.
+
+Written to be obviously right, not fast: the chunked, vectorised CascadeCache is checked against it."""
+from __future__ import annotations
+
+
+class PerTokenCascade:
+    def __init__(self, n_sinks: int, width: int, cascades: int):
+        self.n_sinks, self.width, self.cascades = n_sinks, width, cascades
+        self.sinks: list[int] = []
+        self.rings: list[list[tuple[int, float]]] = [[] for _ in range(cascades)]  # oldest first
+        self.t = 0
+
+    def push(self, token: int, score: float) -> None:
+        t, self.t = self.t, self.t + 1
+        if len(self.sinks) < self.n_sinks:
+            self.sinks.append(token)
+            return
+        eager = t <= self.width * self.cascades + self.n_sinks
+        carry = (token, score)
+        for i, ring in enumerate(self.rings):
+            if eager or (t - self.n_sinks) % 2**i == 0:
+                ring.append(carry)
+                if len(ring) <= self.width:
+                    return
+                carry = ring.pop(0)  # the oldest moves on
+                continue
+            if not ring:
+                ring.append(carry)
+            elif carry[1] >= ring[-1][1]:  # compete with the newest; ties go to the newcomer
+                ring[-1] = carry
+            return
+
+    def visible(self) -> list[int]:
+        """Sinks, then the rings from the oldest (last) to the newest (first), each oldest first."""
+        return self.sinks + [tok for ring in reversed(self.rings) for tok, _ in ring]

@@ -1,0 +1,99 @@
+"""The chunked cache update equals the per-token rule; `cascade` with one sub-cache keeps what `sink` keeps."""
+import random
+
+import pytest
+import torch
+
+from engine.cache.base import CacheShape
+from engine.cache.cascade import CascadeCache
+from engine.cache.sink import SinkWindowCache
+from tests.engine.cascade_oracle import PerTokenCascade
+
+HEADS, DIM = 3, 4
+
+
+def _shape(n_layers: int = 1) -> CacheShape:
+    return CacheShape(n_layers, 1, HEADS, DIM, torch.float32, torch.device("cpu"))
+
+
+def _feed(cache, tokens: list[int], scores: torch.Tensor, chunks: list[int]) -> None:
+    """Push `tokens` chunk by chunk; key/value carry the token id so that data and bookkeeping can be checked."""
+    pos = 0
+    for n in chunks:
+        cache.begin(n)
+        ids = torch.tensor(tokens[pos : pos + n], dtype=torch.float32)
+        k = ids.view(1, 1, n, 1).expand(1, HEADS, n, DIM).clone()
+        for layer in range(cache.shape.n_layers):
+            n_cached = cache.n_past - cache.n_sinks_filled
+            score = None
+            if cache.needs_scores:  # frozen scores: cached columns add nothing, new ones bring their own
+                score = torch.cat([torch.zeros(1, HEADS, n_cached), scores[:, :, pos : pos + n]], dim=2)
+            cache.update(layer, k, -k, score)
+        cache.end()
+        pos += n
+
+
+def _random_chunks(total: int, rng: random.Random) -> list[int]:
+    chunks = []
+    while total:
+        n = min(total, rng.choice([1, 1, 2, 3, rng.randint(1, 50)]))
+        chunks.append(n)
+        total -= n
+    return chunks
+
+
+def _check_against_oracle(seed: int) -> None:
+    rng = random.Random(seed)
+    n_sinks, width, cascades = rng.choice([0, 1, 2, 4]), rng.randint(1, 6), rng.randint(1, 5)
+    total = rng.randint(1, 300)
+    # few distinct values so that ties are common
+    scores = torch.tensor([[rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(total)] for _ in range(HEADS)])
+    scores = scores.unsqueeze(0)
+    cache = CascadeCache(_shape(), n_sinks, width * cascades, cascades, beta=0.5)
+    cache.beta = 1.0  # no decay, so that every token keeps the score it arrived with (the oracle's view)
+    _feed(cache, list(range(total)), scores, _random_chunks(total, rng))
+    got_index = cache.token_index(0)
+    for h in range(HEADS):
+        oracle = PerTokenCascade(n_sinks, width, cascades)
+        for t in range(total):
+            oracle.push(t, float(scores[0, h, t]))
+        assert got_index[0, h].tolist() == oracle.visible(), (seed, n_sinks, width, cascades, h)
+    # the data moved with the bookkeeping: key = token id, value = -token id, score = its arrival score
+    cache.begin(0)
+    keys, values = cache.past(0)
+    assert torch.equal(keys[0, :, :, 0].long(), got_index[0])
+    assert torch.equal(values[0, :, :, 0].long(), -got_index[0])
+    cached = got_index[0, :, cache.n_sinks_filled :]
+    stored = cache.score[0][0].gather(1, cache._cached.expand(HEADS, -1))
+    assert torch.equal(stored, scores[0].gather(1, cached))
+    cache.end()
+
+
+@pytest.mark.parametrize("block", range(20))
+def test_chunked_update_equals_per_token_rule(block):
+    for seed in range(block * 100, block * 100 + 100):
+        _check_against_oracle(seed)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_one_cascade_keeps_what_sink_keeps(seed):
+    rng = random.Random(seed)
+    n_sinks, window, total = rng.choice([0, 1, 4, 64]), rng.randint(1, 40), rng.randint(1, 400)
+    scores = torch.rand(1, HEADS, total)
+    chunks = _random_chunks(total, rng)
+    cascade = CascadeCache(_shape(2), n_sinks, window, 1, beta=0.9)
+    sink = SinkWindowCache(_shape(2), n_sinks, window)
+    _feed(cascade, list(range(total)), scores, chunks)
+    _feed(sink, list(range(total)), scores, chunks)
+    for layer in range(2):
+        assert torch.equal(cascade.token_index(layer), sink.token_index(layer))
+    assert cascade.fill() == sink.fill()
+
+
+def test_cascade_reaches_exponentially_far_back():
+    width, cascades, total = 8, 4, 2000
+    cache = CascadeCache(_shape(), 4, width * cascades, cascades, beta=0.9)
+    _feed(cache, list(range(total)), torch.rand(1, HEADS, total), [64] * (total // 64) + [total % 64])
+    oldest = cache.token_index(0)[0, :, 4:].min().item()
+    assert total - 1 - oldest >= width * (2**cascades - 1) - width  # ~ W (2^C - 1), minus one ring's slack
+    assert cache.n_past == 4 + width * cascades
