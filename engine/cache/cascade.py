@@ -197,6 +197,10 @@ class CascadeCache(KVCache):
     def token_index(self, layer: int) -> Tensor:
         return self.idx[layer].index_select(2, self._age_order())
 
+    def cached_scores(self, layer: int) -> Tensor:
+        """Scores of the cached (non-sink) tokens in `token_index` order: [B, Hkv, n_past - sinks]."""
+        return self.score[layer].index_select(2, self._age_order()[self.n_sinks_filled :] - self.n_sinks)
+
     def fill(self) -> list[tuple[int, int]]:
         return [(self.n_sinks_filled, self.n_sinks)] + [(c, self.width) for c in self.count]
 

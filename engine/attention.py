@@ -1,0 +1,107 @@
+"""Our attention forward for Llama-family decoders (llama, mistral, qwen2, qwen3).
+
+Inside `patched_attention(model)`, every decoder layer's `self_attn.forward` is replaced by one that projects
+q, k, v, keeps the chunk's keys *before* RoPE, rotates the cache's keys at their slot positions (their rank in
+`cache.past`, sinks first) and the chunk's queries/keys right after them, attends over `[past | chunk]` through
+the `kernels.chunk_attention` dispatcher and hands the new keys/values and scores to the cache. The original
+forwards are restored on exit, also after an exception.
+
+The per-chunk state (cache, rotary tables, EMA weights) lives in one `StepContext` owned by the caller, so the
+patched modules hold no mutable state of their own.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from kernels.chunk_attention import chunk_attention
+
+from .cache.base import KVCache
+from .errors import UnsupportedModelError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class StepContext:
+    """Everything a chunk's attention needs besides the layer weights."""
+
+    cache: KVCache
+    cos: Tensor  # [K, D] rotary tables for positions 0 .. K-1 (K = past + chunk)
+    sin: Tensor
+    ema: Tensor | None  # [L] EMA weights when the cache wants scores
+    head_reduce: str = "max"
+    # called as hook(layer, q_new_pre_rope, k_all, v_all, scores) -> scores; used by question-guided retention
+    score_hook: Callable[..., Tensor] | None = None
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D] rotated by cos/sin [T, D] (the HF convention: halves, not interleaved pairs)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def check_family(model: nn.Module) -> None:
+    family = getattr(model.config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"model type {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+
+def _forward(attn: nn.Module, ctx_ref: list[StepContext | None]) -> Callable:
+    def forward(hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
+        ctx = ctx_ref[0]
+        assert ctx is not None, "patched attention called outside a cascadectl step"
+        b, n_new, _ = hidden_states.shape
+        d = attn.head_dim
+        q = attn.q_proj(hidden_states).view(b, n_new, -1, d)
+        k = attn.k_proj(hidden_states).view(b, n_new, -1, d)
+        v = attn.v_proj(hidden_states).view(b, n_new, -1, d).transpose(1, 2)  # [B, Hkv, L, D]
+        if getattr(attn, "q_norm", None) is not None:  # qwen3 normalises q and k per head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, L, D]
+
+        layer = attn.layer_idx
+        k_past, v_past = ctx.cache.past(layer)  # pre-RoPE [B, Hkv, P, D], slot order
+        k_all = apply_rope(torch.cat([k_past, k], dim=2), ctx.cos, ctx.sin)
+        v_all = torch.cat([v_past, v], dim=2)
+        q_rot = apply_rope(q, ctx.cos[-n_new:], ctx.sin[-n_new:])
+        n_sinks = ctx.cache.n_sinks_filled
+        out, scores = chunk_attention(q_rot, k_all, v_all, attn.scaling, ctx.ema, n_sinks, ctx.head_reduce)
+        if ctx.score_hook is not None and scores is not None:
+            scores = ctx.score_hook(layer, k_all, scores)
+        ctx.cache.update(layer, k, v, scores)
+        out = out.transpose(1, 2).reshape(b, n_new, -1)  # [B, Hq, L, D] -> [B, L, Hq·D]
+        return attn.o_proj(out), None
+
+    return forward
+
+
+@contextmanager
+def patched_attention(model: nn.Module) -> Iterator[list[StepContext | None]]:
+    """Swap in our attention for every decoder layer; yields the one-slot holder for the step context."""
+    check_family(model)
+    ctx_ref: list[StepContext | None] = [None]
+    patched = []
+    try:
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            had_own = "forward" in attn.__dict__
+            patched.append((attn, had_own, attn.__dict__.get("forward")))
+            attn.forward = _forward(attn, ctx_ref)  # instance attribute shadows the class's forward
+        yield ctx_ref
+    finally:
+        for attn, had_own, original in patched:
+            if had_own:
+                attn.forward = original
+            else:
+                del attn.forward

@@ -1,0 +1,97 @@
+"""With nothing evicted, every policy reproduces the model's own transformers forward; scores are the exact EMA."""
+import pytest
+import torch
+
+from engine.config import CacheConfig
+from engine.runner import Runner
+from tests.engine.tiny import tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def _chunked_logits(model, ids, config: CacheConfig):
+    with Runner(model, config) as runner:
+        outs = [runner.logits(runner.step(ids[:, i : i + config.stride])) for i in range(0, ids.shape[1], config.stride)]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["full", "sink", "cascade"])
+@pytest.mark.parametrize("stride", [1, 7, 64, 100])
+def test_no_eviction_equals_transformers_forward(family, policy, stride):
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(1))
+    expected = model(ids).logits
+    got = _chunked_logits(model, ids, CacheConfig(policy=policy, cache_size=128, cascades=4, sinks=4, stride=stride))
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert "forward" not in model.model.layers[0].self_attn.__dict__  # the patch is gone
+
+
+def test_patch_removed_after_error():
+    model = tiny_model()
+    with pytest.raises(RuntimeError):
+        with Runner(model, CacheConfig(cache_size=128, stride=16)) as runner:
+            runner.step(torch.zeros(1, 4, dtype=torch.long))
+            raise RuntimeError("boom")
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+
+
+def _naive_ema_scores(model, ids, beta):
+    """fp64, per query: score_j <- beta score_j + (1 - beta) mean_g p(m, j), from the model's own attention."""
+    probs = {}
+    hooks = []
+    cfg = model.config
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+
+    def grab(layer):
+        def hook(module, args, kwargs, output):
+            probs[layer] = output[1].double()  # eager attention returns the probabilities [B, Hq, T, T]
+        return hook
+
+    model.config._attn_implementation = "eager"
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.self_attn.register_forward_hook(grab(i), with_kwargs=True))
+    try:
+        model(ids, output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.config._attn_implementation = "sdpa"
+    scores = {}
+    for layer, p in probs.items():
+        b, hq, t, _ = p.shape
+        p = p.view(b, hq // g, g, t, t).mean(dim=2)  # [B, Hkv, T, T]
+        s = torch.zeros(b, hq // g, t, dtype=torch.float64)
+        for m in range(t):
+            s = beta * s + (1 - beta) * p[:, :, m]
+        scores[layer] = s
+    return scores
+
+
+@pytest.mark.parametrize("stride", [1, 5, 16, 48])
+def test_prefill_scores_equal_naive_fp64_ema(stride):
+    """With `mean` over the query heads the scores do not depend on the stride: compare to a per-query EMA."""
+    model = tiny_model("llama", seed=3)
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(2))
+    beta, n_sinks = 0.9, 3
+    config = CacheConfig(cache_size=64, cascades=4, sinks=n_sinks, stride=stride, beta=beta, head_reduce="mean")
+    naive = _naive_ema_scores(model, ids, beta)
+    with Runner(model, config) as runner:
+        for i in range(0, 48, stride):
+            runner.step(ids[:, i : i + stride])
+        cache = runner.cache
+        for layer, expected in naive.items():
+            # every token is cached and none evicted; sink columns are not scored
+            assert cache.token_index(layer)[0, 0].tolist() == list(range(48))
+            got = cache.cached_scores(layer).double()
+            torch.testing.assert_close(got, expected[:, :, n_sinks:], rtol=1e-5, atol=1e-7)
+
+
+def test_positions_never_exceed_model_limit():
+    model = tiny_model(max_positions=64)
+    config = CacheConfig(cache_size=40, cascades=4, sinks=4, stride=16)
+    config.check_positions(4, 64)
+    with Runner(model, config) as runner:
+        for i in range(0, 2000, 16):  # far past the limit: slot positions stay below S + N + L
+            runner.step(torch.randint(0, 256, (1, 16)))
+            assert runner.cache.n_past + 16 <= 64
