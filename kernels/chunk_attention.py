@@ -70,6 +70,69 @@ def chunk_attention_ref(
     return out, scores[:, :, n_sinks:]
 
 
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _groups(x: Tensor, g: int) -> Tensor:
+    """[B, Hkv, T, D] -> [B, Hkv·G, T, D] as a stride-0 view (no copy of K/V)."""
+    b, h, t, d = x.shape
+    return x.unsqueeze(2).expand(b, h, g, t, d).reshape(b, h * g, t, d) if g > 1 else x
+
+
+def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two partial softmax attentions over disjoint key sets from their outputs and log-sum-exps."""
+    lse = torch.logaddexp(l1, l2)
+    out = o1.float() * torch.exp(l1 - lse).unsqueeze(-1) + o2.float() * torch.exp(l2 - lse).unsqueeze(-1)
+    return out, lse
+
+
+def chunk_attention_cpu(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    ema: Tensor | None = None,
+    n_sinks: int = 0,
+    head_reduce: str = "max",
+) -> tuple[Tensor, Tensor | None]:
+    """Same contract as `chunk_attention_ref`, built from torch's fused CPU flash-attention kernel.
+
+    Pass 1: output and per-query LSE, cache keys (unmasked) and chunk keys (square causal) merged by LSE.
+    Pass 2, the exact scores, is flash attention run backwards: the keys act as queries over the chunk's queries,
+    with the per-query bias log w_m - lse_m folded into two extra dimensions (split hi/lo so that bf16 inputs
+    keep the bias to ~1e-5). Its log-sum-exp is log Σ_m w_m p(m, j), exactly the EMA column sum; no [L, K]
+    probability matrix is ever materialised. Costs about two flash passes."""
+    b, hq, n_q, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    g, n_c = hq // hkv, n_k - n_q
+    kq, vq = _groups(k, g), _groups(v, g)
+    o2, l2 = _flash_cpu(q, kq[:, :, n_c:], vq[:, :, n_c:], 0.0, True, scale=scale)
+    if n_c:
+        o1, l1 = _flash_cpu(q, kq[:, :, :n_c], vq[:, :, :n_c], 0.0, False, scale=scale)
+        out, lse = _merge(o1, l1, o2, l2)
+        out = out.to(q.dtype)
+    else:
+        out, lse = o2, l2
+    if ema is None:
+        return out, None
+    bias = (torch.log(ema) - lse) / scale  # [B, Hq, L]; the kernel multiplies every dimension by `scale`
+    hi = bias.to(q.dtype)
+    lo = (bias - hi.float()).to(q.dtype)
+    q_aug = torch.cat([q, hi.unsqueeze(-1), lo.unsqueeze(-1)], dim=-1)  # [B, Hq, L, D+2]
+    ones = k.new_ones(b, hkv, n_k, 2)
+    k_aug = _groups(torch.cat([k, ones], dim=-1), g)  # [B, Hq, K, D+2]
+    zeros = q.new_zeros(b, hq, n_q, d + 2)  # values are irrelevant, only the LSE is used (stride-0 views are 10x slower)
+    col = torch.empty(b, hq, n_k, dtype=torch.float32, device=q.device)
+    if n_c:
+        col[:, :, :n_c] = _flash_cpu(k_aug[:, :, :n_c], q_aug, zeros, 0.0, False, scale=scale)[1]
+    # chunk key j is seen by queries m >= j: reversing both orders makes that a square top-left causal mask
+    rev = _flash_cpu(k_aug[:, :, n_c:].flip(2), q_aug.flip(2), zeros, 0.0, True, scale=scale)[1]
+    col[:, :, n_c:] = rev.flip(2)
+    col = torch.exp(col).view(b, hkv, g, n_k)
+    scores = col.amax(dim=2) if head_reduce == "max" else col.mean(dim=2)
+    return out, scores[:, :, n_sinks:]
+
+
 def attention_no_scores(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """The same attention without scores (sink and full policies): one fused SDPA call."""
     mask = causal_mask(q.shape[2], k.shape[2], q.device)
@@ -86,6 +149,10 @@ def chunk_attention(
     head_reduce: str = "max",
 ) -> tuple[Tensor, Tensor | None]:
     """Dispatcher: the engine calls only this. CASCADECTL_KERNELS=ref forces the reference."""
-    if ema is None and os.environ.get("CASCADECTL_KERNELS") != "ref":
+    if os.environ.get("CASCADECTL_KERNELS") == "ref":
+        return chunk_attention_ref(q, k, v, scale, ema, n_sinks, head_reduce)
+    if q.device.type == "cpu":
+        return chunk_attention_cpu(q, k, v, scale, ema, n_sinks, head_reduce)
+    if ema is None:
         return attention_no_scores(q, k, v, scale), None
     return chunk_attention_ref(q, k, v, scale, ema, n_sinks, head_reduce)

@@ -1,0 +1,506 @@
+"""The input layer: turn files, folders, PDFs and stdin into one lazy stream of bounded text segments.
+
+`iter_segments` is the only thing the engine-facing code needs. It reads one block (or one PDF page) at a time, so
+memory stays bounded however long the input is, and it marks file and page boundaries in the text so that the model
+(and the user reading its answer) can tell where a passage came from. Problems the user can fix raise `InputError`
+with a one-line message; problems that only affect part of a folder are recorded in an `InputReport` and skipped.
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+import sys
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+__all__ = [
+    "FILE_HEADER",
+    "InputError",
+    "InputReport",
+    "MAX_SEGMENT_CHARS",
+    "PAGE_HEADER",
+    "STDIN_SOURCE",
+    "Segment",
+    "iter_segments",
+    "total_bytes_estimate",
+]
+
+# Markers the model reads between files and PDF pages. Other code (e.g. citing a page in an answer) can parse them.
+FILE_HEADER = "\n\n### File: {path}\n\n"
+PAGE_HEADER = "\n\n### Page {page}\n\n"
+STDIN_SOURCE = "<stdin>"
+
+MAX_SEGMENT_CHARS = 64 * 1024  # upper bound on `Segment.text` length, in characters
+READ_BLOCK_BYTES = 64 * 1024  # read size for text files and stdin; looked up at call time so tests can shrink it
+SNIFF_BYTES = 8 * 1024  # how much of a file decides "PDF / text / binary"
+
+_PDF_MAGIC = b"%PDF-"
+_ERRORS = "cascadectl-count-replace"  # codec error handler: like "replace", but counts what it replaces
+
+
+class InputError(Exception):
+    """The input cannot be read as given. The message is one line, names the file, and says what to change."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of the text stream: at most `MAX_SEGMENT_CHARS` characters from `source` (and PDF `page`, 1-based).
+
+    Header markers (`FILE_HEADER`, `PAGE_HEADER`) are segments too, attributed to the file / page they introduce.
+    """
+
+    text: str
+    source: str
+    page: int | None = None
+
+
+@dataclass
+class InputReport:
+    """What `iter_segments` read and skipped, filled in as the iteration goes.
+
+    `replaced_bytes` counts the invalid byte sequences that decoding replaced with U+FFFD (one per maximal invalid
+    sequence, as Python's "replace" error handler does); U+FFFD characters already present in the input are not
+    counted. `bytes_read` counts raw bytes of text files and stdin, plus the size of each PDF read.
+    `chars_emitted` counts the characters of text emitted, header markers excluded. Files that gave no text (empty
+    ones, PDFs without text) are in `skipped`, not in `files_read`; so are single PDF pages whose extraction failed.
+    """
+
+    files_read: list[str] = field(default_factory=list)
+    pages_read: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    replaced_bytes: int = 0
+    bytes_read: int = 0
+    chars_emitted: int = 0  # content characters, headers excluded
+    _sha256: Any = field(default_factory=hashlib.sha256, repr=False, compare=False)
+
+    @property
+    def text_sha256(self) -> str:
+        """Hex SHA-256 of the UTF-8 encoding of all the text emitted so far, headers included."""
+        return self._sha256.hexdigest()
+
+    def skip(self, path: str, reason: str) -> None:
+        """Record that `path` was not read, and why."""
+        self.skipped.append((path, reason))
+
+
+# --- decoding ----------------------------------------------------------------------------------------------------
+
+# Codec error handlers are registered globally by name, so the handler finds the report to count into through a
+# thread-local that is set only for the duration of each decode call (generators may interleave between calls).
+_counting = threading.local()
+
+
+def _count_and_replace(exc: UnicodeError) -> tuple[str, int]:
+    report = getattr(_counting, "report", None)
+    if report is not None:
+        report.replaced_bytes += 1
+    return "\ufffd", exc.end  # type: ignore[attr-defined]
+
+
+codecs.register_error(_ERRORS, _count_and_replace)
+
+
+def _decode(decoder: codecs.IncrementalDecoder, data: bytes, report: InputReport, final: bool = False) -> str:
+    _counting.report = report
+    try:
+        return decoder.decode(data, final)
+    finally:
+        _counting.report = None
+
+
+def _encoding_for(head: bytes) -> str:
+    """Pick a codec from a byte-order mark; the BOM itself is consumed by the chosen decoder."""
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    # UTF-32 first: its little-endian BOM starts with the UTF-16 little-endian one.
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return "utf-8"
+
+
+def _looks_binary(head: bytes) -> bool:
+    # UTF-16/32 text is full of NULs, so a BOM overrides the NUL heuristic.
+    return b"\0" in head and _encoding_for(head) in ("utf-8", "utf-8-sig")
+
+
+def _iter_text(fh: BinaryIO, head: bytes, report: InputReport) -> Iterator[str]:
+    """Decode `head` and then the rest of `fh` block by block, yielding non-empty strings."""
+    decoder = codecs.getincrementaldecoder(_encoding_for(head))(errors=_ERRORS)
+    report.bytes_read += len(head)
+    text = _decode(decoder, head, report)
+    if text:
+        yield text
+    while True:
+        block = fh.read(READ_BLOCK_BYTES)
+        if not block:
+            break
+        report.bytes_read += len(block)
+        text = _decode(decoder, block, report)
+        if text:
+            yield text
+    text = _decode(decoder, b"", report, final=True)  # a truncated trailing sequence becomes one U+FFFD
+    if text:
+        yield text
+
+
+# --- PDF -----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_pypdf() -> Iterator[None]:
+    """Keep pypdf's recoverable-problem chatter off stderr. Never held across a `yield` of ours."""
+    logger = logging.getLogger("pypdf")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _PdfProblem(Exception):
+    """A PDF cannot be read; `reason` is the short form for the report, `message` the full one-line advice."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _open_pdf(fh: BinaryIO, path: str) -> tuple[Any, int]:
+    """A decrypted `PdfReader` over the open file `fh` and its page count, or `_PdfProblem`."""
+    from pypdf import PdfReader  # imported here: a text-only run should not pay for importing pypdf
+    from pypdf import PasswordType
+    from pypdf.errors import DependencyError
+
+    # pypdf is third-party code parsing untrusted bytes; any exception it raises means "this file is broken".
+    try:
+        with _quiet_pypdf():
+            # A file object (not the path): given a path, pypdf reads the whole file into memory.
+            reader = PdfReader(fh)
+            if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
+                raise _PdfProblem(
+                    "password-protected PDF",
+                    f"{path} is password-protected; decrypt it first (e.g. qpdf --decrypt --password=... "
+                    f"{path} decrypted.pdf) and pass the decrypted copy",
+                )
+            n_pages = len(reader.pages)  # loads the page tree, so that a broken one is reported as such
+    except _PdfProblem:
+        raise
+    except DependencyError as exc:
+        raise _PdfProblem(
+            "encrypted PDF needs the 'cryptography' package",
+            f"{path} uses encryption that needs an extra package ({_one_line(exc)}); "
+            "install it with `pip install cryptography` or decrypt the file first (e.g. qpdf --decrypt)",
+        ) from exc
+    except Exception as exc:
+        raise _PdfProblem(
+            "PDF could not be parsed",
+            f"{path} could not be parsed as a PDF ({_one_line(exc)}); check that the file is complete or re-save it",
+        ) from exc
+    return reader, n_pages
+
+
+def _no_surrogates(text: str) -> str:
+    """Replace lone surrogates (from broken font maps) with U+FFFD: they cannot be encoded, hashed or tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
+
+
+def _iter_pdf_pages(fh: BinaryIO, path: str, report: InputReport) -> Iterator[tuple[int, str]]:
+    """Yield `(page_number, text)` for each page with text, extracting one page per step.
+
+    A page whose extraction fails is recorded as skipped; a file with no text at all raises `_PdfProblem`.
+    """
+    reader, n_pages = _open_pdf(fh, path)
+    n_failed = 0
+    any_text = False
+    for index in range(n_pages):
+        try:
+            with _quiet_pypdf():
+                text = _no_surrogates(reader.pages[index].extract_text() or "")
+        except Exception as exc:  # one bad page (odd font, broken stream) should not lose the rest of the book
+            n_failed += 1
+            report.skip(f"{path} page {index + 1}", f"text extraction failed: {_one_line(exc, 80)}")
+            continue
+        report.pages_read += 1
+        if text.strip():
+            any_text = True
+            yield index + 1, text
+    if not any_text:
+        if n_pages and n_failed == n_pages:
+            raise _PdfProblem(
+                "PDF could not be parsed",
+                f"{path} could not be parsed: text extraction failed on every page; try re-saving or converting it",
+            )
+        raise _PdfProblem(
+            "PDF has no extractable text",
+            f"{path} has no extractable text (scanned images?); run OCR on it first (e.g. ocrmypdf {path} ocr.pdf)",
+        )
+
+
+# --- files and folders ---------------------------------------------------------------------------------------------
+
+
+def _chunks(text: str) -> Iterator[str]:
+    for start in range(0, len(text), MAX_SEGMENT_CHARS):
+        yield text[start : start + MAX_SEGMENT_CHARS]
+
+
+def _is_pdf(path: str, head: bytes) -> bool:
+    return head.startswith(_PDF_MAGIC) or path.lower().endswith(".pdf")
+
+
+def _reason_for(exc: OSError) -> str:
+    return f"unreadable: {exc.strerror or _one_line(exc)}"
+
+
+def _walk(root: str, report: InputReport, visited: set[tuple[int, int]]) -> Iterator[str]:
+    """Regular files under `root`, depth first in name order; hidden, special and looping entries are skipped."""
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        report.skip(root, _reason_for(exc))
+        return
+    for entry in entries:
+        path = os.path.normpath(entry.path)
+        if entry.name.startswith("."):
+            report.skip(path, "hidden")
+            continue
+        try:
+            st = entry.stat()  # follows symlinks: a link to a file is read, a link to a folder is walked
+        except FileNotFoundError:
+            report.skip(path, "broken symlink")
+            continue
+        except OSError as exc:
+            report.skip(path, _reason_for(exc))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in visited:
+                report.skip(path, "folder already read via another path (symlink)")
+                continue
+            visited.add(key)
+            yield from _walk(path, report, visited)
+        elif stat.S_ISREG(st.st_mode):
+            yield path
+        else:  # FIFOs would block on open; sockets and devices are not documents
+            report.skip(path, "not a regular file")
+
+
+class _Stream:
+    """Turns the sources into segments: headers, chunking, hashing and bookkeeping in one place."""
+
+    def __init__(self, report: InputReport, headers: bool) -> None:
+        self.report = report
+        self.headers = headers
+
+    def _segment(self, text: str, source: str, page: int | None, content: bool) -> Segment:
+        self.report._sha256.update(text.encode("utf-8"))
+        if content:
+            self.report.chars_emitted += len(text)
+        return Segment(text, source, page)
+
+    def file(self, path: str, direct: bool) -> Iterator[Segment]:
+        """Segments of one file; `direct` files raise `InputError` where folder entries are skipped."""
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; opening first separates open errors
+        except OSError as exc:
+            if not direct:
+                self.report.skip(path, _reason_for(exc))
+                return
+            raise InputError(f"{path}: {exc.strerror or _one_line(exc)}; check the file's permissions") from exc
+        with fh:
+            try:
+                head = fh.read(SNIFF_BYTES)
+            except OSError as exc:
+                if not direct:
+                    self.report.skip(path, _reason_for(exc))
+                    return
+                raise InputError(f"{path}: {exc.strerror or _one_line(exc)}; check that the file is readable") from exc
+            if _is_pdf(path, head):
+                yield from self._pdf(fh, path, direct)
+            elif _looks_binary(head):
+                if direct:
+                    raise InputError(f"{path} looks binary; give a text or PDF file")
+                self.report.skip(path, "binary")
+            else:
+                yield from self._text(_iter_text(fh, head, self.report), path, direct)
+
+    def stdin(self, stream: BinaryIO) -> Iterator[Segment]:
+        """Segments of a binary stream read as text (stdin, or a pipe such as `<(cmd)` given as a path)."""
+        return self._stream(stream, STDIN_SOURCE)
+
+    def special(self, path: str) -> Iterator[Segment]:
+        """A path given directly that is neither a folder nor a regular file (e.g. `<(cmd)`): read it like stdin."""
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
+        except OSError as exc:
+            reason = exc.strerror or _one_line(exc)
+            raise InputError(f"{path}: cannot be read ({reason}); give a text or PDF file") from exc
+        with fh:
+            yield from self._stream(fh, path)
+
+    def _stream(self, stream: BinaryIO, source: str) -> Iterator[Segment]:
+        head = stream.read(SNIFF_BYTES)
+        if head.startswith(_PDF_MAGIC):
+            raise InputError(f"{source} is a PDF; PDFs cannot be piped, pass the file's path instead")
+        if _looks_binary(head):
+            raise InputError(f"{source} looks binary; give a text or PDF file")
+        yield from self._text(_iter_text(stream, head, self.report), source, direct=True)
+
+    def _text(self, pieces: Iterator[str], source: str, direct: bool) -> Iterator[Segment]:
+        started = False
+        for piece in pieces:
+            if not started:
+                started = True
+                if self.headers:
+                    yield self._segment(FILE_HEADER.format(path=source), source, None, content=False)
+            for chunk in _chunks(piece):
+                yield self._segment(chunk, source, None, content=True)
+        if started:
+            self.report.files_read.append(source)
+        elif not direct:
+            self.report.skip(source, "empty")
+
+    def _pdf(self, fh: BinaryIO, path: str, direct: bool) -> Iterator[Segment]:
+        if not fh.seekable():
+            raise InputError(f"{path} is a PDF read from a pipe; save it to a file and pass that path instead")
+        started = False
+        try:
+            for page, text in _iter_pdf_pages(fh, path, self.report):
+                if not started:
+                    started = True
+                    if self.headers:
+                        yield self._segment(FILE_HEADER.format(path=path), path, None, content=False)
+                yield self._segment(PAGE_HEADER.format(page=page), path, page, content=False)
+                for chunk in _chunks(text):
+                    yield self._segment(chunk, path, page, content=True)
+        except _PdfProblem as problem:
+            if direct:
+                raise InputError(problem.message) from problem.__cause__
+            self.report.skip(path, problem.reason)
+            return
+        self.report.files_read.append(path)
+        with contextlib.suppress(OSError):
+            self.report.bytes_read += os.fstat(fh.fileno()).st_size
+
+    def directory(self, root: str) -> Iterator[Segment]:
+        """Segments of every readable file under `root`; `InputError` if none had text."""
+        chars_before = self.report.chars_emitted
+        skipped_before = len(self.report.skipped)
+        st = os.stat(root)
+        for path in _walk(root, self.report, {(st.st_dev, st.st_ino)}):
+            yield from self.file(path, direct=False)
+        if self.report.chars_emitted == chars_before:
+            skipped = self.report.skipped[skipped_before:]
+            raise InputError(f"{root}: no readable text in this folder ({_summarize(skipped)}); "
+                             "point at a folder with text or PDF files")
+
+
+def _summarize(skipped: list[tuple[str, str]]) -> str:
+    """E.g. 'skipped 3 files: 2 binary, 1 hidden' - reasons cut at ':' so that similar errors group together."""
+    if not skipped:
+        return "it has no files"
+    counts = Counter(reason.split(":")[0] for _, reason in skipped)
+    parts = ", ".join(f"{n} {reason}" for reason, n in counts.most_common(4))
+    if len(counts) > 4:
+        parts += ", ..."
+    return f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''}: {parts}"
+
+
+# --- public entry points -----------------------------------------------------------------------------------------
+
+
+def iter_segments(
+    sources: list[str], stdin: BinaryIO | None = None, report: InputReport | None = None
+) -> Iterator[Segment]:
+    """Lazily yield the text of `sources` in order, in segments of at most `MAX_SEGMENT_CHARS` characters.
+
+    A source is a text file (UTF-8; UTF-16/32 or UTF-8 with a byte-order mark), a PDF (by extension or magic
+    bytes; read page by page), a folder (walked recursively in name order, skipping hidden, binary, unreadable
+    and special files), or "-" for `stdin` (default `sys.stdin.buffer`). A path that is neither a folder nor a
+    regular file (e.g. a pipe from `<(cmd)`) is read as a text stream. Invalid UTF-8 is replaced with U+FFFD and
+    counted in `report`.
+
+    A single text file or stdin is passed verbatim; with several sources or a folder, each file is introduced by
+    `FILE_HEADER`, and each PDF page with text by `PAGE_HEADER`.
+
+    Raises `InputError` for missing paths (before reading anything), for a file given directly that cannot be
+    read (binary, unreadable, encrypted or text-less PDF, ...), for a folder without any text, and - at the end,
+    since stdin is only known to be empty once read - when the input holds no text at all.
+    """
+    if report is None:
+        report = InputReport()
+    chars_before = report.chars_emitted
+    if not sources:
+        raise InputError("no input given: pass a file, a folder, or '-' to read stdin")
+    for source in sources:
+        if source != "-" and not os.path.exists(source):
+            if os.path.islink(source):
+                raise InputError(f"{source}: broken symbolic link; point at the file it should link to")
+            raise InputError(f"{source}: no such file or directory; check the path")
+
+    headers = len(sources) > 1 or any(source != "-" and os.path.isdir(source) for source in sources)
+    stream = _Stream(report, headers)
+    for source in sources:
+        if source == "-":
+            stream_in = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
+            if stream_in is None:
+                raise InputError("'-' means stdin, but there is no stdin; pass a file instead")
+            yield from stream.stdin(stream_in)
+        elif os.path.isdir(source):
+            yield from stream.directory(source)
+        elif os.path.isfile(source):
+            yield from stream.file(source, direct=True)
+        else:
+            yield from stream.special(source)
+
+    if report.chars_emitted == chars_before:
+        names = ", ".join(STDIN_SOURCE if s == "-" else s for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
+        verb = "is" if len(sources) == 1 else "are"
+        raise InputError(f"no text in the input: {names} {verb} empty; give a file or pipe that contains text")
+
+
+def total_bytes_estimate(sources: list[str]) -> int:
+    """Sum of the sizes of the files `sources` name or contain (for a progress bar); stdin and pipes count 0.
+
+    Folders are walked like `iter_segments` does, but binary files are not sniffed, so they are counted too.
+    """
+    total = 0
+    scratch = InputReport()
+    for source in sources:
+        if source == "-":
+            continue
+        try:
+            st = os.stat(source)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            for path in _walk(source, scratch, {(st.st_dev, st.st_ino)}):
+                with contextlib.suppress(OSError):
+                    total += os.stat(path).st_size
+        elif stat.S_ISREG(st.st_mode):
+            total += st.st_size
+    return total
