@@ -1,0 +1,101 @@
+"""`cascadectl ppl`: streaming perplexity with any cache policy, or several policies on the same tokens."""
+from __future__ import annotations
+
+from array import array
+from typing import Annotated, Optional
+
+import typer
+
+from engine.config import CacheConfig
+from engine.errors import ConfigError
+from engine.models import load_model
+from engine.perplexity import perplexity
+from engine.runner import Runner
+from engine.tokens import iter_token_ids, rechunk
+
+from .. import options as o
+from ..common import handle_errors, resolve_sources
+from ..console import Say, TokenProgress, fill_text
+from ..inputs import InputReport, iter_segments, total_bytes_estimate
+from ..ppl_report import PplRun, render
+
+@handle_errors
+def ppl(
+    sources: o.Sources = None,
+    model: o.Model = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    policy: o.Policy = o.DEFAULTS["policy"],
+    cache_size: o.CacheSize = o.DEFAULTS["cache_size"],
+    cascades: o.Cascades = o.DEFAULTS["cascades"],
+    sinks: o.Sinks = o.DEFAULTS["sinks"],
+    beta: o.Beta = o.DEFAULTS["beta"],
+    head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
+    stride: o.Stride = o.DEFAULTS["stride"],
+    compare: Annotated[Optional[str], typer.Option(
+        "--compare", rich_help_panel="Cache", help="Policies to run on the same tokens, e.g. full,sink,cascade."
+    )] = None,
+    json_out: o.Json = False,
+    quiet: o.Quiet = False,
+) -> None:
+    """Perplexity of a long text through the cache, streamed in one pass.
+
+    Examples:
+
+      cascadectl ppl book.txt
+
+      cascadectl ppl book.txt --compare sink,cascade --cache-size 2048
+
+      cat notes.md | cascadectl ppl --json
+    """
+    Say.quiet = quiet
+    srcs = resolve_sources(sources)
+    names = [p.strip() for p in compare.split(",") if p.strip()] if compare else [policy]
+    settings = dict(cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
+                    stride=stride)
+    configs = [CacheConfig(policy=name, **settings) for name in names]
+    lm = load_model(model, device, dtype, notify=Say.info)
+    for config in configs:
+        if config.policy != "full":
+            config.check_positions(config.sinks, lm.max_positions)
+
+    report = InputReport()
+    n_bytes = [0]
+
+    def texts():
+        for segment in iter_segments(srcs, report=report):
+            n_bytes[0] += len(segment.text.encode("utf-8", "replace"))
+            yield segment.text
+
+    pieces = iter_token_ids(lm.tokenizer, texts())
+    ids = None
+    if len(configs) > 1 or configs[0].policy == "full":  # several passes over the same tokens, or a length check
+        ids = array("l")
+        for piece in pieces:
+            ids.extend(piece)
+        for config in configs:
+            config.check_positions(config.sinks, lm.max_positions, len(ids))
+    total_bytes = total_bytes_estimate(srcs)
+
+    runs = []
+    for config in configs:
+        chunks = rechunk((ids.tolist(),) if ids is not None else pieces, config.stride)
+        with Runner(lm.model, config, expected_tokens=len(ids) if ids is not None else 0) as runner, \
+                TokenProgress(f"ppl {config.policy}", len(ids) if ids is not None else None, quiet) as progress:
+
+            def on_chunk(done: int) -> None:
+                total = len(ids) if ids is not None else _estimate_total(done, report.bytes_read, total_bytes)
+                progress.update(done, total, fill_text(runner.cache.fill()))
+
+            result = perplexity(runner, chunks, on_chunk=on_chunk)
+            runs.append(PplRun(config, result, runner.cache.nbytes(), runner.n_sinks))
+    if not runs[0].result.n_scored:
+        raise ConfigError("the input is a single token; perplexity needs at least two")
+    render(runs, lm, srcs, report, n_bytes[0], json_out)
+
+
+def _estimate_total(done: int, bytes_read: int, total_bytes: int) -> int | None:
+    """Tokens expected overall, from the bytes read so far (unknown for stdin)."""
+    if not total_bytes or not bytes_read:
+        return None
+    return int(done * total_bytes / bytes_read)

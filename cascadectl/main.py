@@ -1,0 +1,25 @@
+"""The `cascadectl` command: one Typer app, one module per command."""
+from __future__ import annotations
+
+import typer
+
+from .commands import ppl
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    help="Read inputs far longer than the model's context in one streaming pass through a cascading KV cache.",
+)
+app.command("ppl")(ppl.ppl)
+
+
+@app.callback()
+def main() -> None:
+    """Summarize, question and measure perplexity over inputs of any length with a bounded-memory cache.
+
+    Exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted."""
+
+
+def run() -> None:
+    app()

