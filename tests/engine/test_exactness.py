@@ -95,3 +95,15 @@ def test_positions_never_exceed_model_limit():
         for i in range(0, 2000, 16):  # far past the limit: slot positions stay below S + N + L
             runner.step(torch.randint(0, 256, (1, 16)))
             assert runner.cache.n_past + 16 <= 64
+
+
+@pytest.mark.parametrize("policy", ["sink", "cascade"])
+@pytest.mark.parametrize("stride", [16, 50, 300])
+def test_embedded_model_no_eviction_equals_its_forward(embedded_fp32, policy, stride):
+    lm = embedded_fp32
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, " * 6
+    ids = torch.tensor([lm.tokenizer.encode(text, add_special_tokens=False)[:120]])
+    expected = lm.model(ids).logits
+    config = CacheConfig(policy=policy, cache_size=512, cascades=4, sinks=8, stride=stride)
+    got = _chunked_logits(lm.model, ids, config)
+    assert (got - expected).abs().max().item() <= 1e-4
