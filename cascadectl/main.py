@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from .commands import ppl
+from .commands import ask, ppl, summarize
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -11,6 +11,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
     help="Read inputs far longer than the model's context in one streaming pass through a cascading KV cache.",
 )
+app.command("summarize")(summarize.summarize)
+app.command("ask")(ask.ask)
 app.command("ppl")(ppl.ppl)
 
 

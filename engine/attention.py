@@ -35,8 +35,11 @@ class StepContext:
     sin: Tensor
     ema: Tensor | None  # [L] EMA weights when the cache wants scores
     head_reduce: str = "max"
-    # called as hook(layer, q_new_pre_rope, k_all, v_all, scores) -> scores; used by question-guided retention
+    # called as hook(layer, k_all, scores) -> scores with the rotated keys [B, Hkv, K, D] and the chunk's scores
+    # [B, Hkv, K - sinks]; used by question-guided retention (engine/retention.py)
     score_hook: Callable[..., Tensor] | None = None
+    # called as hook(layer, q) with the chunk's queries before RoPE [B, Hq, L, D]; retention captures the question's
+    query_hook: Callable[..., None] | None = None
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -71,6 +74,8 @@ def _forward(attn: nn.Module, ctx_ref: list[StepContext | None]) -> Callable:
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, L, D]
 
         layer = attn.layer_idx
+        if ctx.query_hook is not None:
+            ctx.query_hook(layer, q)
         k_past, v_past = ctx.cache.past(layer)  # pre-RoPE [B, Hkv, P, D], slot order
         k_all = apply_rope(torch.cat([k_past, k], dim=2), ctx.cos, ctx.sin)
         v_all = torch.cat([v_past, v], dim=2)

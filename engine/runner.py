@@ -30,6 +30,7 @@ class Runner:
         shape = CacheShape(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device)
         self.cache: KVCache = make_cache(config, shape, self.n_sinks, expected_tokens)
         self.score_hook = None  # set by question-guided retention
+        self.query_hook = None  # idem, while the question is read
         self._stack = ExitStack()
         self._ctx_ref = self._stack.enter_context(patched_attention(model))
         self._cos = self._sin = None
@@ -67,7 +68,8 @@ class Runner:
         self.cache.begin(n_new)
         cos, sin = self._rotary(past + n_new)
         ema = ema_weights(n_new, self.config.beta, ids.device) if self.cache.needs_scores else None
-        self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook)
+        self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
+                                       self.query_hook)
         try:
             position_ids = torch.arange(past, past + n_new, device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
             hidden = self.model.model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state

@@ -1,0 +1,99 @@
+"""`cascadectl ask`: read the input once with the question pinned before it, then stream the answer."""
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from engine.config import CacheConfig
+from engine.errors import ConfigError
+from engine.models import load_model
+from engine.prompt import ASK_INSTRUCTION, ASK_INSTRUCTION_LATER, ASK_REQUEST, build_prompt
+from engine.retention import DEFAULT_WEIGHT
+
+from .. import answering as a
+from .. import options as o
+from ..common import handle_errors, resolve_sources
+from ..console import Say
+
+Args = Annotated[Optional[list[str]], typer.Argument(
+    metavar="SOURCE... QUESTION", show_default=False,
+    help="Files, folders or PDFs ('-' for stdin), then the question (unless given with -q).")]
+Questions = Annotated[Optional[list[str]], typer.Option(
+    "--question", "-q", rich_help_panel="Generation", show_default=False,
+    help="A question; repeat for several (one ingest, each answered from a copy of the cache).")]
+QuestionFirst = Annotated[bool, typer.Option(
+    "--question-first/--no-question-first", rich_help_panel="Cache",
+    help="Pin the question before the input so that it guides what the cache keeps (one question only).")]
+QuestionWeight = Annotated[float, typer.Option(
+    "--question-weight", rich_help_panel="Cache",
+    help="λ: weight of the question's attention in the retention scores, relative to the text's own.")]
+Quiet = Annotated[bool, typer.Option("--quiet", rich_help_panel="Output", help="Only errors on stderr.")]
+
+
+@handle_errors
+def ask(
+    args: Args = None,
+    question: Questions = None,
+    model: o.Model = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    policy: o.Policy = o.DEFAULTS["policy"],
+    cache_size: o.CacheSize = o.DEFAULTS["cache_size"],
+    cascades: o.Cascades = o.DEFAULTS["cascades"],
+    sinks: o.Sinks = o.DEFAULTS["sinks"],
+    beta: o.Beta = o.DEFAULTS["beta"],
+    head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
+    stride: o.Stride = o.DEFAULTS["stride"],
+    question_first: QuestionFirst = True,
+    question_weight: QuestionWeight = DEFAULT_WEIGHT,
+    max_tokens: a.MaxTokens = a.MAX_TOKENS,
+    temperature: a.Temperature = 0.0,
+    seed: a.Seed = 0,
+    json_out: o.Json = False,
+    quiet: Quiet = False,
+    report: a.Report = False,
+) -> None:
+    """Answer a question about a long text, PDF or folder, read in one pass through the cascading cache.
+
+    The question is pinned before the input as well as asked after it, so it guides what the cache keeps.
+
+    Examples:
+
+      cascadectl ask book.pdf "Who signed the treaty?"
+
+      cat notes.md | cascadectl ask - "What is due on Friday?"
+
+      cascadectl ask corpus/ -q "Who wrote it?" -q "When?" --json
+    """
+    Say.quiet = quiet
+    args = list(args or [])
+    questions = list(question or [])
+    if not questions:
+        if not args or (len(args) == 1 and os.path.exists(args[0])):  # `ask book.txt`: a path, not a question
+            raise ConfigError("no question: give it after the input, e.g. ask book.txt \"Who is ...?\" (or -q)")
+        questions = [args.pop()]
+    if any(not q.strip() for q in questions):
+        raise ConfigError("the question is empty")
+    if question_weight < 0:
+        raise ConfigError(f"--question-weight must be >= 0 (got {question_weight})")
+    srcs = resolve_sources(args)
+    config = CacheConfig(policy=policy, cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta,
+                         head_reduce=head_reduce, stride=stride)
+    lm = load_model(model, device, dtype, notify=Say.info)
+    first = question_first and len(questions) == 1  # several questions share one question-agnostic ingest
+    prompts = [build_prompt(lm.tokenizer, ASK_INSTRUCTION if first else ASK_INSTRUCTION_LATER, ASK_REQUEST, q,
+                            question_first=first) for q in questions]
+    generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "questions": questions,
+                  "question_first": first, "question_weight": question_weight}
+    with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0) as session:
+        session.read(max(len(p.suffix_ids) for p in prompts))
+        answers = []
+        for i, (q, p) in enumerate(zip(questions, prompts)):
+            if len(questions) > 1 and not json_out:
+                print(f"{'' if i == 0 else chr(10)}## {q}", flush=True)
+            text = session.answer(p.suffix_ids, temperature, seed, echo=not json_out, fork=i < len(questions) - 1)
+            answers.append({"question": q, "answer": text})
+        doc = {"answer": answers[0]["answer"]} if len(answers) == 1 else {}
+        session.finish({**doc, "answers": answers}, generation, json_out, report)

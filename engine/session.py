@@ -1,0 +1,167 @@
+"""Read an input once through the cache, then answer: the engine side of `summarize` and `ask`.
+
+    runner = Runner(model, config, n_sinks=max(config.sinks, len(prompt.prefix_ids)))   # the prefix is pinned
+    check_room(config, runner.n_sinks, limit, len(prompt.suffix_ids), max_tokens)
+    ingest(runner, prompt.prefix_ids, token_pieces, on_chunk)      # prefix, then the input in stride chunks
+    for text in answer(runner, tokenizer, prompt.suffix_ids, max_tokens, ...):   # request, then decoding
+        ...
+
+Only the last position's logits are ever computed (no LM head over the input). Decoding goes through the same
+cache, which keeps evicting, so with `cascade` and `sink` positions stay below sinks + cache + stride however
+long the input and the answer are."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .config import CacheConfig
+from .errors import CapacityError, ConfigError
+from .generate import generate
+from .runner import Runner
+from .tokens import rechunk
+
+
+def stop_ids(tokenizer) -> frozenset[int]:
+    """End-of-sequence id plus the chat end-of-turn token `<|im_end|>` when the vocabulary has it."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    end_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    if isinstance(end_turn, int) and end_turn != getattr(tokenizer, "unk_token_id", None):
+        ids.add(end_turn)
+    return frozenset(ids)
+
+
+def check_room(
+    config: CacheConfig,
+    n_sinks: int,
+    limit: int,
+    n_suffix: int,
+    max_tokens: int,
+    n_prefix_and_input: int | None = None,
+    extra_positions: int = 0,
+) -> str | None:
+    """Fail before any work when reading and answering cannot fit the model's positions; returns a warning or None.
+
+    `cascade`/`sink` positions never pass sinks + cache + stride (+ `extra_positions`, the question queries of
+    question-guided retention); `full` needs prefix + input + request + --max-tokens positions, so it needs
+    `n_prefix_and_input`. The warning says when the request and answer outgrow the newest sub-cache, which then
+    starts to evict the request while the answer is being written."""
+    if max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be >= 1 (got {max_tokens})")
+    if config.policy == "full":
+        total = (n_prefix_and_input or 0) + n_suffix + max_tokens
+        if total > limit:
+            raise CapacityError(
+                f"--policy full needs {total:,} positions (prompt and input {n_prefix_and_input:,} + request "
+                f"{n_suffix} + --max-tokens {max_tokens}) but the model has {limit:,}; lower --max-tokens or use "
+                f"--policy cascade or sink"
+            )
+        return None
+    config.check_positions(n_sinks, limit)
+    top = config.max_position(n_sinks) + extra_positions
+    if top >= limit:
+        raise CapacityError(
+            f"sinks ({n_sinks}) + --cache-size ({config.cache_size}) + --stride ({config.stride}) + the question "
+            f"({extra_positions} tokens) = {top + 1} positions, more than the model's {limit}; lower --cache-size "
+            f"or --stride"
+        )
+    newest = config.cache_size // config.n_cascades
+    if n_suffix + max_tokens > newest:
+        return (
+            f"the request ({n_suffix} tokens) + --max-tokens ({max_tokens}) exceed the newest sub-cache "
+            f"({newest} slots): the request may be evicted while answering; raise --cache-size or lower --max-tokens"
+        )
+    return None
+
+
+def _feed(runner: Runner, ids: list[int]) -> torch.Tensor:
+    device = next(runner.model.parameters()).device
+    return runner.step(torch.tensor([ids], dtype=torch.long, device=device))
+
+
+def ingest(
+    runner: Runner,
+    prefix_ids: list[int],
+    token_pieces: Iterable[list[int]],
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """Feed the pinned prefix, then the input in chunks of `stride` tokens; returns the input's token count.
+
+    `on_chunk(input_tokens_done)` is called after each input chunk. The prefix lands in the sinks when the runner
+    was built with n_sinks >= len(prefix_ids)."""
+    stride = runner.config.stride
+    for ids in rechunk([prefix_ids], stride):
+        _feed(runner, ids)
+    done = 0
+    for ids in rechunk(token_pieces, stride):
+        _feed(runner, ids)
+        done += len(ids)
+        if on_chunk is not None:
+            on_chunk(done)
+    return done
+
+
+class TextStream:
+    """Incremental detokenization: ids in one at a time, text out as soon as it is final.
+
+    Decodes a short window of recent ids twice (with and without the newest) and emits the difference, so
+    multi-byte characters split over tokens and tokenizers that merge or strip spaces print correctly."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # window start, end of what was already emitted
+
+    def _text(self, a: int, b: int) -> str:
+        return self.tokenizer.decode(self.ids[a:b], skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before, after = self._text(self.prefix, self.read), self._text(self.prefix, len(self.ids))
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # incomplete character: wait for more ids
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        before, after = self._text(self.prefix, self.read), self._text(self.prefix, len(self.ids))
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+def answer(
+    runner: Runner,
+    tokenizer,
+    suffix_ids: list[int],
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    stop: Iterable[int] = frozenset(),
+    on_token: Callable[[int], None] | None = None,
+) -> Iterator[str]:
+    """Append the closing request (in chunks of at most `stride`), then yield the answer's text as it is decoded.
+
+    Greedy at temperature 0; `stop` ids end the answer (not printed); `on_token(id)` sees every generated id.
+    Leading whitespace of the answer is not yielded."""
+    if not suffix_ids:
+        raise ValueError("the closing request is empty; the answer needs at least one token to start from")
+    hidden = None
+    for ids in rechunk([suffix_ids], runner.config.stride):
+        hidden = _feed(runner, ids)
+    logits = runner.logits(hidden[:, -1])[0]  # [V]; only the last position is needed
+    text = TextStream(tokenizer)
+    started = False  # chat models often open with a newline: the answer starts at its first visible character
+    for token in generate(runner, logits, max_tokens, temperature, seed, frozenset(stop)):
+        if on_token is not None:
+            on_token(token)
+        piece = text.push(token)
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            yield piece
+    tail = text.flush()
+    if tail and (started or tail.strip()):
+        yield tail if started else tail.lstrip()

@@ -1,0 +1,141 @@
+"""`cascadectl summarize` and `ask` end to end on a tiny model; one run on the embedded model."""
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cascadectl.commands import ask as ask_command
+from cascadectl.commands import summarize as summarize_command
+from cascadectl.main import app
+from tests.cli.fakes import fake_lm
+
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 8
+SMALL = ["--cache-size", "128", "--stride", "32", "--sinks", "4", "--cascades", "4", "--max-tokens", "12"]
+BOOK = Path(__file__).resolve().parents[2] / "data" / "pride_and_prejudice.txt"
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    for module in (summarize_command, ask_command):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: fake_lm())
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def invoke(args, **kw):
+    return CliRunner().invoke(app, args, **kw)
+
+
+def test_summarize_stdout_is_only_the_answer(tiny, text_file):
+    doc = json.loads(invoke(["summarize", text_file, *SMALL, "--json"]).stdout)
+    result = invoke(["summarize", text_file, *SMALL])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == doc["answer"] + "\n"
+    assert "tok/s" in result.stderr and "KV cache" in result.stderr and "peak memory" in result.stderr
+    assert "Retention" not in result.stderr
+    quiet = invoke(["summarize", text_file, *SMALL, "--quiet"])
+    assert quiet.stdout == result.stdout and quiet.stderr == ""
+
+
+@pytest.mark.parametrize("how", ["stdin", "dash"])
+def test_same_text_from_stdin_gives_the_same_summary(tiny, text_file, how):
+    expected = json.loads(invoke(["summarize", text_file, *SMALL, "--json"]).stdout)
+    args = [] if how == "stdin" else ["-"]
+    result = invoke(["summarize", *args, *SMALL, "--json"], input=TEXT)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert got["answer"] == expected["answer"]
+    assert got["record"]["input_sha256"] == expected["record"]["input_sha256"]
+    assert got["retention"]["by_tenth"] == expected["retention"]["by_tenth"]
+
+
+def test_json_schema(tiny, text_file):
+    result = invoke(["summarize", text_file, *SMALL, "--json", "--words", "50"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"answer", "stats", "retention", "record"}
+    assert {"tokens", "seconds_ingest", "seconds_generate", "tokens_per_s", "peak_rss_bytes",
+            "kv_cache_bytes", "generated_tokens"} <= set(doc["stats"])
+    assert doc["stats"]["tokens"] == len(TEXT.encode())
+    assert {"input_tokens", "kept_layer0", "kept_mean", "by_file", "by_page", "by_tenth"} <= set(doc["retention"])
+    assert len(doc["retention"]["by_tenth"]) == 10
+    record = doc["record"]
+    assert {"model_id", "model_hash", "dtype", "device", "settings", "input_sha256", "versions"} <= set(record)
+    assert record["settings"]["cache_size"] == 128 and record["settings"]["effective_sinks"] > 4
+    assert "50 words" in record["generation"]["instruction"]
+
+
+def test_report_on_stderr(tiny, tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(TEXT)
+    result = invoke(["summarize", str(tmp_path), *SMALL, "--report"])
+    assert result.exit_code == 0, result.output
+    assert "Retention" in result.stderr and "tenth" in result.stderr and "b.txt" in result.stderr
+    assert "Retention" not in result.stdout
+
+
+def test_ask_last_argument_is_the_question(tiny, text_file):
+    result = invoke(["ask", text_file, "Who is he?", *SMALL, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["answers"][0]["question"] == "Who is he?" and doc["answer"] == doc["answers"][0]["answer"]
+    assert doc["retention"]["question_guided"] is True
+    piped = invoke(["ask", "Who is he?", *SMALL, "--json"], input=TEXT)
+    assert json.loads(piped.stdout)["answer"] == doc["answer"]
+
+
+def test_several_questions_share_one_ingest(tiny, text_file):
+    """Each answer comes from a copy of the same question-agnostic cache: equal to one-question runs."""
+    questions = ["Who is he?", "What does he have?"]
+    result = invoke(["ask", text_file, "-q", questions[0], "-q", questions[1], *SMALL, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [a["question"] for a in doc["answers"]] == questions and "answer" not in doc
+    assert doc["retention"]["question_guided"] is False
+    for q, got in zip(questions, doc["answers"]):
+        single = json.loads(invoke(["ask", text_file, q, *SMALL, "--no-question-first", "--json"]).stdout)
+        assert got["answer"] == single["answer"]
+    text = invoke(["ask", text_file, "-q", questions[0], "-q", questions[1], *SMALL])
+    assert text.stdout.startswith(f"## {questions[0]}\n") and f"\n## {questions[1]}\n" in text.stdout
+
+
+def test_question_first_changes_what_is_kept(tiny, text_file):
+    guided = json.loads(invoke(["ask", text_file, "Who?", *SMALL, "--json"]).stdout)["retention"]
+    plain = json.loads(invoke(["ask", text_file, "Who?", *SMALL, "--json", "--question-weight", "0"]).stdout)
+    assert guided["question_guided"] and not plain["retention"]["question_guided"]
+    assert guided["by_tenth"] != plain["retention"]["by_tenth"]
+
+
+@pytest.mark.parametrize(
+    "args, code, needle",
+    [
+        (["summarize", "/no/such/file.txt"], 1, "no such file"),
+        (["summarize", "{file}", "--stride", "4096", "--cache-size", "128"], 2, "--stride"),
+        (["summarize", "{file}", "--max-tokens", "0"], 2, "--max-tokens"),
+        (["summarize", "{file}", "--policy", "full", "--max-tokens", "9000"], 2, "--max-tokens"),
+        (["ask", "{file}"], 2, "question"),
+        (["ask", "{file}", "q?", "--question-weight", "-1"], 2, "--question-weight"),
+    ],
+)
+def test_errors_are_one_line_with_exit_codes(tiny, text_file, args, code, needle):
+    result = invoke([a.replace("{file}", text_file) for a in args])
+    assert result.exit_code == code, result.output
+    assert needle in result.stderr and "Traceback" not in result.output
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_embedded_model_summarizes_a_page():
+    """The real model, ~3 KB of the bundled novel: a non-empty summary in a few seconds."""
+    result = invoke(["summarize", "-", "--cache-size", "256", "--stride", "128", "--max-tokens", "16", "--json"],
+                    input=BOOK.read_text(encoding="utf-8")[:3000])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["answer"].strip()
+    assert doc["stats"]["tokens"] > 500 and doc["retention"]["kept_layer0"] <= 256 + 64
+    assert doc["record"]["model_id"].startswith("SmolLM2")
