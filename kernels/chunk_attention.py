@@ -11,6 +11,11 @@ the first `n_sinks` columns dropped: [B, Hkv, K - n_sinks] float32. The softmax 
 
 Cost: 4·B·Hq·L·K·D FLOPs for the output plus 2·B·Hq·L·K·D for the scores; memory traffic is dominated by the
 [L, K] probability blocks, so the reference walks the queries in blocks.
+
+On CUDA (bf16/fp16, D 64/128) the Triton kernels below run instead: a flash forward that also writes each
+query's log-sum-exp, then a pass per block of keys that recomputes q·k and sums exp(q·k·scale - lse + log w)
+over the queries (§3 (a): compute-bound, about 1.5 flash forwards). One query (decode) is split over the keys
+so that batch 1 fills the GPU. Without triton, or with CASCADECTL_KERNELS=ref, the torch paths run.
 """
 from __future__ import annotations
 
@@ -19,6 +24,19 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+try:  # optional: CPU-only installs never need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = tl = None
+
+LOG2E = 1.4426950408889634
+
+
+def _jit(fn):
+    """triton.jit where triton exists; the plain function otherwise (never called then)."""
+    return triton.jit(fn) if triton is not None else fn
 
 
 def ema_weights(n_queries: int, beta: float, device: torch.device | str = "cpu") -> Tensor:
@@ -30,6 +48,228 @@ def ema_weights(n_queries: int, beta: float, device: torch.device | str = "cpu")
 def causal_mask(n_queries: int, n_keys: int, device: torch.device | str = "cpu") -> Tensor:
     """[L, K] bool, True where query m may see key j: every cached key, and chunk keys up to its own."""
     return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(n_keys - n_queries)
+
+
+# ---- Triton kernels (CUDA, bf16/fp16, D 64/128). Logits live in the log2 domain: s2 = q·k · scale · log2(e).
+
+
+@_jit
+def _chunk_attn_fwd_kernel(
+    Q, K, V, OUT, BIAS, EMA,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    n_q, n_k, n_heads, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_SCORES: tl.constexpr,
+):
+    """Pass 1: flash forward of BLOCK_M queries of one query head over its KV head's keys.
+    Writes out and, for the scores, BIAS[b, h, m] = log2(w_m) - lse2_m (lse2: base-2 log-sum-exp)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)  # int64 offsets: h·stride overflows int32 past 2^31 elements
+    h = (pid_bh % n_heads).to(tl.int64)
+    kvh = h // group
+    n_c = n_k - n_q  # sinks + cache: visible to every query
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=offs_m[:, None] < n_q, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # keys j <= n_c + m_start are seen by every row of the block: no mask
+    hi_free = ((n_c + m_start + 1) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, hi_free, BLOCK_N):
+        cols = start_n + offs_n
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
+        s = tl.dot(q, kt) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    # the diagonal: chunk key j is seen by query m iff j <= n_c + m
+    hi = tl.minimum(n_k, n_c + m_start + BLOCK_M)
+    for start_n in range(hi_free, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=cols[None, :] < n_k, other=0.0)
+        s = tl.dot(q, kt) * qk_scale
+        visible = (cols[None, :] <= offs_m[:, None] + n_c) & (cols[None, :] < n_k)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < n_k, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < n_q
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    if WITH_SCORES:
+        w = tl.load(EMA + offs_m, mask=row_ok, other=1.0)
+        tl.store(BIAS + pid_bh.to(tl.int64) * n_q + offs_m, tl.log2(w) - (m_i + tl.log2(l_i)), mask=row_ok)
+
+
+@_jit
+def _chunk_attn_scores_kernel(
+    Q, K, BIAS, SCORES,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    n_q, n_k, n_kv_heads, n_sinks, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REDUCE_MAX: tl.constexpr,
+):
+    """Pass 2: one program owns BLOCK_N keys of one KV head and walks the queries of each of its GROUP query
+    heads, summing w_m p(m, j) = exp2(s2 + BIAS_m) per key (no atomics); then max or mean over the heads."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_kv_heads).to(tl.int64)
+    kvh = (pid_bh % n_kv_heads).to(tl.int64)
+    n_c = n_k - n_q
+    start_n = n_sinks + pid_n * BLOCK_N  # sink columns get no score: skip them
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=cols[:, None] < n_k, other=0.0)  # [BLOCK_N, D], reused for every query block
+    # query blocks that straddle the diagonal need the causal mask; earlier ones see none of these keys
+    m_begin = (tl.maximum(start_n - n_c, 0) // BLOCK_M) * BLOCK_M
+    m_diag = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - n_c, 0), n_q), BLOCK_M) * BLOCK_M
+    result = tl.zeros([BLOCK_N], tl.float32)  # column sums are >= 0, so 0 is the identity of max too
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        bias_base = BIAS + (b * n_kv_heads * GROUP + h) * n_q
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for m0 in range(m_begin, m_diag, BLOCK_M):
+            rows = m0 + offs_m
+            qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q, other=0.0)
+            bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))
+            s = tl.dot(k, qt) * qk_scale + bias[None, :]  # [BLOCK_N, BLOCK_M]
+            acc += tl.where(cols[:, None] <= rows[None, :] + n_c, tl.exp2(s), 0.0)
+        for m0 in range(m_diag, n_q, BLOCK_M):
+            rows = m0 + offs_m
+            qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q, other=0.0)
+            bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))  # padding rows: exp2 -> 0
+            acc += tl.exp2(tl.dot(k, qt) * qk_scale + bias[None, :])
+        col = tl.sum(acc, 1)
+        if REDUCE_MAX:
+            result = tl.maximum(result, col)
+        else:
+            result += col
+    if not REDUCE_MAX:
+        result = result / GROUP
+    n_out = n_k - n_sinks
+    tl.store(SCORES + pid_bh.to(tl.int64) * n_out + (cols - n_sinks), result, mask=cols < n_k)
+
+
+@_jit
+def _decode_split_kernel(
+    Q, K, V, LOGITS, PART_M, PART_L, PART_O,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    n_k, n_kv_heads, n_splits, split_len, qk_scale,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_SCORES: tl.constexpr,
+):
+    """Decode (one query), split-K: program (split, b·Hkv) takes the GROUP query heads of a KV head over
+    `split_len` keys; writes a partial (max, sum, unnormalised out) and, for the scores, the raw logits."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_kv_heads).to(tl.int64)
+    kvh = (pid_bh % n_kv_heads).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < GROUP
+    heads = kvh * GROUP + offs_g  # [BLOCK_G]; rows past GROUP are padding for the matrix unit
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    row = b * n_kv_heads * GROUP + heads  # flat (b, h) index
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, n_k)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        c_ok = cols < end
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=c_ok[None, :], other=0.0)
+        s = tl.dot(q, kt) * qk_scale
+        s = tl.where(c_ok[None, :], s, float("-inf"))
+        if WITH_SCORES:
+            tl.store(LOGITS + row[:, None] * n_k + cols[None, :], s, mask=g_ok[:, None] & c_ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    part = row * n_splits + pid_s
+    tl.store(PART_M + part, m_i, mask=g_ok)
+    tl.store(PART_L + part, l_i, mask=g_ok)
+    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+
+
+@_jit
+def _decode_combine_kernel(
+    PART_M, PART_L, PART_O, OUT, LSE,
+    stride_ob, stride_oh, n_heads, n_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge the splits of one (b, h): out = Σ o_s 2^(m_s - m) / Σ l_s 2^(m_s - m); LSE[b, h] = log2 denominator."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < n_splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.load(PART_M + pid * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+    l = tl.load(PART_L + pid * n_splits + offs_s, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(l * w, 0)
+    o = tl.load(PART_O + (pid * n_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / denom
+    b = pid // n_heads
+    h = pid % n_heads
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+    tl.store(LSE + pid, m_max + tl.log2(denom))
+
+
+@_jit
+def _decode_scores_kernel(
+    LOGITS, LSE, EMA, SCORES, n_k, n_kv_heads, n_sinks,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_MAX: tl.constexpr,
+):
+    """scores[b, kvh, j - n_sinks] = w_0 · reduce_g 2^(logit - lse) over the GROUP heads of the KV head."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    cols = n_sinks + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cols < n_k
+    result = tl.zeros([BLOCK_N], tl.float32)
+    for g in range(GROUP):
+        row = pid_bh * GROUP + g  # (b·Hkv + kvh)·G + g == b·Hq + h
+        lse = tl.load(LSE + row)
+        p = tl.exp2(tl.load(LOGITS + row * n_k + cols, mask=c_ok, other=float("-inf")) - lse)
+        if REDUCE_MAX:
+            result = tl.maximum(result, p)
+        else:
+            result += p
+    if not REDUCE_MAX:
+        result = result / GROUP
+    w = tl.load(EMA)
+    tl.store(SCORES + pid_bh * (n_k - n_sinks) + (cols - n_sinks), result * w, mask=c_ok)
 
 
 def chunk_attention_ref(
@@ -86,6 +326,9 @@ def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tens
     return out, lse
 
 
+FEW_QUERIES = 16  # up to this many queries, the plain reference is faster than the fused CPU kernel
+
+
 def chunk_attention_cpu(
     q: Tensor,
     k: Tensor,
@@ -105,6 +348,8 @@ def chunk_attention_cpu(
     b, hq, n_q, d = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
     g, n_c = hq // hkv, n_k - n_q
+    if n_q <= FEW_QUERIES:  # decode steps: the fused kernel's per-call overhead dwarfs a [G, K] softmax
+        return chunk_attention_ref(q, k, v, scale, ema, n_sinks, head_reduce)
     kq, vq = _groups(k, g), _groups(v, g)
     o2, l2 = _flash_cpu(q, kq[:, :, n_c:], vq[:, :, n_c:], 0.0, True, scale=scale)
     if n_c:
@@ -133,6 +378,131 @@ def chunk_attention_cpu(
     return out, scores[:, :, n_sinks:]
 
 
+# Block shapes per head dim, measured on an H100 (bench/prefill_latency.py --tune; docs/BENCHMARKS_GPU.md).
+FWD_CONFIG = {128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+              64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)}
+SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+                 64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)}
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def _fit_rows(block: int, n_q: int) -> int:
+    """A query block no taller than the chunk (at least 16 rows for the matrix unit)."""
+    return min(block, max(16, triton.next_power_of_2(n_q)))
+
+
+def chunk_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    ema: Tensor | None = None,
+    n_sinks: int = 0,
+    head_reduce: str = "max",
+    fwd_config: dict | None = None,
+    scores_config: dict | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Same contract as `chunk_attention_ref`. Two passes: flash forward writing out and per-query
+    log2(w) - lse; then per key block, the EMA-weighted column sums recomputed from q·k (exact denominator).
+    One query (decode) goes to the split-K kernels. No host sync."""
+    b, hq, n_q, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    g = hq // hkv
+    assert hq == g * hkv and n_k >= n_q and k.shape == v.shape and d in (16, 32, 64, 128, 256), (q.shape, k.shape)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "head dim must be contiguous"
+    qk_scale = scale * LOG2E
+    if n_q == 1:
+        return _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce)
+    fc = dict(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]))
+    fc["BLOCK_M"] = _fit_rows(fc["BLOCK_M"], n_q)
+    out = torch.empty_like(q)
+    with_scores = ema is not None
+    bias = torch.empty(b, hq, n_q, dtype=torch.float32, device=q.device) if with_scores else out
+    ema_f = ema.to(device=q.device, dtype=torch.float32).contiguous() if with_scores else bias
+    grid = (triton.cdiv(n_q, fc["BLOCK_M"]), b * hq)
+    _chunk_attn_fwd_kernel[grid](
+        q, k, v, out, bias, ema_f,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        n_q, n_k, hq, g, qk_scale,
+        HEAD_DIM=d, WITH_SCORES=with_scores, **fc,
+    )
+    if not with_scores:
+        return out, None
+    sc = dict(scores_config or SCORES_CONFIG.get(d, SCORES_CONFIG[128]))
+    sc["BLOCK_M"] = _fit_rows(sc["BLOCK_M"], n_q)
+    scores = torch.empty(b, hkv, n_k - n_sinks, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(n_k - n_sinks, sc["BLOCK_N"]), b * hkv)
+    _chunk_attn_scores_kernel[grid](
+        q, k, bias, scores,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        n_q, n_k, hkv, n_sinks, qk_scale,
+        GROUP=g, HEAD_DIM=d, REDUCE_MAX=head_reduce == "max", **sc,
+    )
+    return out, scores
+
+
+def _n_programs_wanted(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # Triton's interpreter on the CPU (tests)
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce):
+    """One query per head: split the keys so that batch 1 still fills the GPU, then merge the splits."""
+    b, hq, _, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    g = hq // hkv
+    cfg = dict(DECODE_CONFIG)
+    block_n = cfg["BLOCK_N"]
+    n_splits = max(1, min(triton.cdiv(_n_programs_wanted(q.device), b * hkv), triton.cdiv(n_k, block_n)))
+    split_len = triton.cdiv(triton.cdiv(n_k, n_splits), block_n) * block_n
+    n_splits = triton.cdiv(n_k, split_len)  # no empty split
+    f32 = dict(dtype=torch.float32, device=q.device)
+    part_m = torch.empty(b * hq * n_splits, **f32)
+    part_l = torch.empty(b * hq * n_splits, **f32)
+    part_o = torch.empty(b * hq * n_splits * d, **f32)
+    with_scores = ema is not None
+    logits = torch.empty(b * hq * n_k, **f32) if with_scores else part_m
+    _decode_split_kernel[(n_splits, b * hkv)](
+        q, k, v, logits, part_m, part_l, part_o,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        n_k, hkv, n_splits, split_len, qk_scale,
+        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=with_scores, **cfg,
+    )
+    out = torch.empty_like(q)
+    lse = torch.empty(b * hq, **f32)
+    _decode_combine_kernel[(b * hq,)](
+        part_m, part_l, part_o, out, lse, out.stride(0), out.stride(1), hq, n_splits,
+        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(n_splits),
+    )
+    if not with_scores:
+        return out, None
+    scores = torch.empty(b, hkv, n_k - n_sinks, **f32)
+    ema_f = ema.to(device=q.device, dtype=torch.float32)
+    _decode_scores_kernel[(triton.cdiv(n_k - n_sinks, 256), b * hkv)](
+        logits, lse, ema_f, scores, n_k, hkv, n_sinks,
+        GROUP=g, BLOCK_N=256, REDUCE_MAX=head_reduce == "max",
+    )
+    return out, scores
+
+
+def triton_supports(q: Tensor, k: Tensor) -> bool:
+    """Triton path: CUDA, 16-bit floats, head dim 64 or 128, and triton importable."""
+    return (
+        triton is not None
+        and q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and k.dtype == q.dtype
+        and q.shape[-1] in (64, 128)
+    )
+
+
 def attention_no_scores(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """The same attention without scores (sink and full policies): one fused SDPA call."""
     mask = causal_mask(q.shape[2], k.shape[2], q.device)
@@ -153,6 +523,8 @@ def chunk_attention(
         return chunk_attention_ref(q, k, v, scale, ema, n_sinks, head_reduce)
     if q.device.type == "cpu":
         return chunk_attention_cpu(q, k, v, scale, ema, n_sinks, head_reduce)
+    if triton_supports(q, k):
+        return chunk_attention_triton(q, k, v, scale, ema, n_sinks, head_reduce)
     if ema is None:
         return attention_no_scores(q, k, v, scale), None
     return chunk_attention_ref(q, k, v, scale, ema, n_sinks, head_reduce)
