@@ -224,52 +224,49 @@ def _decode_split_kernel(
 
 
 @_jit
-def _decode_combine_kernel(
-    PART_M, PART_L, PART_O, OUT, LSE,
-    stride_ob, stride_oh, n_heads, n_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+def _decode_merge_kernel(
+    PART_M, PART_L, PART_O, LOGITS, EMA, OUT, SCORES,
+    stride_ob, stride_oh, n_k, n_kv_heads, n_sinks, n_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_SCORES: tl.constexpr, REDUCE_MAX: tl.constexpr,
 ):
-    """Merge the splits of one (b, h): out = Σ o_s 2^(m_s - m) / Σ l_s 2^(m_s - m); LSE[b, h] = log2 denominator."""
-    pid = tl.program_id(0).to(tl.int64)
+    """Merge the splits of the GROUP heads of one KV head: each program recomputes their log2 denominators
+    lse = m + log2 Σ_s l_s 2^(m_s - m) from the partials; programs (0, ·) also write out = Σ_s o_s 2^(m_s - m) / Σ;
+    with scores, program (n, ·) writes w_0 · reduce_g 2^(logit - lse_g) for its BLOCK_N keys."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_kv_heads
     offs_s = tl.arange(0, BLOCK_S)
     s_ok = offs_s < n_splits
     offs_d = tl.arange(0, HEAD_DIM)
-    m = tl.load(PART_M + pid * n_splits + offs_s, mask=s_ok, other=float("-inf"))
-    l = tl.load(PART_L + pid * n_splits + offs_s, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
-    denom = tl.sum(l * w, 0)
-    o = tl.load(PART_O + (pid * n_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / denom
-    b = pid // n_heads
-    h = pid % n_heads
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
-    tl.store(LSE + pid, m_max + tl.log2(denom))
-
-
-@_jit
-def _decode_scores_kernel(
-    LOGITS, LSE, EMA, SCORES, n_k, n_kv_heads, n_sinks,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_MAX: tl.constexpr,
-):
-    """scores[b, kvh, j - n_sinks] = w_0 · reduce_g 2^(logit - lse) over the GROUP heads of the KV head."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
     cols = n_sinks + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = cols < n_k
     result = tl.zeros([BLOCK_N], tl.float32)
     for g in range(GROUP):
         row = pid_bh * GROUP + g  # (b·Hkv + kvh)·G + g == b·Hq + h
-        lse = tl.load(LSE + row)
-        p = tl.exp2(tl.load(LOGITS + row * n_k + cols, mask=c_ok, other=float("-inf")) - lse)
-        if REDUCE_MAX:
-            result = tl.maximum(result, p)
-        else:
-            result += p
-    if not REDUCE_MAX:
-        result = result / GROUP
-    w = tl.load(EMA)
-    tl.store(SCORES + pid_bh * (n_k - n_sinks) + (cols - n_sinks), result * w, mask=c_ok)
+        m = tl.load(PART_M + row * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+        l = tl.load(PART_L + row * n_splits + offs_s, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+        denom = tl.sum(l * w, 0)
+        if pid_n == 0:
+            o = tl.load(PART_O + (row * n_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                        mask=s_ok[:, None], other=0.0)
+            out = tl.sum(o * w[:, None], 0) / denom
+            h = row - b * n_kv_heads * GROUP
+            tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+        if WITH_SCORES:
+            lse = m_max + tl.log2(denom)
+            p = tl.exp2(tl.load(LOGITS + row * n_k + cols, mask=c_ok, other=float("-inf")) - lse)
+            if REDUCE_MAX:
+                result = tl.maximum(result, p)
+            else:
+                result += p
+    if WITH_SCORES:
+        if not REDUCE_MAX:
+            result = result / GROUP
+        w0 = tl.load(EMA)
+        tl.store(SCORES + pid_bh * (n_k - n_sinks) + (cols - n_sinks), result * w0, mask=c_ok)
 
 
 def chunk_attention_ref(
@@ -378,12 +375,13 @@ def chunk_attention_cpu(
     return out, scores[:, :, n_sinks:]
 
 
-# Block shapes per head dim, measured on an H100 (bench/prefill_latency.py --tune; docs/BENCHMARKS_GPU.md).
-FWD_CONFIG = {128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+# Block shapes per head dim, the fastest of bench/prefill_latency.py --tune on an H100 (docs/BENCHMARKS_GPU.md);
+# D 64 is untuned. Decode: PROGRAMS_PER_SM sets the key splits (split-K) so that batch 1 fills the GPU.
+FWD_CONFIG = {128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
               64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)}
-SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
                  64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)}
-DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4)
 
 
 def _fit_rows(block: int, n_q: int) -> int:
@@ -401,6 +399,7 @@ def chunk_attention_triton(
     head_reduce: str = "max",
     fwd_config: dict | None = None,
     scores_config: dict | None = None,
+    decode_config: dict | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Same contract as `chunk_attention_ref`. Two passes: flash forward writing out and per-query
     log2(w) - lse; then per key block, the EMA-weighted column sums recomputed from q·k (exact denominator).
@@ -412,7 +411,7 @@ def chunk_attention_triton(
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "head dim must be contiguous"
     qk_scale = scale * LOG2E
     if n_q == 1:
-        return _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce)
+        return _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config)
     fc = dict(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]))
     fc["BLOCK_M"] = _fit_rows(fc["BLOCK_M"], n_q)
     out = torch.empty_like(q)
@@ -445,20 +444,21 @@ def chunk_attention_triton(
     return out, scores
 
 
-def _n_programs_wanted(device: torch.device) -> int:
+def _n_programs_wanted(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return 8  # Triton's interpreter on the CPU (tests)
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce):
+def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config=None):
     """One query per head: split the keys so that batch 1 still fills the GPU, then merge the splits."""
     b, hq, _, d = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
     g = hq // hkv
-    cfg = dict(DECODE_CONFIG)
+    cfg = dict(decode_config or DECODE_CONFIG)
+    per_sm = cfg.pop("PROGRAMS_PER_SM")
     block_n = cfg["BLOCK_N"]
-    n_splits = max(1, min(triton.cdiv(_n_programs_wanted(q.device), b * hkv), triton.cdiv(n_k, block_n)))
+    n_splits = max(1, min(triton.cdiv(_n_programs_wanted(q.device, per_sm), b * hkv), triton.cdiv(n_k, block_n)))
     split_len = triton.cdiv(triton.cdiv(n_k, n_splits), block_n) * block_n
     n_splits = triton.cdiv(n_k, split_len)  # no empty split
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -476,20 +476,21 @@ def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce):
         GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=with_scores, **cfg,
     )
     out = torch.empty_like(q)
-    lse = torch.empty(b * hq, **f32)
-    _decode_combine_kernel[(b * hq,)](
-        part_m, part_l, part_o, out, lse, out.stride(0), out.stride(1), hq, n_splits,
-        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(n_splits),
+    block_n = 256
+    if with_scores:
+        scores = torch.empty(b, hkv, n_k - n_sinks, **f32)
+        ema_f = ema.to(device=q.device, dtype=torch.float32)
+        grid = (max(1, triton.cdiv(n_k - n_sinks, block_n)), b * hkv)  # program 0 also writes out
+    else:
+        scores = ema_f = part_m
+        grid = (1, b * hkv)
+    _decode_merge_kernel[grid](
+        part_m, part_l, part_o, logits, ema_f, out, scores,
+        out.stride(0), out.stride(1), n_k, hkv, n_sinks, n_splits,
+        GROUP=g, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_N=block_n,
+        WITH_SCORES=with_scores, REDUCE_MAX=head_reduce == "max",
     )
-    if not with_scores:
-        return out, None
-    scores = torch.empty(b, hkv, n_k - n_sinks, **f32)
-    ema_f = ema.to(device=q.device, dtype=torch.float32)
-    _decode_scores_kernel[(triton.cdiv(n_k - n_sinks, 256), b * hkv)](
-        logits, lse, ema_f, scores, n_k, hkv, n_sinks,
-        GROUP=g, BLOCK_N=256, REDUCE_MAX=head_reduce == "max",
-    )
-    return out, scores
+    return out, (scores if with_scores else None)
 
 
 def triton_supports(q: Tensor, k: Tensor) -> bool:

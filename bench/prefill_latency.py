@@ -1,0 +1,411 @@
+"""Prefill latency of one attention layer on a GPU: Llama-3.1-8B layer-0 shapes (Hq 32, Hkv 8, D 128), random
+bf16 inputs, batch 1, whole-sequence time over T tokens (docs/ALGORITHM.md §8, the paper's latency protocol).
+
+Providers, all in one run so that the ratios come from one card:
+  cascade   per chunk of `--stride`: CascadeCache.begin (host plan) + past + RoPE of [sinks | cache | chunk] keys
+            + Triton chunk attention with exact EMA scores + CascadeCache.update/end; what one layer of the engine
+            does per chunk. `cascade_gpu` is the same loop timed on the GPU only (events after begin() to after
+            end(), summed), i.e. without the host plan, which the engine pays once per chunk for all layers.
+  flash     SDPA flash attention, causal, over the whole sequence in one call (quadratic).
+  window    plain SDPA per chunk over [last S+N keys | chunk] (lower-right causal), no scores, no cache work.
+  window_tr our Triton forward alone (no scores) per chunk over the same keys.
+Plus the chunk kernel alone at one stride over a full cache, as TFLOP/s against a bf16 matmul ceiling measured in
+the same run: FLOPs = c·Hq·D·(L·K_c + L(L+1)/2), K_c = S + N cached keys, c = 4 (output) or 6 (output + scores).
+
+    python bench/prefill_latency.py --tokens 4096,16384,65536,262144,1048576 --stride 4096 --tune \
+        --sweep-tokens 262144 --sweep-strides 1024,2048,4096,8192 --out bench/results/gpu.jsonl
+
+Prints a table at the end and one JSON row per measurement (card, torch/triton versions, git, command)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import kernels.chunk_attention as ca  # noqa: E402
+from engine.attention import apply_rope  # noqa: E402
+from engine.cache.base import CacheShape  # noqa: E402
+from engine.cache.cascade import CascadeCache  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+DEV = "cuda"
+DT = torch.bfloat16
+
+
+def provenance() -> dict:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": ca.triton.__version__ if ca.triton is not None else None,
+        "cuda": torch.version.cuda,
+        "git": sha,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def gpu_time(fn, reps: int = 10, warm: int = 2) -> float:
+    """Median seconds of fn() between CUDA events."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def graph_time(fn, reps: int = 20, per_graph: int = 10) -> float:
+    """Median seconds of fn() replayed from a CUDA graph holding `per_graph` calls (no host launch cost)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
+    return gpu_time(graph.replay, reps=reps) / per_graph
+
+
+def rotary(n: int, base: float = 500000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / base ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
+    ang = torch.outer(torch.arange(n, device=DEV, dtype=torch.float32), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(DT), ang.sin().to(DT)  # the model's dtype, as the engine's rotary tables
+
+
+def chunk_flops(n_q: int, n_c: int, per_pair: int) -> float:
+    return per_pair * HQ * D * (n_q * n_c + n_q * (n_q + 1) / 2)
+
+
+# ---- whole-sequence providers
+
+
+def run_cascade(q, k, v, args, cos, sin, emas) -> dict:
+    """One layer of the engine over the whole sequence; returns wall seconds and GPU-side breakdown."""
+    t_total = q.shape[2]
+    shape = CacheShape(1, 1, HKV, D, DT, torch.device(DEV))
+    cache = CascadeCache(shape, args.sinks, args.cache_size, args.cascades, args.beta)
+    scale = D**-0.5
+    ev = []
+    host_plan = 0.0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s0 in range(0, t_total, args.stride):
+        n = min(args.stride, t_total - s0)
+        h0 = time.perf_counter()
+        cache.begin(n)
+        host_plan += time.perf_counter() - h0
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        e[0].record()
+        k_past, v_past = cache.past(0)
+        p = k_past.shape[2]
+        k_new, v_new = k[:, :, s0 : s0 + n], v[:, :, s0 : s0 + n]
+        k_all = apply_rope(torch.cat([k_past, k_new], dim=2), cos[: p + n], sin[: p + n])
+        v_all = torch.cat([v_past, v_new], dim=2)
+        q_rot = apply_rope(q[:, :, s0 : s0 + n], cos[p : p + n], sin[p : p + n])
+        e[1].record()
+        out, scores = ca.chunk_attention(q_rot, k_all, v_all, scale, emas[n], cache.n_sinks_filled, "max")
+        e[2].record()
+        cache.update(0, k_new, v_new, scores)
+        cache.end()
+        e[3].record()
+        ev.append(e)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    prep = sum(e[0].elapsed_time(e[1]) for e in ev) / 1e3
+    attn = sum(e[1].elapsed_time(e[2]) for e in ev) / 1e3
+    upd = sum(e[2].elapsed_time(e[3]) for e in ev) / 1e3
+    return dict(wall=wall, gpu=prep + attn + upd, prep=prep, attn=attn, update=upd, host_plan=host_plan)
+
+
+class Window:
+    """Plain SDPA over [last `keep` keys | chunk], lower-right causal; the first working SDPA call form wins."""
+
+    def __init__(self, keep: int):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+
+        self.keep, self.sdpa_kernel, self.flash, self.lower_right = keep, sdpa_kernel, SDPBackend.FLASH_ATTENTION, causal_lower_right
+        self.method = None
+        # choose on a small case checked against the reference
+        q = torch.randn(1, HQ, 64, D, device=DEV, dtype=DT)
+        kk = torch.randn(1, HKV, 200, D, device=DEV, dtype=DT)
+        vv = torch.randn(1, HKV, 200, D, device=DEV, dtype=DT)
+        ref = ca.chunk_attention_ref(q, kk, vv, D**-0.5)[0].float()
+        for method in ("flash_lower_right_gqa", "flash_is_causal_gqa", "flash_lower_right_expand", "default_lower_right_expand"):
+            self.method = method
+            try:
+                got = self.call(q, kk, vv).float()
+            except RuntimeError as exc:
+                print(f"window SDPA {method}: {str(exc).splitlines()[0][:120]}", flush=True)
+                continue
+            err = ((got - ref).norm() / ref.norm()).item()
+            print(f"window SDPA {method}: rel err {err:.1e}", flush=True)
+            if err < 2e-2:
+                return
+        raise RuntimeError("no SDPA form computes windowed causal attention here")
+
+    def call(self, q, kk, vv):
+        m, n_k = q.shape[2], kk.shape[2]
+        if self.method.endswith("expand"):
+            kk, vv = kk.repeat_interleave(HQ // HKV, 1), vv.repeat_interleave(HQ // HKV, 1)
+        gqa = self.method.endswith("gqa")
+        if self.method.startswith("default"):
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=self.lower_right(m, n_k))
+        with self.sdpa_kernel([self.flash]):
+            if "is_causal" in self.method:
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=self.lower_right(m, n_k), enable_gqa=gqa)
+
+    def run(self, q, k, v, stride: int, triton: bool = False) -> None:
+        t_total = q.shape[2]
+        for s0 in range(0, t_total, stride):
+            n = min(stride, t_total - s0)
+            lo = max(0, s0 - self.keep)
+            qc, kk, vv = q[:, :, s0 : s0 + n], k[:, :, lo : s0 + n], v[:, :, lo : s0 + n]
+            if triton:
+                ca.chunk_attention_triton(qc, kk, vv, D**-0.5)
+            else:
+                self.call(qc, kk, vv)
+
+
+def flash_causal(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        except RuntimeError:  # no GQA in this build's flash: repeat K/V (costs memory, not flash time)
+            g = HQ // HKV
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True)
+
+
+def wall(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+# ---- sections
+
+
+def matmul_ceiling() -> float:
+    a = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    b = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    t = gpu_time(lambda: a @ b, reps=20, warm=3)
+    return 2 * 8192**3 / t / 1e12
+
+
+def kernel_section(args, emit) -> None:
+    """The chunk kernel alone: stride L over S + N cached keys, block-shape candidates, decode."""
+    n_q, n_c = args.stride, args.sinks + args.cache_size
+    n_k = n_c + n_q
+    scale = D**-0.5
+    sets = [
+        (torch.randn(1, HQ, n_q, D, device=DEV, dtype=DT), torch.randn(1, HKV, n_k, D, device=DEV, dtype=DT),
+         torch.randn(1, HKV, n_k, D, device=DEV, dtype=DT))
+        for _ in range(2)
+    ]
+    ema = ca.ema_weights(n_q, args.beta, DEV)
+    f4, f6 = chunk_flops(n_q, n_c, 4), chunk_flops(n_q, n_c, 6)
+    fwd_cands = [ca.FWD_CONFIG[D]]
+    sc_cands = [ca.SCORES_CONFIG[D]]
+    if args.tune:
+        fwd_cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
+                      [(128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 4), (128, 64, 8, 2)]]
+        sc_cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
+                     [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 4), (16, 128, 4, 3), (32, 256, 8, 3),
+                      (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 4, 3)]]
+    it = [0]
+
+    def pick():
+        it[0] += 1
+        return sets[it[0] % 2]
+
+    best_fwd, best_t = None, math.inf
+    for cfg in fwd_cands:
+        try:
+            t = gpu_time(lambda: ca.chunk_attention_triton(*pick(), scale, None, fwd_config=cfg), reps=10)
+        except Exception as exc:  # a candidate that fails to compile or runs out of resources
+            print(f"fwd {cfg}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
+            continue
+        emit(dict(section="kernel", what="fwd_no_scores", config=cfg, L=n_q, K=n_k, ms=t * 1e3, tflops=f4 / t / 1e12))
+        if t < best_t:
+            best_fwd, best_t = cfg, t
+    if best_fwd is not None:
+        ca.FWD_CONFIG[D] = best_fwd
+    best_sc, best_t = None, math.inf
+    for cfg in sc_cands:
+        try:
+            t = gpu_time(lambda: ca.chunk_attention_triton(*pick(), scale, ema, args.sinks, "max", scores_config=cfg), reps=10)
+        except Exception as exc:
+            print(f"scores {cfg}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
+            continue
+        emit(dict(section="kernel", what="fwd_plus_scores", fwd_config=best_fwd, config=cfg, L=n_q, K=n_k, ms=t * 1e3,
+                  tflops=f6 / t / 1e12))
+        if t < best_t:
+            best_sc, best_t = cfg, t
+    if best_sc is not None:
+        ca.SCORES_CONFIG[D] = best_sc
+    # the same chunk through the references, for scale
+    q, k, v = sets[0]
+    win = Window(n_c)
+    t = gpu_time(lambda: win.call(q, k, v), reps=10)
+    emit(dict(section="kernel", what="sdpa_window_no_scores", method=win.method, L=n_q, K=n_k, ms=t * 1e3,
+              tflops=f4 / t / 1e12))
+    t = gpu_time(lambda: ca.chunk_attention_ref(q, k, v, scale, ema, args.sinks, "max"), reps=3, warm=1)
+    emit(dict(section="kernel", what="torch_ref_scores", L=n_q, K=n_k, ms=t * 1e3, tflops=f6 / t / 1e12))
+    # decode: one query over the full cache; eager (includes Triton's host launch cost) and CUDA-graph replay
+    qd = torch.randn(1, HQ, 1, D, device=DEV, dtype=DT)
+    kd, vd = k[:, :, : n_c + 1], v[:, :, : n_c + 1]
+    ema1 = ca.ema_weights(1, args.beta, DEV)
+    kv_bytes = 2 * kd.numel() * kd.element_size()
+    dec_cands = [ca.DECODE_CONFIG]
+    if args.tune:
+        dec_cands += [dict(BLOCK_N=bn, num_warps=w, num_stages=st, PROGRAMS_PER_SM=ps) for bn, w, st, ps in
+                      [(128, 4, 3, 4), (64, 4, 3, 8), (128, 8, 3, 8), (64, 4, 4, 16), (32, 4, 4, 8), (128, 4, 3, 16)]]
+    best_dec, best_t = None, math.inf
+    for cfg in dec_cands:
+        try:
+            t = graph_time(lambda: ca.chunk_attention_triton(qd, kd, vd, scale, ema1, args.sinks, "max", decode_config=cfg))
+        except Exception as exc:
+            print(f"decode {cfg}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
+            continue
+        emit(dict(section="kernel", what="decode_scores_graph", config=cfg, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
+        if t < best_t:
+            best_dec, best_t = cfg, t
+    if best_dec is not None:
+        ca.DECODE_CONFIG = best_dec
+    cases = [
+        ("decode_scores", lambda: ca.chunk_attention_triton(qd, kd, vd, scale, ema1, args.sinks, "max")),
+        ("decode_no_scores", lambda: ca.chunk_attention_triton(qd, kd, vd, scale, None)),
+        ("decode_sdpa_no_scores", lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)),
+    ]
+    for what, fn in cases:
+        t = gpu_time(fn, reps=50)
+        emit(dict(section="kernel", what=what + "_eager", config=ca.DECODE_CONFIG, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
+        t = graph_time(fn)
+        emit(dict(section="kernel", what=what + "_graph", config=ca.DECODE_CONFIG, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
+    del sets, q, k, v
+    torch.cuda.empty_cache()
+
+
+def sequence_section(args, tokens: list[int], strides: list[int], emit, with_flash: bool = True) -> None:
+    cos, sin = rotary(args.sinks + args.cache_size + max(strides))
+    win = Window(args.sinks + args.cache_size)
+    for t_total in tokens:
+        q = torch.randn(1, HQ, t_total, D, device=DEV, dtype=DT)
+        k = torch.randn(1, HKV, t_total, D, device=DEV, dtype=DT)
+        v = torch.randn(1, HKV, t_total, D, device=DEV, dtype=DT)
+        reps = 3 if t_total <= 65536 else 1
+        row = dict(section="sequence", T=t_total)
+        if with_flash:
+            flash_causal(q[:, :, :4096], k[:, :, :4096], v[:, :, :4096])  # warm-up at a small size
+            ts = [wall(lambda: flash_causal(q, k, v)) for _ in range(reps)]
+            row["flash_s"] = sorted(ts)[len(ts) // 2]
+        for stride in strides:
+            emas = {stride: ca.ema_weights(stride, args.beta, DEV)}
+            if t_total % stride:
+                emas[t_total % stride] = ca.ema_weights(t_total % stride, args.beta, DEV)
+            r = dict(row, stride=stride)
+            a = dict(args.__dict__, stride=stride)
+            ns = argparse.Namespace(**a)
+            run_cascade(q[:, :, : min(t_total, 2 * stride)], k, v, ns, cos, sin, emas)  # warm-up (compiles)
+            runs = [run_cascade(q, k, v, ns, cos, sin, emas) for _ in range(reps)]
+            c = sorted(runs, key=lambda x: x["wall"])[len(runs) // 2]
+            r.update({f"cascade_{key}_s": val for key, val in c.items()})
+            win.run(q[:, :, : 2 * stride], k, v, stride)
+            r["window_s"] = sorted(wall(lambda: win.run(q, k, v, stride)) for _ in range(reps))[reps // 2]
+            win.run(q[:, :, : 2 * stride], k, v, stride, triton=True)
+            r["window_triton_s"] = sorted(wall(lambda: win.run(q, k, v, stride, True)) for _ in range(reps))[reps // 2]
+            r["window_method"] = win.method
+            if with_flash:
+                r["speedup_vs_flash_wall"] = r["flash_s"] / r["cascade_wall_s"]
+                r["speedup_vs_flash_gpu"] = r["flash_s"] / r["cascade_gpu_s"]
+            r["overhead_vs_window_wall"] = r["cascade_wall_s"] / r["window_s"] - 1
+            r["overhead_vs_window_gpu"] = r["cascade_gpu_s"] / r["window_s"] - 1
+            emit(r)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="4096,16384,65536,262144,1048576")
+    ap.add_argument("--stride", type=int, default=4096)
+    ap.add_argument("--cache-size", type=int, default=65536)
+    ap.add_argument("--cascades", type=int, default=8)
+    ap.add_argument("--sinks", type=int, default=64)
+    ap.add_argument("--beta", type=float, default=0.9999)
+    ap.add_argument("--tune", action="store_true", help="time block-shape candidates and keep the fastest")
+    ap.add_argument("--sweep-tokens", type=int, default=0, help="stride sweep at this length (0: none)")
+    ap.add_argument("--sweep-strides", default="1024,2048,4096,8192")
+    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--skip-sequence", action="store_true")
+    ap.add_argument("--out", default="", help="append JSON rows to this file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    prov = provenance()
+    print(json.dumps(prov), flush=True)
+    rows = []
+
+    def emit(row: dict) -> None:
+        row = dict(prov, **row)
+        rows.append(row)
+        print("JSON " + json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    ceiling = matmul_ceiling()
+    emit(dict(section="ceiling", what="bf16 matmul 8192^3", tflops=ceiling))
+    if not args.skip_kernel:
+        kernel_section(args, emit)
+    tokens = [int(x) for x in args.tokens.split(",") if x and not args.skip_sequence]
+    if tokens:
+        sequence_section(args, tokens, [args.stride], emit)
+    if args.sweep_tokens:
+        strides = [int(x) for x in args.sweep_strides.split(",")]
+        sequence_section(args, [args.sweep_tokens], strides, emit, with_flash=False)
+
+    print(f"\n{prov['gpu']}  torch {prov['torch']}  triton {prov['triton']}  bf16 matmul {ceiling:.0f} TFLOP/s")
+    for r in rows:
+        if r["section"] == "kernel":
+            rate = f"{r['tflops']:6.0f} TFLOP/s ({r['tflops'] / ceiling:4.0%} of matmul)" if "tflops" in r else f"{r['GBps']:6.0f} GB/s"
+            t = f"{r['ms']:8.2f} ms" if "ms" in r else f"{r['us']:8.1f} us"
+            print(f"  {r['what']:<24} {str(r.get('config', r.get('method', ''))):<66} {t}  {rate}")
+    print(f"\n{'T':>8} {'stride':>6} {'flash s':>8} {'cascade s':>9} {'(gpu s)':>8} {'plan s':>7} {'window s':>8} "
+          f"{'win-tr s':>8} {'x flash':>7} {'(gpu)':>6} {'+% win':>7} {'(gpu)':>6}")
+    for r in rows:
+        if r["section"] == "sequence":
+            fl = r.get("flash_s")
+            print(f"{r['T']:>8} {r['stride']:>6} {fl if fl else float('nan'):8.3f} {r['cascade_wall_s']:9.3f} "
+                  f"{r['cascade_gpu_s']:8.3f} {r['cascade_host_plan_s']:7.3f} {r['window_s']:8.3f} {r['window_triton_s']:8.3f} "
+                  f"{r.get('speedup_vs_flash_wall', float('nan')):7.2f} {r.get('speedup_vs_flash_gpu', float('nan')):6.2f} "
+                  f"{100 * r['overhead_vs_window_wall']:6.0f}% {100 * r['overhead_vs_window_gpu']:5.0f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""chunk_attention: every fast path against `chunk_attention_ref` on seeded random inputs (STYLE rule 10).
+
+The CPU test runs in CI. The Triton tests need a CUDA device: `python -m pytest -m gpu tests/kernels`."""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import kernels.chunk_attention as ca
+from kernels.chunk_attention import chunk_attention_cpu, chunk_attention_ref, ema_weights
+
+# (B, Hq, Hkv, L, K, D, sinks, head_reduce)
+CPU_SHAPES = [
+    (1, 4, 4, 1, 1, 64, 0, "max"),  # one query, one key (few queries: the plain reference path)
+    (1, 8, 2, 1, 100, 64, 3, "mean"),  # decode over a cache
+    (2, 6, 2, 17, 17, 32, 0, "max"),  # no cache, G = 3, just past the few-queries threshold
+    (1, 6, 2, 33, 130, 80, 3, "max"),  # D not a power of two
+    (1, 8, 1, 64, 200, 64, 64, "mean"),  # G = 8, the reference's 64 sinks
+]
+# (dtype, atol, rtol) for out; scores are compared relative to their largest value
+CPU_TOL = {
+    torch.float32: (1e-5, 1e-4, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2, 2e-3),  # bf16 out rounding (8-bit mantissa) and bf16 P·V inside the CPU flash
+}
+
+
+def _inputs(b, hq, hkv, n_q, n_k, d, dtype, device="cpu", temperature=1.0):
+    q = torch.randn(b, hq, n_q, d, device=device) * temperature
+    k = torch.randn(b, hkv, n_k, d, device=device)
+    v = torch.randn(b, hkv, n_k, d, device=device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _check_scores(got, want, rtol):
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=rtol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", list(CPU_TOL))
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
+def test_cpu_matches_ref(shape, dtype):
+    b, hq, hkv, n_q, n_k, d, n_sinks, reduce = shape
+    torch.manual_seed(zlib.crc32(repr(shape).encode()))
+    q, k, v = _inputs(b, hq, hkv, n_q, n_k, d, dtype)
+    ema = ema_weights(n_q, 0.99)
+    out, scores = chunk_attention_cpu(q, k, v, d**-0.5, ema, n_sinks, reduce)
+    ref_out, ref_scores = chunk_attention_ref(q, k, v, d**-0.5, ema, n_sinks, reduce)
+    atol, rtol, s_rtol = CPU_TOL[dtype]
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    _check_scores(scores, ref_scores, s_rtol)
+
+
+# ---- Triton (CUDA)
+
+gpu = pytest.mark.gpu
+needs_triton = pytest.mark.skipif(
+    ca.triton is None or not torch.cuda.is_available(), reason="needs triton and a CUDA device"
+)
+
+GPU_SHAPES = [
+    (1, 32, 8, 1, 65601, 128, 64, "max"),  # decode over a full cache (split-K)
+    (2, 4, 4, 1, 37, 64, 0, "mean"),  # decode, short, G = 1
+    (1, 24, 8, 1, 1000, 128, 3, "max"),  # decode, G = 3
+    (1, 32, 8, 4096, 4096, 128, 0, "max"),  # first chunk: no cache
+    (1, 32, 8, 512, 512 + 64 + 1000, 128, 64, "max"),  # cache not a multiple of the block
+    (2, 8, 1, 77, 77 + 333, 64, 3, "mean"),  # G = 8, odd L, D 64
+    (1, 12, 4, 130, 130 + 127, 64, 0, "max"),  # G = 3
+    (1, 4, 4, 16, 16 + 5, 128, 5, "max"),  # tiny, sinks cover the whole cache
+    (1, 32, 8, 2, 2 + 500, 128, 64, "mean"),  # L = 2
+]
+# (dtype, atol, rtol) for out; scores rtol relative to their largest value
+GPU_TOL = {
+    torch.bfloat16: (2e-2, 2e-2, 2e-3),  # P rounded to bf16 before P·V, as every flash kernel does
+    torch.float16: (2e-3, 1e-2, 2e-3),
+}
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", list(GPU_TOL))
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_triton_matches_ref(shape, dtype):
+    b, hq, hkv, n_q, n_k, d, n_sinks, reduce = shape
+    torch.manual_seed(zlib.crc32(repr(shape).encode()))
+    for temperature in (1.0, 4.0):  # flat and peaked softmax
+        q, k, v = _inputs(b, hq, hkv, n_q, n_k, d, dtype, "cuda", temperature)
+        ema = ema_weights(n_q, 0.999, "cuda")
+        out, scores = ca.chunk_attention_triton(q, k, v, d**-0.5, ema, n_sinks, reduce)
+        ref_out, ref_scores = chunk_attention_ref(q, k, v, d**-0.5, ema, n_sinks, reduce)
+        atol, rtol, s_rtol = GPU_TOL[dtype]
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+        _check_scores(scores, ref_scores, s_rtol)
+        out_only, none = ca.chunk_attention_triton(q, k, v, d**-0.5, None, n_sinks, reduce)
+        assert none is None
+        torch.testing.assert_close(out_only, ref_out, atol=atol, rtol=rtol)
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("n_q", [1, 300])
+def test_triton_engine_layout_and_repeatability(n_q):
+    """q as the engine hands it ([B, L, H, D] memory transposed), K/V slices of a longer buffer; two runs agree
+    bit for bit (no race), and the dispatcher takes the Triton path."""
+    torch.manual_seed(n_q)
+    b, hq, hkv, d, n_k = 1, 32, 8, 128, 5000
+    q = torch.randn(b, n_q, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    big_k = torch.randn(b, hkv, n_k + 100, d, device="cuda", dtype=torch.bfloat16)
+    big_v = torch.randn_like(big_k)
+    k, v = big_k[:, :, 50 : 50 + n_k], big_v[:, :, 50 : 50 + n_k]
+    ema = ema_weights(n_q, 0.9999, "cuda")
+    assert ca.triton_supports(q, k)
+    out1, s1 = ca.chunk_attention(q, k, v, d**-0.5, ema, 64, "max")
+    out2, s2 = ca.chunk_attention_triton(q, k, v, d**-0.5, ema, 64, "max")
+    assert torch.equal(out1, out2) and torch.equal(s1, s2)
+    ref_out, ref_scores = chunk_attention_ref(q, k, v, d**-0.5, ema, 64, "max")
+    torch.testing.assert_close(out1, ref_out, atol=2e-2, rtol=2e-2)
+    _check_scores(s1, ref_scores, 2e-3)
+
+
+@gpu
+@needs_triton
+def test_dispatcher_choices(monkeypatch):
+    q = torch.randn(1, 4, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 20, 128, device="cuda", dtype=torch.bfloat16)
+    assert ca.triton_supports(q, k)
+    assert not ca.triton_supports(q.float(), k.float())
+    assert not ca.triton_supports(q[..., :96], k[..., :96])
+    called = []
+    monkeypatch.setattr(ca, "chunk_attention_ref", lambda *a: called.append(1) or (None, None))
+    monkeypatch.setenv("CASCADECTL_KERNELS", "ref")
+    ca.chunk_attention(q, k, k, 0.1, ema_weights(8, 0.9, "cuda"))
+    assert called == [1]
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("n_q", [1, 256])
+def test_no_host_sync(n_q):
+    """A decode step and a prefill chunk launch their kernels without waiting for the GPU."""
+    q, k, v = _inputs(1, 32, 8, n_q, 20000, 128, torch.bfloat16, "cuda")
+    ema = ema_weights(n_q, 0.9999, "cuda")
+    ca.chunk_attention(q, k, v, 128**-0.5, ema, 64, "max")  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, scores = ca.chunk_attention(q, k, v, 128**-0.5, ema, 64, "max")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert scores.shape == (1, 8, 20000 - 64)
