@@ -32,58 +32,68 @@ class RingPlan:
     write_slot: Tensor  # ... and the physical slot it is written to
     out_old: Tensor  # physical slots whose old occupant is pushed on to the next ring, in order
     out_seg: Tensor  # then segments of this chunk whose winner is pushed on, in order
+    # (the index fields are lists of ints while planning, then device tensors: see CascadeCache._plan)
     next_state: tuple[int, int]  # (start, count) after the chunk
 
 
 def _plan_ring(
     i: int, times: list[int], start: int, count: int, width: int, n_sinks: int, eager_until: int
 ) -> tuple[RingPlan, list[int]]:
-    """Simulate sub-cache `i` on references instead of data; returns its plan and the times pushed on."""
-    ring = deque((("old", (start + k) % width), (start + k) % width) for k in range(count))
+    """Simulate sub-cache `i` on references instead of data; returns its plan and the times pushed on.
+
+    Work is O(len(times)), not O(width): the ring's old occupants are never listed, only counted. Old occupant
+    of age rank k sits in slot (start + k) % width, and evictions always take the oldest."""
+    first, n_old = start, count
+    gone = 0  # old occupants pushed out so far
+    fresh: deque = deque()  # (segment, slot) opened by this chunk and still in the ring, oldest first
+    base_seg = base_slot = None  # segment competing for the newest old occupant's slot
     cand_seg: list[int] = []
-    n_seg, base_slot, out = 0, None, []
+    out_old: list[int] = []
+    out_seg: list[int] = []
+    out_times: list[int] = []
+    n_seg = 0
     for t in times:
         accept = t <= eager_until or (t - n_sinks) % (1 << i) == 0
         if accept or count == 0:
-            if accept and count == width:
-                ref, slot = ring.popleft()
-                out.append((t, ref))
+            if accept and count == width:  # push the oldest on: old occupants first, then this chunk's
+                if gone < n_old:
+                    slot = (first + gone) % width
+                    gone += 1
+                    if gone == n_old and base_seg is not None:
+                        out_seg.append(base_seg)
+                    else:
+                        out_old.append(slot)
+                else:
+                    seg, slot = fresh.popleft()
+                    out_seg.append(seg)
+                out_times.append(t)
                 start = (start + 1) % width
             else:
                 slot = (start + count) % width
                 count += 1
-            ring.append((("seg", n_seg), slot))
+            fresh.append((n_seg, slot))
             cand_seg.append(n_seg)
             n_seg += 1
         else:
             if not cand_seg:  # first item of the chunk is refused: it competes with the current newest slot
-                ref, slot = ring[-1]
-                assert ref[0] == "old", ref
-                base_slot = slot
-                ring[-1] = (("seg", n_seg), slot)
+                base_seg, base_slot = n_seg, (first + n_old - 1) % width
                 cand_seg.append(n_seg)
                 n_seg += 1
             cand_seg.append(n_seg - 1)
-    kept = [(ref[1], slot) for ref, slot in ring if ref[0] == "seg"]
-    out_old = [ref[1] for _, ref in out if ref[0] == "old"]
-    out_seg = [ref[1] for _, ref in out if ref[0] == "seg"]
-    # old occupants are older than anything this chunk brought, so they leave first
-    assert [ref[0] for _, ref in out] == ["old"] * len(out_old) + ["seg"] * len(out_seg)
+    kept = list(fresh)
+    if base_seg is not None and gone < n_old:
+        kept.append((base_seg, base_slot))
     plan = RingPlan(
         base_slot=base_slot,
-        cand_seg=_long(cand_seg),
+        cand_seg=cand_seg,
         n_seg=n_seg,
-        write_seg=_long([s for s, _ in kept]),
-        write_slot=_long([slot for _, slot in kept]),
-        out_old=_long(out_old),
-        out_seg=_long(out_seg),
+        write_seg=[seg for seg, _ in kept],
+        write_slot=[slot for _, slot in kept],
+        out_old=out_old,
+        out_seg=out_seg,
         next_state=(start, count),
     )
-    return plan, [t for t, _ in out]
-
-
-def _long(values: list[int]) -> Tensor:
-    return torch.tensor(values, dtype=torch.long)
+    return plan, out_times
 
 
 def segment_last_argmax(score: Tensor, seg: Tensor, n_seg: int) -> Tensor:
@@ -94,6 +104,9 @@ def segment_last_argmax(score: Tensor, seg: Tensor, n_seg: int) -> Tensor:
     pos = torch.arange(score.shape[2], device=score.device).expand_as(score)
     pos = torch.where(hit, pos, -1)
     return pos.new_full(best.shape, -1).scatter_reduce(2, seg, pos, "amax").clamp_(min=0)
+
+
+_INDEX_FIELDS = ("cand_seg", "write_seg", "write_slot", "out_old", "out_seg")
 
 
 class CascadeCache(KVCache):
@@ -116,11 +129,13 @@ class CascadeCache(KVCache):
 
     def _age_order(self) -> Tensor:
         """Physical slots visible to the next chunk: sinks, then sub-cache C-1 (oldest) ... sub-cache 0 (newest)."""
-        order = list(range(self.n_sinks_filled))
+        dev = self.shape.device
+        parts = [torch.arange(self.n_sinks_filled, device=dev)]
         for i in reversed(range(self.cascades)):
-            base = self.n_sinks + i * self.width
-            order += [base + (self.start[i] + k) % self.width for k in range(self.count[i])]
-        return torch.tensor(order, dtype=torch.long, device=self.shape.device)
+            if self.count[i]:
+                ring = (self.start[i] + torch.arange(self.count[i], device=dev)) % self.width
+                parts.append(ring + self.n_sinks + i * self.width)
+        return torch.cat(parts)
 
     def _plan(self, n_new: int) -> None:
         dev = self.shape.device
@@ -133,18 +148,28 @@ class CascadeCache(KVCache):
         times = list(range(self.seen + to_sinks, self.seen + n_new))
         eager_until = self.cache_size + self.n_sinks
         self._rings = []
+        flat: list[int] = []  # every ring's index lists, sent to the device in one copy
         for i in range(self.cascades):
             if not times:
-                self._rings.append(None)
-                continue
+                break
             plan, times = _plan_ring(i, times, self.start[i], self.count[i], self.width, self.n_sinks, eager_until)
-            for name in ("cand_seg", "write_seg", "write_slot", "out_old", "out_seg"):
-                setattr(plan, name, getattr(plan, name).to(dev))
-            plan.write_slot += self.n_sinks + i * self.width
-            plan.out_old += self.n_sinks + i * self.width
+            offset = self.n_sinks + i * self.width  # ring-local slots -> physical slots
+            plan.write_slot = [slot + offset for slot in plan.write_slot]
+            plan.out_old = [slot + offset for slot in plan.out_old]
             if plan.base_slot is not None:
-                plan.base_slot += self.n_sinks + i * self.width
+                plan.base_slot += offset
             self._rings.append(plan)
+            for name in _INDEX_FIELDS:
+                flat.extend(getattr(plan, name))
+        packed = torch.tensor(flat, dtype=torch.long)
+        if dev.type == "cuda":  # one pinned, asynchronous copy instead of a synchronising one per list
+            packed = packed.pin_memory().to(dev, non_blocking=True)
+        pos = 0
+        for plan in self._rings:
+            for name in _INDEX_FIELDS:
+                n = len(getattr(plan, name))
+                setattr(plan, name, packed[pos : pos + n])
+                pos += n
 
     def past(self, layer: int) -> tuple[Tensor, Tensor]:
         return self.k[layer].index_select(2, self._order), self.v[layer].index_select(2, self._order)
@@ -161,8 +186,6 @@ class CascadeCache(KVCache):
             kb[:, :, dst], vb[:, :, dst], ib[:, :, dst] = k[:, :, :s], v[:, :, :s], self._new_index[:, :, :s]
         items = (k[:, :, s:], v[:, :, s:], score[:, :, n_cached + s :], self._new_index[:, :, s:])
         for plan in self._rings:
-            if plan is None:
-                break
             items = self._apply_ring(plan, items, kb, vb, sb, ib)
 
     def _apply_ring(self, plan: RingPlan, items, kb: Tensor, vb: Tensor, sb: Tensor, ib: Tensor):
@@ -191,8 +214,7 @@ class CascadeCache(KVCache):
 
     def _commit(self) -> None:
         for i, plan in enumerate(self._rings):
-            if plan is not None:
-                self.start[i], self.count[i] = plan.next_state
+            self.start[i], self.count[i] = plan.next_state
 
     def token_index(self, layer: int) -> Tensor:
         return self.idx[layer].index_select(2, self._age_order())
