@@ -1,0 +1,282 @@
+"""Whole-model prefill and decode on a GPU: a random-weight Llama-3.1-8B-shaped model (bf16) through Runner.
+
+Parts, each under its own wall-clock budget (a part whose estimate does not fit what is left is skipped):
+  ingest    Runner.step over T random ids in chunks of --stride (hidden states only, no LM head), for each T of
+            --tokens; seconds, tokens/s, torch.cuda.max_memory_allocated, and the host time spent in
+            cache.begin (planning). A longer T is skipped when the previous one extrapolates past the budget.
+  decode    after the first ingest (cache full), --decode-steps greedy steps: runner.step on [1, 1] ids +
+            runner.logits on the last hidden + argmax; ms/token (host clock, synchronised at both ends).
+  dense     baseline: the same HF model (its own SDPA attention) with a transformers DynamicCache holding
+            --dense-past random K/V tokens per layer, timing model(next_token, past_key_values=cache) per token.
+  full_1m   arithmetic only: full-attention KV bytes at 1M tokens vs the card's memory.
+
+    python bench/gpu_model.py --tokens 131072,1048576 --out $OUT/gpu_model.jsonl
+
+Tiny CPU check of the logic: python bench/gpu_model.py --tiny
+Prints one JSON row per measurement (card, torch/triton/transformers versions, command)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from engine.config import CacheConfig  # noqa: E402
+from engine.runner import Runner  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def provenance(dev: str) -> dict:
+    import transformers
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # noqa: BLE001
+        tv = None
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": tv,
+        "transformers": transformers.__version__,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(args, dev: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    if args.tiny:
+        kw = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=32, vocab_size=1000, max_position_embeddings=4096)
+        dtype = torch.float32
+    else:  # Llama-3.1-8B shapes
+        kw = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072)
+        dtype = torch.bfloat16
+    cfg = LlamaConfig(rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, **kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def cache_config(args) -> CacheConfig:
+    return CacheConfig(policy="cascade", cache_size=args.cache_size, cascades=args.cascades, sinks=args.sinks,
+                       stride=args.stride, beta=args.beta)
+
+
+def ingest(model, args, n_tokens: int, dev: str, deadline: float, emit, extra=None):
+    """Runner.step over n_tokens random ids; returns (runner, row). Stops early (row['complete']=False) at deadline."""
+    runner = Runner(model, cache_config(args), expected_tokens=n_tokens)
+    plan_s = [0.0]
+    begin = runner.cache.begin
+
+    def timed_begin(n):
+        t = time.perf_counter()
+        r = begin(n)
+        plan_s[0] += time.perf_counter() - t
+        return r
+
+    runner.cache.begin = timed_begin
+    g = torch.Generator(device="cpu").manual_seed(1)
+    vocab = model.config.vocab_size
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(dev)
+    t0 = time.perf_counter()
+    done, chunks, complete = 0, 0, True
+    first_chunk_s = None
+    while done < n_tokens:
+        n = min(args.stride, n_tokens - done)
+        ids = torch.randint(0, vocab, (1, n), generator=g).to(dev)
+        runner.step(ids)
+        done += n
+        chunks += 1
+        if chunks == 1:
+            sync(dev)
+            first_chunk_s = time.perf_counter() - t0
+        if chunks % 32 == 0:
+            sync(dev)
+            el = time.perf_counter() - t0
+            print(f"  ingest {done}/{n_tokens} tokens: {el:.1f} s ({done / el:.0f} tok/s)", flush=True)
+        if time.perf_counter() > deadline and done < n_tokens:
+            complete = False
+            break
+    sync(dev)
+    sec = time.perf_counter() - t0
+    row = {"part": "ingest", "tokens": done, "tokens_target": n_tokens, "complete": complete, "chunks": chunks,
+           "stride": args.stride, "seconds": round(sec, 3), "tokens_per_s": round(done / sec, 1),
+           "first_chunk_s": round(first_chunk_s or 0.0, 3), "host_plan_s": round(plan_s[0], 3),
+           "n_past": runner.cache.n_past}
+    if dev == "cuda":
+        row["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    row.update(extra or {})
+    emit(row)
+    del runner.cache.begin  # drop the instance attribute (re-assigning the bound method would make a ref cycle)
+    return runner, row
+
+
+@torch.inference_mode()
+def decode_cascade(runner, args, dev: str, emit):
+    vocab = runner.model.config.vocab_size
+    tok = torch.randint(0, vocab, (1, 1)).to(dev)
+    for _ in range(args.decode_warm):
+        h = runner.step(tok)
+        tok = runner.logits(h[:, -1:]).argmax(-1)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.decode_steps):
+        h = runner.step(tok)
+        tok = runner.logits(h[:, -1:]).argmax(-1)
+    sync(dev)
+    sec = time.perf_counter() - t0
+    row = {"part": "decode_cascade", "steps": args.decode_steps, "n_past_after": runner.cache.n_past,
+           "ms_per_token": round(1000 * sec / args.decode_steps, 3)}
+    if dev == "cuda":
+        row["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    emit(row)
+
+
+@torch.inference_mode()
+def decode_dense(model, args, dev: str, emit):
+    """HF model, own SDPA attention, DynamicCache pre-filled with random K/V of --dense-past tokens per layer."""
+    from transformers import DynamicCache
+    cfg = model.config
+    p = next(model.parameters())
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cache = DynamicCache(config=cfg) if "config" in DynamicCache.__init__.__code__.co_varnames else DynamicCache()
+    n = args.dense_past
+    for i in range(cfg.num_hidden_layers):
+        k = torch.randn(1, cfg.num_key_value_heads, n, hd, dtype=p.dtype, device=dev)
+        v = torch.randn(1, cfg.num_key_value_heads, n, hd, dtype=p.dtype, device=dev)
+        cache.update(k, v, i)
+    tok = torch.randint(0, cfg.vocab_size, (1, 1)).to(dev)
+    pos = n
+
+    def one(tok, pos):
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True,
+                    position_ids=torch.tensor([[pos]], device=dev),
+                    cache_position=torch.tensor([pos], device=dev))
+        return out.logits[:, -1:].float().argmax(-1)
+
+    for _ in range(args.decode_warm):
+        tok = one(tok, pos)
+        pos += 1
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.decode_steps):
+        tok = one(tok, pos)
+        pos += 1
+    sync(dev)
+    sec = time.perf_counter() - t0
+    row = {"part": "decode_dense_sdpa", "steps": args.decode_steps, "past_tokens": n,
+           "seq_len_after": cache.get_seq_length(), "ms_per_token": round(1000 * sec / args.decode_steps, 3),
+           "kv_bytes_GiB": round(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * p.element_size()
+                                 * cache.get_seq_length() / 2**30, 2)}
+    if dev == "cuda":
+        row["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    emit(row)
+    del cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="131072,1048576")
+    ap.add_argument("--stride", type=int, default=4096)
+    ap.add_argument("--cache-size", type=int, default=65536)
+    ap.add_argument("--cascades", type=int, default=8)
+    ap.add_argument("--sinks", type=int, default=64)
+    ap.add_argument("--beta", type=float, default=0.9999)
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--decode-warm", type=int, default=4)
+    ap.add_argument("--dense-past", type=int, default=65536)
+    ap.add_argument("--budget", type=float, default=420.0, help="total wall seconds for this script")
+    ap.add_argument("--tiny", action="store_true", help="tiny fp32 model on CPU: checks the logic only")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    if args.tiny:
+        args.tokens = "1024,4096" if args.tokens == ap.get_default("tokens") else args.tokens
+        args.cache_size, args.stride, args.cascades, args.sinks = 512, 128, 4, 16
+        args.dense_past, args.decode_steps = 512, 4
+    dev = "cpu" if args.tiny else "cuda"
+    deadline = T0 + args.budget
+    prov = provenance(dev)
+    print(json.dumps(prov), flush=True)
+
+    def emit(row: dict) -> None:
+        row = {**row, **prov, "elapsed_s": round(time.perf_counter() - T0, 1)}
+        print("JSON " + json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    t = time.perf_counter()
+    model = build_model(args, dev)
+    sync(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    emit({"part": "build", "seconds": round(time.perf_counter() - t, 2), "params": n_params,
+          "weights_GiB": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)})
+
+    # full attention at 1M tokens: arithmetic only
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    esz = next(model.parameters()).element_size()
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * esz * 1048576
+    card = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else 0
+    emit({"part": "full_attention_1M_kv", "kv_bytes": kv, "kv_GiB": kv / 2**30, "card_bytes": card,
+          "fits": bool(card and kv < card), "note": "computed, not run"})
+
+    tokens = [int(x) for x in args.tokens.split(",") if x]
+    last = None  # (tokens, seconds) of the last complete ingest
+    for i, n in enumerate(tokens):
+        left = deadline - time.perf_counter()
+        if last is not None:
+            est = last[1] * n / last[0]
+            if est > left - 10:
+                # does not fit: run what fits (a partial row, complete=False) unless too little is left
+                emit({"part": "ingest_estimate", "tokens_target": n, "fits": False,
+                      "estimate_s": round(est, 1), "left_s": round(left, 1)})
+                if left < 30:
+                    continue
+        runner, row = ingest(model, args, n, dev, deadline - 5, emit)
+        if row["complete"]:
+            last = (row["tokens"], row["seconds"])
+        if i == 0:
+            if deadline - time.perf_counter() > 20 or args.tiny:
+                decode_cascade(runner, args, dev, emit)
+            runner.close()
+            del runner
+            gc.collect()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            if deadline - time.perf_counter() > 20 or args.tiny:
+                decode_dense(model, args, dev, emit)
+            gc.collect()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            runner.close()
+            del runner
+            gc.collect()
+    print(f"done in {time.perf_counter() - T0:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
