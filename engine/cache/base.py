@@ -12,6 +12,8 @@ the same for every batch row, head and layer (which slot holds what depends only
     cache.end()
 
 Keys are stored before RoPE and rotated at their slot position (rank in `past`) at attention time.
+When the model is spread over several devices (`CacheShape.layer_devices`), each layer's buffers live on that
+layer's device and the chunk's small index tensors are copied once per device per chunk, never per layer.
 """
 from __future__ import annotations
 
@@ -29,7 +31,17 @@ class CacheShape:
     n_kv_heads: int
     head_dim: int
     dtype: torch.dtype
-    device: torch.device
+    device: torch.device  # where the input ids and the control tensors live (the embedding's device)
+    # each layer's device when the model is spread over several (device_map); None = every layer on `device`
+    layer_devices: tuple[torch.device, ...] | None = None
+
+    def device_of(self, layer: int) -> torch.device:
+        return self.device if self.layer_devices is None else self.layer_devices[layer]
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """Distinct devices holding layers, the home device first."""
+        return tuple(dict.fromkeys((self.device, *(self.layer_devices or ()))))
 
 
 class KVCache(ABC):
@@ -96,7 +108,8 @@ class KVCache(ABC):
 def empty_buffers(shape: CacheShape, capacity: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Preallocated per-layer keys, values [B, Hkv, capacity, D] and token indices [B, Hkv, capacity]."""
     kv = (shape.batch, shape.n_kv_heads, capacity, shape.head_dim)
-    ks = [torch.zeros(kv, dtype=shape.dtype, device=shape.device) for _ in range(shape.n_layers)]
-    vs = [torch.zeros(kv, dtype=shape.dtype, device=shape.device) for _ in range(shape.n_layers)]
-    idx = [torch.full(kv[:3], -1, dtype=torch.long, device=shape.device) for _ in range(shape.n_layers)]
+    layers = range(shape.n_layers)
+    ks = [torch.zeros(kv, dtype=shape.dtype, device=shape.device_of(i)) for i in layers]
+    vs = [torch.zeros(kv, dtype=shape.dtype, device=shape.device_of(i)) for i in layers]
+    idx = [torch.full(kv[:3], -1, dtype=torch.long, device=shape.device_of(i)) for i in layers]
     return ks, vs, idx

@@ -13,7 +13,7 @@ equals pushing the chunk's tokens one by one with the chunk's scores frozen (tes
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -109,6 +109,19 @@ def segment_last_argmax(score: Tensor, seg: Tensor, n_seg: int) -> Tensor:
 _INDEX_FIELDS = ("cand_seg", "write_seg", "write_slot", "out_old", "out_seg")
 
 
+def _bind(plans: list[RingPlan], packed: Tensor) -> list[RingPlan]:
+    """Copies of `plans` whose index lists are views into `packed`, their concatenation on one device."""
+    bound, pos = [], 0
+    for plan in plans:
+        views = {}
+        for name in _INDEX_FIELDS:
+            n = len(getattr(plan, name))
+            views[name] = packed[pos : pos + n]
+            pos += n
+        bound.append(replace(plan, **views))
+    return bound
+
+
 class CascadeCache(KVCache):
     needs_scores = True
 
@@ -119,17 +132,18 @@ class CascadeCache(KVCache):
         self.cache_size = cache_size
         self.k, self.v, self.idx = empty_buffers(shape, n_sinks + cache_size)
         b, h = shape.batch, shape.n_kv_heads
-        self.score = [torch.zeros(b, h, cache_size, dtype=torch.float32, device=shape.device) for _ in self.k]
+        self.score = [torch.zeros(b, h, cache_size, dtype=torch.float32, device=k.device) for k in self.k]
         self.start = [0] * cascades
         self.count = [0] * cascades
+        self._remote: dict | None = None  # device -> the chunk's index tensors there, when layers span devices
 
     @property
     def n_past(self) -> int:
         return self.n_sinks_filled + sum(self.count)
 
-    def _age_order(self) -> Tensor:
+    def _age_order(self, dev: torch.device | None = None) -> Tensor:
         """Physical slots visible to the next chunk: sinks, then sub-cache C-1 (oldest) ... sub-cache 0 (newest)."""
-        dev = self.shape.device
+        dev = dev or self.shape.device
         parts = [torch.arange(self.n_sinks_filled, device=dev)]
         for i in reversed(range(self.cascades)):
             if self.count[i]:
@@ -141,13 +155,10 @@ class CascadeCache(KVCache):
         dev = self.shape.device
         to_sinks = min(n_new, self.n_sinks - self.n_sinks_filled)
         self._to_sinks = to_sinks
-        self._order = self._age_order()
-        self._cached = self._order[self.n_sinks_filled :] - self.n_sinks  # score columns of the cached tokens
-        b, h = self.shape.batch, self.shape.n_kv_heads
-        self._new_index = torch.arange(self.seen, self.seen + n_new, device=dev).expand(b, h, n_new)
+        self._order, self._cached, self._new_index = self._chunk_indices(n_new, dev)
         times = list(range(self.seen + to_sinks, self.seen + n_new))
         eager_until = self.cache_size + self.n_sinks
-        self._rings = []
+        plans = []
         flat: list[int] = []  # every ring's index lists, sent to the device in one copy
         for i in range(self.cascades):
             if not times:
@@ -158,34 +169,49 @@ class CascadeCache(KVCache):
             plan.out_old = [slot + offset for slot in plan.out_old]
             if plan.base_slot is not None:
                 plan.base_slot += offset
-            self._rings.append(plan)
+            plans.append(plan)
             for name in _INDEX_FIELDS:
                 flat.extend(getattr(plan, name))
         packed = torch.tensor(flat, dtype=torch.long)
         if dev.type == "cuda":  # one pinned, asynchronous copy instead of a synchronising one per list
-            packed = packed.pin_memory().to(dev, non_blocking=True)
-        pos = 0
-        for plan in self._rings:
-            for name in _INDEX_FIELDS:
-                n = len(getattr(plan, name))
-                setattr(plan, name, packed[pos : pos + n])
-                pos += n
+            packed = packed.pin_memory()
+        self._rings = _bind(plans, packed.to(dev, non_blocking=True))
+        if self.shape.layer_devices is not None:  # the same indices on every other device that holds layers
+            self._remote = {d: (*self._chunk_indices(n_new, d), _bind(plans, packed.to(d, non_blocking=True)))
+                            for d in self.shape.devices[1:]}
+
+    def _chunk_indices(self, n_new: int, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """On `dev`: age order of the visible slots, score columns of the cached tokens, new tokens' indices."""
+        order = self._age_order(dev)
+        b, h = self.shape.batch, self.shape.n_kv_heads
+        new_index = torch.arange(self.seen, self.seen + n_new, device=dev).expand(b, h, n_new)
+        return order, order[self.n_sinks_filled :] - self.n_sinks, new_index
+
+    def _indices(self, layer: int) -> tuple[Tensor, Tensor, Tensor, list[RingPlan]]:
+        """The chunk's age order, cached score columns, new token indices and ring plans on `layer`'s device."""
+        if self._remote is not None:
+            dev = self.shape.device_of(layer)
+            if dev != self.shape.device:
+                return self._remote[dev]
+        return self._order, self._cached, self._new_index, self._rings
 
     def past(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.k[layer].index_select(2, self._order), self.v[layer].index_select(2, self._order)
+        order = self._indices(layer)[0]
+        return self.k[layer].index_select(2, order), self.v[layer].index_select(2, order)
 
     def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
         assert score is not None, "the cascade needs attention scores"
         kb, vb, sb, ib = self.k[layer], self.v[layer], self.score[layer], self.idx[layer]
-        n_cached, n_new, s = self._cached.numel(), k.shape[2], self._to_sinks
+        _, cached, new_index, rings = self._indices(layer)
+        n_cached, n_new, s = cached.numel(), k.shape[2], self._to_sinks
         assert score.shape[2] == n_cached + n_new, (score.shape, n_cached, n_new)
         if n_cached:  # EMA over the chunk's queries: decay once per query, then add this chunk's share
-            sb[:, :, self._cached] = sb[:, :, self._cached] * self.beta**n_new + score[:, :, :n_cached]
+            sb[:, :, cached] = sb[:, :, cached] * self.beta**n_new + score[:, :, :n_cached]
         if s:
             dst = slice(self.n_sinks_filled, self.n_sinks_filled + s)
-            kb[:, :, dst], vb[:, :, dst], ib[:, :, dst] = k[:, :, :s], v[:, :, :s], self._new_index[:, :, :s]
-        items = (k[:, :, s:], v[:, :, s:], score[:, :, n_cached + s :], self._new_index[:, :, s:])
-        for plan in self._rings:
+            kb[:, :, dst], vb[:, :, dst], ib[:, :, dst] = k[:, :, :s], v[:, :, :s], new_index[:, :, :s]
+        items = (k[:, :, s:], v[:, :, s:], score[:, :, n_cached + s :], new_index[:, :, s:])
+        for plan in rings:
             items = self._apply_ring(plan, items, kb, vb, sb, ib)
 
     def _apply_ring(self, plan: RingPlan, items, kb: Tensor, vb: Tensor, sb: Tensor, ib: Tensor):
@@ -217,11 +243,12 @@ class CascadeCache(KVCache):
             self.start[i], self.count[i] = plan.next_state
 
     def token_index(self, layer: int) -> Tensor:
-        return self.idx[layer].index_select(2, self._age_order())
+        return self.idx[layer].index_select(2, self._age_order(self.shape.device_of(layer)))
 
     def cached_scores(self, layer: int) -> Tensor:
         """Scores of the cached (non-sink) tokens in `token_index` order: [B, Hkv, n_past - sinks]."""
-        return self.score[layer].index_select(2, self._age_order()[self.n_sinks_filled :] - self.n_sinks)
+        order = self._age_order(self.shape.device_of(layer))
+        return self.score[layer].index_select(2, order[self.n_sinks_filled :] - self.n_sinks)
 
     def fill(self) -> list[tuple[int, int]]:
         return [(self.n_sinks_filled, self.n_sinks)] + [(c, self.width) for c in self.count]

@@ -42,7 +42,7 @@ class DenseCache(KVCache):
 
     def token_index(self, layer: int) -> Tensor:
         b, h = self.shape.batch, self.shape.n_kv_heads
-        return torch.arange(self.seen, device=self.shape.device).expand(b, h, self.seen)
+        return torch.arange(self.seen, device=self.shape.device_of(layer)).expand(b, h, self.seen)
 
     def fill(self) -> list[tuple[int, int]]:
         return [(self.seen, self.seen)]

@@ -20,6 +20,7 @@ class SinkWindowCache(KVCache):
         self.head = 0  # next ring slot to write
         self.count = 0  # ring slots in use
         self._order = torch.zeros(0, dtype=torch.long, device=shape.device)
+        self._remote: dict | None = None  # device -> (src, dst, order) there, when layers span devices
 
     @property
     def n_past(self) -> int:
@@ -38,6 +39,17 @@ class SinkWindowCache(KVCache):
         self._dst = torch.tensor(dst, dtype=torch.long, device=dev)
         self._order = self._age_order(self.head, self.count)
         self._next = ((self.head + rest) % self.window, min(self.window, self.count + rest))
+        if self.shape.layer_devices is not None:  # the same indices on every other device that holds layers
+            self._remote = {d: tuple(t.to(d, non_blocking=True) for t in (self._src, self._dst, self._order))
+                            for d in self.shape.devices[1:]}
+
+    def _indices(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The chunk's (src, dst, order) on `layer`'s device."""
+        if self._remote is not None:
+            dev = self.shape.device_of(layer)
+            if dev != self.shape.device:
+                return self._remote[dev]
+        return self._src, self._dst, self._order
 
     def _age_order(self, head: int, count: int) -> Tensor:
         oldest = head if count == self.window else 0
@@ -45,11 +57,13 @@ class SinkWindowCache(KVCache):
         return torch.tensor(list(range(self.n_sinks_filled)) + ring, dtype=torch.long, device=self.shape.device)
 
     def past(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.k[layer].index_select(2, self._order), self.v[layer].index_select(2, self._order)
+        order = self._indices(layer)[2]
+        return self.k[layer].index_select(2, order), self.v[layer].index_select(2, order)
 
     def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
-        self.k[layer].index_copy_(2, self._dst, k.index_select(2, self._src))
-        self.v[layer].index_copy_(2, self._dst, v.index_select(2, self._src))
+        src, dst, _ = self._indices(layer)
+        self.k[layer].index_copy_(2, dst, k.index_select(2, src))
+        self.v[layer].index_copy_(2, dst, v.index_select(2, src))
 
     def _commit(self) -> None:
         self.index[self._dst] = self._src + self.seen
@@ -58,7 +72,7 @@ class SinkWindowCache(KVCache):
     def token_index(self, layer: int) -> Tensor:
         order = self._age_order(self.head, self.count)
         b, h = self.shape.batch, self.shape.n_kv_heads
-        return self.index[order].expand(b, h, -1)
+        return self.index[order].expand(b, h, -1).to(self.shape.device_of(layer))
 
     def fill(self) -> list[tuple[int, int]]:
         return [(self.n_sinks_filled, self.n_sinks), (self.count, self.window)]
