@@ -1,12 +1,15 @@
 """What `summarize` and `ask` share: read the input once with progress, stream answers, print stats and reports.
 
 A `Session` owns the runner for one input: `read()` streams the pinned prefix and the input through the cache
-(progress on stderr), `answer()` appends a closing request and streams the answer to stdout, `finish()` prints the
-stats line, the retention report and/or the JSON document."""
+(progress on stderr; checkpoints and resume with `--checkpoint`), or `load()` takes the cache from a
+`--save-cache` file instead; `save()` writes that file; `answer()` appends a closing request and streams the
+answer to stdout, `finish()` prints the stats line, the retention report and/or the JSON document."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from array import array
@@ -17,14 +20,19 @@ import torch
 import typer
 from rich.table import Table
 
+from engine.checkpoint import ids_sha256
 from engine.config import CacheConfig
+from engine.errors import CascadeError, ConfigError
 from engine.prompt import Prompt
 from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, iter_mapped_token_ids, retention_report
 from engine.runner import Runner
 from engine.session import answer, check_room, ingest, stop_ids
+from engine.snapshot import config_of, load_snapshot, save_snapshot
+from engine.tokens import rechunk
 
-from .common import peak_rss_bytes, versions
+from . import checkpoints as ck
+from .common import ChunkInterrupts, peak_rss_bytes, versions
 from .console import Say, TokenProgress, console, fill_text, human_bytes
 from .inputs import InputReport, iter_segments, total_bytes_estimate
 
@@ -39,6 +47,12 @@ Words = Annotated[Optional[int], typer.Option("--words", "-w", rich_help_panel="
                                               help="Target length of the answer in words.")]
 Instruction = Annotated[Optional[str], typer.Option("--instruction", "-i", rich_help_panel="Generation",
                                                     show_default=False, help="Replace the request to the model.")]
+SaveCache = Annotated[Optional[str], typer.Option(
+    "--save-cache", rich_help_panel="Cache file", show_default=False, metavar="FILE",
+    help="Write the cache to FILE after reading the input (its size is the cache's, not the input's).")]
+LoadCache = Annotated[Optional[str], typer.Option(
+    "--load-cache", rich_help_panel="Cache file", show_default=False, metavar="FILE",
+    help="Answer from a --save-cache FILE instead of reading an input; its cache settings apply.")]
 MAX_TOKENS = 256
 
 
@@ -49,6 +63,7 @@ class Stats:
     generated_tokens: int = 0
     seconds_generate: float = 0.0
     kv_cache_bytes: int = 0
+    loaded_from: str | None = None  # the --load-cache file the input's cache came from
 
     def as_dict(self) -> dict:
         return {
@@ -60,7 +75,10 @@ class Stats:
 
     def line(self) -> str:
         d = self.as_dict()
-        return (f"read {self.tokens:,} tokens in {self.seconds_ingest:.1f} s ({d['tokens_per_s']:,.0f} tok/s) · "
+        read = (f"loaded {self.tokens:,} input tokens from {self.loaded_from} in {self.seconds_ingest:.1f} s"
+                if self.loaded_from else
+                f"read {self.tokens:,} tokens in {self.seconds_ingest:.1f} s ({d['tokens_per_s']:,.0f} tok/s)")
+        return (f"{read} · "
                 f"wrote {self.generated_tokens} tokens in {self.seconds_generate:.1f} s "
                 f"({d['decode_tokens_per_s']:.1f} tok/s) · peak memory {human_bytes(d['peak_rss_bytes'])} · "
                 f"KV cache {human_bytes(self.kv_cache_bytes)}")
@@ -80,6 +98,8 @@ class Session:
         self.retention: dict = {}
         self.n_sinks = max(config.sinks, len(prompt.prefix_ids))
         self.runner: Runner | None = None
+        self.loaded: dict | None = None  # the --load-cache file's record of its ingest
+        self._checkpoint = None  # engine.checkpoint.Checkpoint of this read, removed by finish()
 
     def __enter__(self) -> "Session":
         return self
@@ -90,8 +110,11 @@ class Session:
         if exc_type is KeyboardInterrupt:  # partial statistics, then handle_errors exits with 130
             Say.info(f"[dim]{self.stats.line()}[/]")
 
-    def read(self, longest_suffix: int) -> None:
-        """Check positions, then stream prefix and input through a fresh runner, with progress on stderr."""
+    def read(self, longest_suffix: int, checkpoint: ck.CheckpointOptions | None = None, command: str = "") -> None:
+        """Check positions, then stream prefix and input through a fresh runner, with progress on stderr.
+
+        With `checkpoint` (a path), the ingest is saved every so often and on Ctrl-C, or resumed from the file
+        (`command` names the run in it); Ctrl-C always lands between chunks."""
         segments = iter_segments(self.sources, report=self.input)
         tokenized = [0]  # tokens the tokenizer produced so far: runs ahead of the model by up to a 64K piece
 
@@ -115,20 +138,35 @@ class Session:
             Say.warn(warning)
         expected = n_prefix + (known or 0) + longest_suffix + self.max_tokens if known is not None else 0
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks, expected_tokens=expected)
+        guide = QuestionGuide(self.runner, self.prompt.question_span, self.question_weight) if self.guided else None
+        ckpt = self._checkpoint = ck.for_run(  # resuming needs the same pinned prompt and question weight
+            checkpoint or ck.CheckpointOptions(None), self.lm, self.config, command,
+            {"prefix_sha256": ids_sha256(self.prompt.prefix_ids), "question_weight": self.question_weight},
+            {"prefix_sha256": "instruction or question before the input", "question_weight": "--question-weight"})
+        resume_at, seconds_before = None, 0.0
+        if ckpt is not None:
+            if checkpoint.resume:
+                resume_at, seconds_before = self._resume(ckpt, guide)
+            pieces = ckpt.track(rechunk(ckpt.skip(pieces), self.config.stride))
         total_bytes = total_bytes_estimate(self.sources)
-        start = time.perf_counter()
-        with TokenProgress("reading", known, self.quiet) as progress:
+        start = time.perf_counter() - seconds_before
+
+        def save() -> int:
+            queries = {f"question.{l}": q for l, q in enumerate(guide.queries) if q is not None} if guide else {}
+            return ckpt.save(self.runner.cache, {"seconds_ingest": time.perf_counter() - start}, queries)
+
+        with TokenProgress("reading", known, self.quiet) as progress, ChunkInterrupts() as stop, \
+                guide if guide is not None else contextlib.nullcontext():
 
             def on_chunk(done: int) -> None:
                 self.stats.tokens, self.stats.seconds_ingest = done, time.perf_counter() - start
                 total = known or _estimate_total(tokenized[0], self.input.bytes_read, total_bytes)
                 progress.update(done, total, fill_text(self.runner.cache.fill()))
+                ck.after_chunk(stop, ckpt, done, save, lambda: f"interrupted after {done:,} input tokens")
 
-            if self.guided:
-                with QuestionGuide(self.runner, self.prompt.question_span, self.question_weight):
-                    n_input = ingest(self.runner, self.prompt.prefix_ids, pieces, on_chunk)
-            else:
-                n_input = ingest(self.runner, self.prompt.prefix_ids, pieces, on_chunk)
+            n_input = ingest(self.runner, self.prompt.prefix_ids, pieces, on_chunk, resume_at)
+        if ckpt is not None and ckpt.ledger.count > ckpt.saved_at:  # a Ctrl-C while answering resumes here
+            save()
         self.stats.tokens, self.stats.seconds_ingest = n_input, time.perf_counter() - start
         self.stats.kv_cache_bytes = self.runner.cache.nbytes()
         self.retention = {
@@ -136,6 +174,72 @@ class Session:
             "question_weight": self.question_weight if self.guided else 0.0,
             **retention_report(self.runner.cache, n_prefix, n_input, self.source_map),
         }
+
+    def _resume(self, ckpt, guide: QuestionGuide | None) -> tuple[int, float]:
+        """Put the checkpoint's cache (and the question's queries) in place; (input tokens done, seconds spent)."""
+        snap = ckpt.load()
+        self.runner.cache = snap.cache
+        if guide is not None:
+            device = next(self.runner.model.parameters()).device
+            queries = [snap.extra_tensors.get(f"question.{l}") for l in range(len(guide.queries))]
+            if any(q is None for q in queries):
+                raise CascadeError(f"{ckpt.path} holds no question queries; start over without --resume")
+            guide.queries = [q.to(device) for q in queries]
+        seconds = snap.meta["extra"]["state"].get("seconds_ingest", 0.0)
+        return ckpt.resume_at, float(seconds) if isinstance(seconds, (int, float)) else 0.0
+
+    def save(self, path: str, pinned_question: str | None = None) -> None:
+        """Write the ingested cache and what answering from it later needs (`--save-cache`).
+
+        `pinned_question`: the question read before the input, when there was one; the file then answers only
+        that question (the cache kept what it asked about)."""
+        extra = {
+            "kind": "ingest",
+            "prefix_tokens": len(self.prompt.prefix_ids),
+            "prefix_sha256": ids_sha256(self.prompt.prefix_ids),
+            "pinned_question": pinned_question,
+            "input_tokens": self.stats.tokens,
+            "seconds_ingest": self.stats.seconds_ingest,
+            "input": self._input_record(),
+            "source_map": {"starts": self.source_map.starts, "labels": self.source_map.labels},
+            "retention": self.retention,
+        }
+        size = save_snapshot(path, self.runner.cache, self.lm, self.config, extra)
+        Say.info(f"[dim]saved the cache to {path} ({human_bytes(size)}): answer from it with --load-cache[/]")
+
+    def load(self, path: str, explicit: dict, longest_suffix: int, questions: list[str] = ()) -> None:
+        """Take the cache from a `--save-cache` file instead of reading an input (`explicit`: settings given on
+        the command line, which must agree with the file's)."""
+        start = time.perf_counter()
+
+        def inspect(meta: dict) -> None:  # before the settings: what the file is matters more
+            extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+            if extra.get("kind") != "ingest":
+                raise ConfigError(f"{path} is a checkpoint, not a saved cache: resume it with --checkpoint {path} "
+                                  f"--resume")
+            pinned = extra.get("pinned_question")
+            if pinned is not None and list(questions) != [pinned]:
+                raise ConfigError(f"{path} was read with the question {pinned!r} pinned before the input, so it "
+                                  f"only answers that question; save it with --no-question-first to ask any")
+
+        cache, meta, _ = load_snapshot(path, self.lm, explicit, inspect)
+        extra = meta["extra"]
+        try:
+            tokens, retention, record = int(extra["input_tokens"]), dict(extra["retention"]), dict(extra["input"])
+            str(record["sha256"])
+        except (KeyError, TypeError, ValueError):
+            raise CascadeError(f"{path} is not a usable saved cache (no record of its input)") from None
+        self.config, self.n_sinks, self.loaded = config_of(meta), meta["n_sinks"], {**record, "cache_file": path}
+        warning = check_room(self.config, self.n_sinks, self.lm.max_positions, longest_suffix, self.max_tokens,
+                             cache.seen if self.config.policy == "full" else None)
+        if warning:
+            Say.warn(warning)
+        self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks)
+        self.runner.cache = cache
+        self.retention = retention
+        self.stats.tokens, self.stats.loaded_from = tokens, path
+        self.stats.seconds_ingest = time.perf_counter() - start
+        self.stats.kv_cache_bytes = cache.nbytes()
 
     def answer(self, suffix_ids: list[int], temperature: float, seed: int, echo: bool, fork: bool = False) -> str:
         """Stream one answer (to stdout when `echo`); `fork` answers from a copy of the cache, kept for the next."""
@@ -173,11 +277,18 @@ class Session:
             "device": str(self.lm.device),
             "settings": asdict(self.config) | {"effective_sinks": self.n_sinks},
             "generation": generation,
-            "input_sha256": self.input.text_sha256,
-            "input": {"sources": self.sources, "files": len(self.input.files_read), "pages": self.input.pages_read,
-                      "replaced_bytes": self.input.replaced_bytes, "skipped": self.input.skipped},
+            "input_sha256": self._input_record()["sha256"],
+            "input": {k: v for k, v in self._input_record().items() if k != "sha256"},
             "versions": versions(),
         }
+
+    def _input_record(self) -> dict:
+        """What was read: here, or by the run that wrote the --load-cache file (plus that file's path)."""
+        if self.loaded is not None:
+            return self.loaded
+        return {"sha256": self.input.text_sha256, "sources": self.sources, "files": len(self.input.files_read),
+                "pages": self.input.pages_read, "replaced_bytes": self.input.replaced_bytes,
+                "skipped": self.input.skipped}
 
     def finish(self, doc: dict, generation: dict, as_json: bool, show_report: bool) -> None:
         """Stats line and report on stderr, or the JSON document on stdout."""
@@ -189,6 +300,32 @@ class Session:
         if show_report and self.retention:
             print_report(self.retention)
         Say.info(f"[dim]{self.stats.line()}[/]")
+        ck.done(self._checkpoint)
+
+
+def check_cache_files(save_cache: str | None, load_cache: str | None, checkpoint: ck.CheckpointOptions) -> None:
+    """Option errors of --save-cache, --load-cache and --checkpoint, before any model is loaded or input read."""
+    checkpoint.check()
+    if save_cache and load_cache:
+        raise ConfigError("--save-cache and --load-cache together: the file already holds this cache")
+    if load_cache and checkpoint.path:
+        raise ConfigError("--load-cache reads no input, so there is nothing to checkpoint: drop --checkpoint")
+    if save_cache and not os.path.isdir(os.path.dirname(os.path.abspath(save_cache))):
+        raise CascadeError(f"cannot write {save_cache}: its directory does not exist")
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Was option `name` given (command line or environment), rather than left at its default?"""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
+def explicit_settings(ctx: typer.Context) -> dict:
+    """Cache settings given explicitly: a --load-cache file must agree with them; the others come from it."""
+    return {name: ctx.params[name] for name in CACHE_SETTINGS if name in ctx.params and given(ctx, name)}
+
+
+CACHE_SETTINGS = ("policy", "cache_size", "cascades", "sinks", "beta", "head_reduce", "stride")
 
 
 def _estimate_total(tokenized: int, bytes_read: int, total_bytes: int) -> int | None:

@@ -5,7 +5,9 @@ import functools
 import os
 import platform
 import resource
+import signal
 import sys
+import threading
 from typing import Callable
 
 import typer
@@ -41,11 +43,40 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
+class ChunkInterrupts:
+    """During an ingest, the first Ctrl-C asks to stop at the next chunk boundary; a second one stops at once.
+
+    A KeyboardInterrupt in the middle of a chunk would leave the cache half-updated across layers, so nothing
+    could be saved from it. With this context the SIGINT handler only sets `requested`; the ingest's per-chunk
+    callback checks it, writes a checkpoint if one was asked for, prints partial statistics and raises
+    KeyboardInterrupt (exit 130). Installed only in the main thread (the only one that receives signals)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "ChunkInterrupts":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:  # second Ctrl-C: stop now, whatever the cache's state (nothing is saved from it)
+            raise KeyboardInterrupt
+        self.requested = True
+        Say.warn("stopping after this chunk (Ctrl-C again to stop at once)")
+
+
 def resolve_sources(sources: list[str] | None) -> list[str]:
     """Sources as given; none given and stdin piped means stdin."""
     if sources:
         return sources
-    if not sys.stdin.isatty():
+    if sys.stdin is not None and not sys.stdin.isatty():  # None: started with stdin closed (`0<&-`)
         return ["-"]
     raise ConfigError("no input: give a file, folder or PDF, or pipe text on stdin ('-')")
 

@@ -26,6 +26,8 @@ class PerplexityResult:
     nll_sq_sum: float = 0.0
     seconds: float = 0.0
     nll: array = field(default_factory=lambda: array("f"))  # per token, kept when asked (plots)
+    # log-probabilities [V] fp32 predicted by the last position fed: they score the next chunk's first token
+    carry: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def n_tokens(self) -> int:
@@ -60,13 +62,17 @@ def perplexity(
     chunks: Iterable[list[int]],
     on_chunk: Callable[[int], None] | None = None,
     keep_nll: bool = False,
+    result: PerplexityResult | None = None,
 ) -> PerplexityResult:
-    """Feed `chunks` (lists of <= stride ids) through `runner`; `on_chunk(tokens_done)` after each chunk."""
-    result = PerplexityResult(runner.config.policy)
+    """Feed `chunks` (lists of <= stride ids) through `runner`; `on_chunk(tokens_done)` after each chunk.
+
+    `result` continues a run resumed from a checkpoint (its sums, time and carried log-probabilities, with the
+    runner's cache restored); it is updated in place after every chunk, so `on_chunk` may checkpoint it."""
+    result = result if result is not None else PerplexityResult(runner.config.policy)
     device = next(runner.model.parameters()).device
-    carry = None  # log-probabilities predicted by the previous chunk's last position [V]
-    done = 0
-    start = time.perf_counter()
+    carry = result.carry  # log-probabilities predicted by the previous chunk's last position [V]
+    done = result.n_scored + (carry is not None)  # tokens fed so far: all scored but the very first
+    start = time.perf_counter() - result.seconds
     for ids in chunks:
         x = torch.tensor([ids], dtype=torch.long, device=device)
         hidden = runner.step(x)[0]  # [L, hidden]
@@ -87,6 +93,7 @@ def perplexity(
         if keep_nll:
             result.nll.extend(values.float().tolist())
         done += len(ids)
+        result.carry = carry
         result.seconds = time.perf_counter() - start
         if on_chunk is not None:
             on_chunk(done)

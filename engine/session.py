@@ -86,15 +86,18 @@ def ingest(
     prefix_ids: list[int],
     token_pieces: Iterable[list[int]],
     on_chunk: Callable[[int], None] | None = None,
+    resume_at: int | None = None,
 ) -> int:
     """Feed the pinned prefix, then the input in chunks of `stride` tokens; returns the input's token count.
 
     `on_chunk(input_tokens_done)` is called after each input chunk. The prefix lands in the sinks when the runner
-    was built with n_sinks >= len(prefix_ids)."""
+    was built with n_sinks >= len(prefix_ids). `resume_at`: the runner's cache comes from a checkpoint that
+    already holds the prefix and that many input tokens, and `token_pieces` holds the rest of the input."""
     stride = runner.config.stride
-    for ids in rechunk([prefix_ids], stride):
-        _feed(runner, ids)
-    done = 0
+    if resume_at is None:
+        for ids in rechunk([prefix_ids], stride):
+            _feed(runner, ids)
+    done = resume_at or 0
     for ids in rechunk(token_pieces, stride):
         _feed(runner, ids)
         done += len(ids)

@@ -29,9 +29,10 @@ from typing import Any, BinaryIO, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .cache import CacheShape, CascadeCache, DenseCache, KVCache, SinkWindowCache, make_cache
+from .cache import CascadeCache, DenseCache, KVCache, SinkWindowCache, make_cache
 from .config import CacheConfig
 from .errors import CascadeError, ConfigError
+from .runner import cache_shape
 
 FORMAT = "cascadectl.kv-cache"
 VERSION = 1
@@ -191,14 +192,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ------------------------------------------------------------------------------------------------------ loading
 
 
-def load_snapshot(path: str, model, expected: dict | None = None) -> Snapshot:
+def load_snapshot(path: str, model, expected: dict | None = None,
+                  inspect: Callable[[dict], None] | None = None) -> Snapshot:
     """Read and check a snapshot for `model` (LoadedModel) and rebuild its cache on the model's device.
 
     `expected` maps CacheConfig field names to the values this run needs (only the keys given are checked;
-    leave out what may come from the file). Raises CascadeError (file problems) or ConfigError (the file was
-    made with another model, dtype or settings), always with one line."""
+    leave out what may come from the file). `inspect(meta)`, the caller's own checks (what kind of file, for
+    which command), runs after the integrity and model checks and before the settings are compared. Raises
+    CascadeError (file problems) or ConfigError (the file was made with another model, dtype or settings),
+    always with one line."""
     meta, table, tensors = read_snapshot(path)
-    _check_match(path, meta, model, expected or {})
+    _check_model(path, meta, model)
+    if inspect is not None:
+        inspect(meta)
+    _check_settings(path, meta, expected or {})
     try:
         cache = _rebuild(meta, tensors, model)
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:  # a well-signed but odd file
@@ -304,8 +311,8 @@ def _check_table(header: dict, data_len: int, path: str, not_ours: str) -> dict:
     return header
 
 
-def _check_match(path: str, meta: dict, model, expected: dict) -> None:
-    """The file was made for this model, dtype and (where `expected` says) these settings."""
+def _check_model(path: str, meta: dict, model) -> None:
+    """The file was made for this model and dtype."""
     made = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     if made.get("hash") != model.model_hash:
         raise ConfigError(f"{path} was made with model {made.get('id')!r} (hash {str(made.get('hash'))[:12]}), "
@@ -314,6 +321,10 @@ def _check_match(path: str, meta: dict, model, expected: dict) -> None:
     if meta.get("dtype") != dtype:
         raise ConfigError(f"{path} was made with --dtype {_flag_dtype(meta.get('dtype'))}, not "
                           f"{_flag_dtype(dtype)}; pass --dtype {_flag_dtype(meta.get('dtype'))}")
+
+
+def _check_settings(path: str, meta: dict, expected: dict) -> None:
+    """Well-formed cache settings, equal to `expected` where it says."""
     settings = meta.get("settings")
     names = {f.name for f in fields(CacheConfig)}
     try:
@@ -324,8 +335,8 @@ def _check_match(path: str, meta: dict, model, expected: dict) -> None:
     for name, want in expected.items():
         if name in names and settings[name] != want:
             flag = f"--{name.replace('_', '-')}"
-            raise ConfigError(f"{path} was made with {flag} {settings[name]}, not {want}; "
-                              f"pass {flag} {settings[name]} (or leave it out)")
+            raise ConfigError(f"{path} was made with {flag} {settings[name]}, not {want}; pass {flag} "
+                              f"{settings[name]}")
 
 
 def _flag_dtype(name) -> str:
@@ -339,7 +350,7 @@ def _rebuild(meta: dict, tensors: dict[str, Tensor], model) -> KVCache:
     seen, batch = control["seen"], control["batch"]
     assert all(type(x) is int for x in (n_sinks, seen, batch)) and n_sinks >= 0 and seen >= 0 and batch >= 1
     assert control["policy"] == config.policy, "policy and control state disagree"
-    shape = _shape(model.model, batch)
+    shape = cache_shape(model.model, batch)  # per-layer devices when the model is spread over several
     capacity = 0
     if config.policy == "full":
         capacity = control["capacity"]
@@ -374,14 +385,6 @@ def _rebuild(meta: dict, tensors: dict[str, Tensor], model) -> KVCache:
         put(cache.index, "index")
         cache.head, cache.count = head, count
     return cache
-
-
-def _shape(model, batch: int) -> CacheShape:
-    """The cache shape Runner uses for this model."""
-    cfg = model.config
-    p = next(model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return CacheShape(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device)
 
 
 def _short(e: BaseException) -> str:

@@ -13,6 +13,7 @@ from engine.prompt import ASK_INSTRUCTION, ASK_INSTRUCTION_LATER, ASK_REQUEST, b
 from engine.retention import DEFAULT_WEIGHT
 
 from .. import answering as a
+from .. import checkpoints as ck
 from .. import options as o
 from ..common import handle_errors, resolve_sources
 from ..console import Say
@@ -34,6 +35,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", rich_help_panel="Output", help="
 
 @handle_errors
 def ask(
+    ctx: typer.Context,
     args: Args = None,
     question: Questions = None,
     model: o.Model = None,
@@ -54,6 +56,11 @@ def ask(
     json_out: o.Json = False,
     quiet: Quiet = False,
     report: a.Report = False,
+    save_cache: a.SaveCache = None,
+    load_cache: a.LoadCache = None,
+    checkpoint: ck.CheckpointFile = None,
+    checkpoint_every: ck.CheckpointEvery = ck.DEFAULT_EVERY,
+    resume: ck.Resume = False,
 ) -> None:
     """Answer a question about a long text, PDF or folder, read in one pass through the cascading cache.
 
@@ -66,8 +73,14 @@ def ask(
       cat notes.md | cascadectl ask - "What is due on Friday?"
 
       cascadectl ask corpus/ -q "Who wrote it?" -q "When?" --json
+
+      cascadectl ask book.pdf --save-cache book.kv "Who signed the treaty?"
+
+      cascadectl ask --load-cache book.kv "When was it signed?"
     """
     Say.quiet = quiet
+    resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
+    a.check_cache_files(save_cache, load_cache, resumable)
     args = list(args or [])
     questions = list(question or [])
     if not questions:
@@ -78,17 +91,29 @@ def ask(
         raise ConfigError("the question is empty")
     if question_weight < 0:
         raise ConfigError(f"--question-weight must be >= 0 (got {question_weight})")
-    srcs = resolve_sources(args)
+    if load_cache and args:
+        raise ConfigError("--load-cache answers from the file: give no SOURCE, only the question")
+    srcs = [] if load_cache else resolve_sources(args)
     config = CacheConfig(policy=policy, cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta,
-                         head_reduce=head_reduce, stride=stride)
+                         head_reduce=head_reduce, stride=stride) if not load_cache else CacheConfig()  # file's
     lm = load_model(model, device, dtype, notify=Say.info)
     first = question_first and len(questions) == 1  # several questions share one question-agnostic ingest
+    if save_cache and first and not a.given(ctx, "question_first"):  # a file that answers any question
+        first = False
+        Say.info("note: --save-cache reads the input without pinning the question, so that the file answers any "
+                 "question (--question-first keeps the guided read; the file then answers only this question)")
     prompts = [build_prompt(lm.tokenizer, ASK_INSTRUCTION if first else ASK_INSTRUCTION_LATER, ASK_REQUEST, q,
                             question_first=first) for q in questions]
     generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "questions": questions,
                   "question_first": first, "question_weight": question_weight}
     with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0) as session:
-        session.read(max(len(p.suffix_ids) for p in prompts))
+        longest = max(len(p.suffix_ids) for p in prompts)
+        if load_cache:
+            session.load(load_cache, a.explicit_settings(ctx), longest, questions)
+        else:
+            session.read(longest, resumable, "ask")
+        if save_cache:
+            session.save(save_cache, questions[0] if first else None)
         answers = []
         for i, (q, p) in enumerate(zip(questions, prompts)):
             if len(questions) > 1 and not json_out:

@@ -13,8 +13,9 @@ from engine.perplexity import perplexity
 from engine.runner import Runner
 from engine.tokens import iter_token_ids, rechunk
 
+from .. import checkpoints as ck
 from .. import options as o
-from ..common import handle_errors, resolve_sources
+from ..common import ChunkInterrupts, handle_errors, resolve_sources
 from ..console import Say, TokenProgress, fill_text
 from ..inputs import InputReport, iter_segments, total_bytes_estimate
 from ..ppl_report import PplRun, render
@@ -37,6 +38,9 @@ def ppl(
     )] = None,
     json_out: o.Json = False,
     quiet: o.Quiet = False,
+    checkpoint: ck.CheckpointFile = None,
+    checkpoint_every: ck.CheckpointEvery = ck.DEFAULT_EVERY,
+    resume: ck.Resume = False,
 ) -> None:
     """Perplexity of a long text through the cache, streamed in one pass.
 
@@ -54,6 +58,10 @@ def ppl(
     settings = dict(cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
                     stride=stride)
     configs = [CacheConfig(policy=name, **settings) for name in names]
+    opts = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
+    opts.check()
+    if opts.path and len(configs) > 1:
+        raise ConfigError("--checkpoint follows one policy; drop --compare (or run each policy on its own)")
     lm = load_model(model, device, dtype, notify=Say.info)
     for config in configs:
         if config.policy != "full":
@@ -78,20 +86,28 @@ def ppl(
     total_bytes = total_bytes_estimate(srcs)
 
     runs = []
+    ckpt = None
     for config in configs:
-        chunks = rechunk((ids.tolist(),) if ids is not None else pieces, config.stride)
+        ckpt = ck.for_run(opts, lm, config, "ppl")
         with Runner(lm.model, config, expected_tokens=len(ids) if ids is not None else 0) as runner, \
-                TokenProgress(f"ppl {config.policy}", len(ids) if ids is not None else None, quiet) as progress:
+                TokenProgress(f"ppl {config.policy}", len(ids) if ids is not None else None, quiet) as progress, \
+                ChunkInterrupts() as stop:
+            chunks, result = ck.ppl_stream(ckpt, opts, runner, (ids.tolist(),) if ids is not None else pieces,
+                                           config.policy)
 
             def on_chunk(done: int) -> None:
                 total = len(ids) if ids is not None else _estimate_total(done, report.bytes_read, total_bytes)
                 progress.update(done, total, fill_text(runner.cache.fill()))
+                ck.after_chunk(stop, ckpt, done, lambda: ckpt.save(runner.cache, *ck.ppl_state(result)),
+                               lambda: f"interrupted after {done:,} tokens: PPL so far {result.ppl:.4f} +/- "
+                                       f"{result.ppl_err:.4f} ({config.policy})")
 
-            result = perplexity(runner, chunks, on_chunk=on_chunk)
+            result = perplexity(runner, chunks, on_chunk=on_chunk, result=result)
             runs.append(PplRun(config, result, runner.cache.nbytes(), runner.n_sinks))
     if not runs[0].result.n_scored:
         raise ConfigError("the input is a single token; perplexity needs at least two")
     render(runs, lm, srcs, report, n_bytes[0], json_out)
+    ck.done(ckpt)
 
 
 def _estimate_total(done: int, bytes_read: int, total_bytes: int) -> int | None:

@@ -1,11 +1,15 @@
 """`cascadectl summarize`: one streaming pass over the input, then a summary streamed to stdout."""
 from __future__ import annotations
 
+import typer
+
 from engine.config import CacheConfig
+from engine.errors import ConfigError
 from engine.models import load_model
 from engine.prompt import build_prompt, summary_instruction
 
 from .. import answering as a
+from .. import checkpoints as ck
 from .. import options as o
 from ..common import handle_errors, resolve_sources
 from ..console import Say
@@ -13,6 +17,7 @@ from ..console import Say
 
 @handle_errors
 def summarize(
+    ctx: typer.Context,
     sources: o.Sources = None,
     model: o.Model = None,
     device: o.Device = "auto",
@@ -32,6 +37,11 @@ def summarize(
     json_out: o.Json = False,
     quiet: o.Quiet = False,
     report: a.Report = False,
+    save_cache: a.SaveCache = None,
+    load_cache: a.LoadCache = None,
+    checkpoint: ck.CheckpointFile = None,
+    checkpoint_every: ck.CheckpointEvery = ck.DEFAULT_EVERY,
+    resume: ck.Resume = False,
 ) -> None:
     """Summarize a long text, PDF or folder in one pass through the cascading cache.
 
@@ -42,16 +52,29 @@ def summarize(
       cascadectl summarize notes/ --words 150 --cache-size 2048
 
       cat report.txt | cascadectl summarize --json
+
+      cascadectl summarize book.pdf --save-cache book.kv
+
+      cascadectl summarize --load-cache book.kv --words 50
     """
     Say.quiet = quiet
-    srcs = resolve_sources(sources)
+    resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
+    a.check_cache_files(save_cache, load_cache, resumable)
+    if load_cache and sources:
+        raise ConfigError("--load-cache answers from the file: give no SOURCE")
+    srcs = [] if load_cache else resolve_sources(sources)
     config = CacheConfig(policy=policy, cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta,
-                         head_reduce=head_reduce, stride=stride)
+                         head_reduce=head_reduce, stride=stride) if not load_cache else CacheConfig()  # file's
     lm = load_model(model, device, dtype, notify=Say.info)
     request = summary_instruction(words, instruction)
     prompt = build_prompt(lm.tokenizer, request, request, cue="Summary:")
     generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "instruction": request}
     with a.Session(lm, config, srcs, prompt, max_tokens, quiet) as session:
-        session.read(len(prompt.suffix_ids))
+        if load_cache:
+            session.load(load_cache, a.explicit_settings(ctx), len(prompt.suffix_ids))
+        else:
+            session.read(len(prompt.suffix_ids), resumable, "summarize")
+        if save_cache:
+            session.save(save_cache)
         text = session.answer(prompt.suffix_ids, temperature, seed, echo=not json_out)
         session.finish({"answer": text}, generation, json_out, report)
