@@ -10,6 +10,7 @@ remote code, paths read literally) are at the end. Everything is generated here;
 from __future__ import annotations
 
 import ast
+import dataclasses
 import errno
 import inspect
 import json
@@ -420,6 +421,169 @@ needs_cache_files = pytest.mark.skipif(
     not (_has_option(summarize_command.summarize, "save_cache") and _has_option(ask_command.ask, "load_cache")),
     reason="--save-cache/--load-cache have not landed in the CLI yet",
 )
+
+
+class _DiskFullAfter:
+    """A binary file whose writes fail with ENOSPC once `quota` bytes are in: a disk filling up mid-write."""
+
+    def __init__(self, f, quota: int) -> None:
+        self.f, self.left = f, quota
+
+    def write(self, data) -> int:
+        n = min(len(data), self.left)
+        self.f.write(bytes(data[:n]))
+        self.left -= n
+        if n < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Files opened for writing through os.fdopen (how atomic writers open their temp file) fill up after 4 KiB."""
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        return _DiskFullAfter(f, 4096) if "w" in mode else f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def _summarize(*args: str):
+    return CliRunner().invoke(app, ["summarize", *args, *SETTINGS, "--max-tokens", "4"])
+
+
+@pytest.fixture
+def saved_cache(tmp_path, fast) -> Path:
+    """A good `--save-cache` file of a short text, made with the one-layer model."""
+    text = tmp_path / "in.txt"
+    text.write_text(TEXT)
+    path = tmp_path / "good.kv"
+    result = _summarize(str(text), "--save-cache", str(path))
+    assert result.exit_code == 0 and path.is_file(), result.output
+    return path
+
+
+@needs_cache_files
+@pytest.mark.parametrize("command", ["summarize", "ask"])
+def test_save_cache_into_a_missing_directory(tmp_path, fast, command):
+    (tmp_path / "in.txt").write_text(TEXT)
+    before = files_under(tmp_path)
+    target = str(tmp_path / "no" / "such" / "dir" / "x.kv")
+    result = CliRunner().invoke(app, command_args(command, [str(tmp_path / "in.txt")], "--save-cache", target))
+    assert_one_line_failure(result, EXIT_FAILURE, "does not exist")
+    assert files_under(tmp_path) == before
+
+
+@needs_cache_files
+def test_save_cache_on_a_full_disk_leaves_no_file(tmp_path, fast, full_disk):
+    (tmp_path / "in.txt").write_text(TEXT)
+    before = files_under(tmp_path)
+    result = _summarize(str(tmp_path / "in.txt"), "--save-cache", str(tmp_path / "x.kv"))
+    assert_one_line_failure(result, EXIT_FAILURE, "No space left on device")
+    assert files_under(tmp_path) == before  # neither the file nor its temporary
+
+
+@needs_cache_files
+def test_save_cache_on_a_full_disk_keeps_the_old_file(saved_cache, monkeypatch, full_disk):
+    old = saved_cache.read_bytes()
+    before = files_under(saved_cache.parent)
+    result = _summarize(str(saved_cache.parent / "in.txt"), "--save-cache", str(saved_cache))
+    assert_one_line_failure(result, EXIT_FAILURE, "No space left on device")
+    assert saved_cache.read_bytes() == old and files_under(saved_cache.parent) == before
+
+
+def _flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0x01])
+
+
+def _retag_model(data: bytes) -> bytes:
+    """Change one character of the model id inside the signed header (same length, so offsets still hold)."""
+    return data.replace(b"one-layer llama", b"one-layer LLAMA", 1)
+
+
+BAD_CACHE_FILES = [
+    ("truncated-half", lambda good: good[: len(good) // 2], EXIT_FAILURE, "truncated"),
+    ("truncated-header", lambda good: good[:20], EXIT_FAILURE, "truncated"),
+    ("one-byte-flipped", _flip_last_byte, EXIT_FAILURE, "checksum mismatch"),
+    ("header-edited", _retag_model, EXIT_FAILURE, "checksum mismatch"),
+    ("trailing-junk", lambda good: good + b"junk", EXIT_FAILURE, "unexpected bytes"),
+    ("empty", lambda good: b"", EXIT_FAILURE, "not a cascadectl cache file"),
+    ("text", lambda good: TEXT.encode(), EXIT_FAILURE, "not a cascadectl cache file"),
+    ("pdf", lambda good: sample_pdf(), EXIT_FAILURE, "not a cascadectl cache file"),
+]
+
+
+@needs_cache_files
+@pytest.mark.parametrize("make, code, message", [pytest.param(*case[1:], id=case[0]) for case in BAD_CACHE_FILES])
+def test_damaged_cache_file_is_refused(saved_cache, make, code, message):
+    saved_cache.write_bytes(make(saved_cache.read_bytes()))
+    before = files_under(saved_cache.parent)
+    result = _summarize("--load-cache", str(saved_cache))
+    assert_one_line_failure(result, code, message)
+    assert files_under(saved_cache.parent) == before
+
+
+@needs_cache_files
+def test_cache_file_from_another_model_is_refused(saved_cache, monkeypatch):
+    other = dataclasses.replace(fast_lm(), model_id="another model", model_hash="2" * 64)
+    monkeypatch.setattr(summarize_command, "load_model", lambda *a, **k: other)
+    assert_one_line_failure(_summarize("--load-cache", str(saved_cache)), EXIT_USAGE, "was made with model")
+
+
+@needs_cache_files
+def test_cache_file_with_other_settings_is_refused(saved_cache):
+    result = CliRunner().invoke(app, ["summarize", "--load-cache", str(saved_cache), "--cache-size", "512"])
+    assert_one_line_failure(result, EXIT_USAGE, "--cache-size")
+
+
+@needs_cache_files
+@pytest.mark.parametrize("where", ["missing", "directory"])
+def test_cache_file_path_that_is_no_file(tmp_path, fast, where):
+    path = tmp_path / "x.kv"
+    if where == "directory":
+        path.mkdir()
+    assert_one_line_failure(_summarize("--load-cache", str(path)), EXIT_FAILURE, str(path))
+
+
+@needs_cache_files
+def test_pickle_given_as_cache_file_is_not_unpickled(tmp_path, fast):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.kv"
+    path.write_bytes(pickle.dumps(_Trap(str(marker))))
+    assert_one_line_failure(_summarize("--load-cache", str(path)), EXIT_FAILURE, "not a cascadectl cache file")
+    assert not marker.exists()
+
+
+@needs_cache_files
+def test_cache_file_is_safetensors_not_pickle(saved_cache):
+    """Any safetensors reader opens it; pickle's opcodes are nowhere at its start."""
+    from safetensors import safe_open
+
+    with safe_open(str(saved_cache), framework="pt") as f:
+        assert f.keys() and "cascadectl" in f.metadata()
+    assert not saved_cache.read_bytes().startswith(b"\x80")  # pickle protocol 2+ starts with PROTO
+
+
+def test_checkpoint_into_a_missing_directory(tmp_path, fast):
+    if not _has_option(ppl_command.ppl, "checkpoint"):
+        pytest.skip("--checkpoint has not landed")
+    (tmp_path / "in.txt").write_text(TEXT * 4)
+    before = files_under(tmp_path)
+    target = str(tmp_path / "gone" / "run.ckpt")
+    args = command_args("ppl", [str(tmp_path / "in.txt")], "--checkpoint", target, "--checkpoint-every", "128")
+    assert_one_line_failure(CliRunner().invoke(app, args), EXIT_FAILURE, "does not exist")
+    assert files_under(tmp_path) == before
 
 
 # --- security ------------------------------------------------------------------------------------------------------
