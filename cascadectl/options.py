@@ -23,6 +23,8 @@ Model = Annotated[
 ]
 Device = Annotated[str, typer.Option("--device", rich_help_panel="Model", help="auto, cpu or cuda.")]
 Dtype = Annotated[str, typer.Option("--dtype", rich_help_panel="Model", help="auto, bf16, fp16 or fp32.")]
+DeviceMap = Annotated[str, typer.Option("--device-map", rich_help_panel="Model",
+                                        help="auto: spread the layers over all visible GPUs; none: one device.")]
 
 Policy = Annotated[str, typer.Option("--policy", "-p", rich_help_panel="Cache",
                                      help="cascade, sink (StreamingLLM) or full (exact, quadratic).")]

@@ -90,6 +90,9 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
                             timeout=COLLECTIVE_TIMEOUT, device_id=device if cuda else None)
     try:
         yield
+        # every rank done before any tears its connections down: without this, gloo ranks that finish first
+        # sometimes abort at exit ("terminate called without an active exception") under torchrun
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -14,6 +14,7 @@ from engine.runner import Runner
 from engine.tokens import iter_token_ids, rechunk
 
 from .. import checkpoints as ck
+from .. import corpus
 from .. import options as o
 from ..common import ChunkInterrupts, handle_errors, resolve_sources
 from ..console import Say, TokenProgress, fill_text
@@ -26,6 +27,7 @@ def ppl(
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    device_map: o.DeviceMap = "none",
     policy: o.Policy = o.DEFAULTS["policy"],
     cache_size: o.CacheSize = o.DEFAULTS["cache_size"],
     cascades: o.Cascades = o.DEFAULTS["cascades"],
@@ -38,6 +40,7 @@ def ppl(
     )] = None,
     json_out: o.Json = False,
     quiet: o.Quiet = False,
+    each: corpus.Each = False,
     checkpoint: ck.CheckpointFile = None,
     checkpoint_every: ck.CheckpointEvery = ck.DEFAULT_EVERY,
     resume: ck.Resume = False,
@@ -51,6 +54,8 @@ def ppl(
       cascadectl ppl book.txt --compare sink,cascade --cache-size 2048
 
       cat notes.md | cascadectl ppl --json
+
+      cascadectl ppl corpus/ --each          (torchrun --nproc-per-node 4 -m cascadectl ppl corpus/ --each)
     """
     Say.quiet = quiet
     srcs = resolve_sources(sources)
@@ -58,11 +63,18 @@ def ppl(
     settings = dict(cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
                     stride=stride)
     configs = [CacheConfig(policy=name, **settings) for name in names]
+    if each:  # a row per file, maybe sharded over torchrun's processes: each loads its own model (corpus.py)
+        if len(configs) > 1:
+            raise ConfigError("--each runs one --policy; drop --compare (compare policies on single files)")
+        if checkpoint or resume:
+            raise ConfigError("--checkpoint/--resume follow one stream; with --each, rerun the files that failed")
+        load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
+        return corpus.ppl_each(srcs, configs[0], load, device, device_map, json_out, quiet)
     opts = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     opts.check()
     if opts.path and len(configs) > 1:
         raise ConfigError("--checkpoint follows one policy; drop --compare (or run each policy on its own)")
-    lm = load_model(model, device, dtype, notify=Say.info)
+    lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
     for config in configs:
         if config.policy != "full":
             config.check_positions(config.sinks, lm.max_positions)

@@ -10,6 +10,7 @@ from engine.prompt import build_prompt, summary_instruction
 
 from .. import answering as a
 from .. import checkpoints as ck
+from .. import corpus
 from .. import options as o
 from ..common import handle_errors, resolve_sources
 from ..console import Say
@@ -22,6 +23,7 @@ def summarize(
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    device_map: o.DeviceMap = "none",
     policy: o.Policy = o.DEFAULTS["policy"],
     cache_size: o.CacheSize = o.DEFAULTS["cache_size"],
     cascades: o.Cascades = o.DEFAULTS["cascades"],
@@ -37,6 +39,9 @@ def summarize(
     json_out: o.Json = False,
     quiet: o.Quiet = False,
     report: a.Report = False,
+    each: corpus.Each = False,
+    out: corpus.Out = None,
+    skip_existing: corpus.SkipExisting = False,
     save_cache: a.SaveCache = None,
     load_cache: a.LoadCache = None,
     checkpoint: ck.CheckpointFile = None,
@@ -53,6 +58,8 @@ def summarize(
 
       cat report.txt | cascadectl summarize --json
 
+      cascadectl summarize papers/ --each --out summaries/
+
       cascadectl summarize book.pdf --save-cache book.kv
 
       cascadectl summarize --load-cache book.kv --words 50
@@ -65,7 +72,22 @@ def summarize(
     srcs = [] if load_cache else resolve_sources(sources)
     config = CacheConfig(policy=policy, cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta,
                          head_reduce=head_reduce, stride=stride) if not load_cache else CacheConfig()  # file's
-    lm = load_model(model, device, dtype, notify=Say.info)
+    if (out is not None or skip_existing) and not each:
+        raise ConfigError("--out and --skip-existing go with --each (one summary file per input file)")
+    if each:  # one summary file per input file, maybe over torchrun's processes: each loads its own model
+        if report:
+            raise ConfigError("--report describes one input; with --each, see index.json in --out")
+        if checkpoint or resume or save_cache or load_cache:
+            raise ConfigError("--checkpoint, --resume and the cache files follow one input; with --each, "
+                              "--skip-existing resumes a run")
+        request = summary_instruction(words, instruction)
+        generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "instruction": request}
+        job = corpus.SummaryJob(lambda tok: build_prompt(tok, request, request, cue="Summary:"), max_tokens,
+                                temperature, seed, generation)
+        load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
+        return corpus.summarize_each(srcs, out, skip_existing, config, load, device, device_map, job, json_out,
+                                     quiet)
+    lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
     request = summary_instruction(words, instruction)
     prompt = build_prompt(lm.tokenizer, request, request, cue="Summary:")
     generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "instruction": request}
