@@ -142,7 +142,7 @@ def run_each(files: list[str], device: str, device_map: str | None, load: Load, 
         lm, error = None, None
         try:
             lm = load(dev)
-        except CascadeError as e:
+        except Exception as e:  # noqa: BLE001 - re-raised by agree(), after the other ranks have heard of it
             error = e
         agree(error, world)  # one rank's failed load stops every rank, none is left waiting
         if world.distributed:
