@@ -93,7 +93,10 @@ def test_one_cascade_keeps_what_sink_keeps(seed):
 def test_cascade_reaches_exponentially_far_back():
     width, cascades, total = 8, 4, 2000
     cache = CascadeCache(_shape(), 4, width * cascades, cascades, beta=0.9)
-    _feed(cache, list(range(total)), torch.rand(1, HEADS, total), [64] * (total // 64) + [total % 64])
-    oldest = cache.token_index(0)[0, :, 4:].min().item()
-    assert total - 1 - oldest >= width * (2**cascades - 1) - width  # ~ W (2^C - 1), minus one ring's slack
+    scores = torch.rand(1, HEADS, total, generator=torch.Generator().manual_seed(0))
+    _feed(cache, list(range(total)), scores, [64] * (total // 64) + [total % 64])
+    oldest = cache.token_index(0)[0, :, 4:].min(dim=-1).values  # per head
+    # ~ W (2^C - 1) back in every head, less at most one compete group of the last ring (2^C tokens): the oldest
+    # slot holds whichever token of its group scored highest (checked over 300 seeds: reach >= 108 of 120 here)
+    assert (total - 1 - oldest >= width * (2**cascades - 1) - 2**cascades).all()
     assert cache.n_past == 4 + width * cascades
