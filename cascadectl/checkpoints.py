@@ -51,6 +51,8 @@ class CheckpointOptions:
             return
         if self.every < 1:
             raise ConfigError(f"--checkpoint-every must be >= 1 (got {self.every})")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):  # fail now, not after an hour's work
+            raise CascadeError(f"cannot write {self.path}: its directory does not exist")
         if self.resume and not os.path.exists(self.path):
             raise CascadeError(f"no checkpoint at {self.path} to resume from; run without --resume to start")
         if not self.resume and os.path.exists(self.path):

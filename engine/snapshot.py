@@ -116,6 +116,9 @@ def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
     except OSError as e:
         raise CascadeError(f"cannot write {path}: {e.strerror or e}") from None
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # an ordinary file's permissions, not mkstemp's private 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -123,17 +123,18 @@ def test_a_checkpoint_is_not_a_saved_cache(tiny, tmp_path, text_file, monkeypatc
     refused(["summarize", text_file, *SMALL, *GEN, "--checkpoint", kv, "--resume"], 2, "not a checkpoint")
 
 
+@pytest.mark.slow  # ~30 s on 2 idle cores (one 2K-token ingest at stride 128); the tiny-model tests cover CI
 def test_embedded_model_answers_the_same_from_its_saved_cache(tmp_path):
-    """The real model on ~3K tokens of the bundled novel: the loaded cache answers exactly as the ingest did."""
+    """The real model on ~2K tokens of the bundled novel: the loaded cache answers exactly as the ingest did."""
     src = tmp_path / "book.txt"
-    src.write_text(BOOK.read_text(encoding="utf-8")[:12000])
+    src.write_text(BOOK.read_text(encoding="utf-8")[:8000])
     kv = str(tmp_path / "book.kv")
-    settings = ["--cache-size", "512", "--stride", "128", "--max-tokens", "8", "--json"]
+    settings = ["--cache-size", "512", "--stride", "128", "--max-tokens", "6", "--json"]
     saving = invoke(["ask", str(src), "Who is Mr. Bingley?", *settings, "--save-cache", kv])
     assert saving.exit_code == 0, saving.output
     first = json.loads(saving.stdout)
-    assert first["stats"]["tokens"] > 2500 and first["answer"].strip()
+    assert first["stats"]["tokens"] > 1800 and first["answer"].strip()  # far more than 64 + 512 slots
     assert os.path.getsize(kv) < 2 * first["stats"]["kv_cache_bytes"]  # the cache's size, not the input's
-    loaded = invoke(["ask", "--load-cache", kv, "Who is Mr. Bingley?", "--max-tokens", "8", "--json"])
+    loaded = invoke(["ask", "--load-cache", kv, "Who is Mr. Bingley?", "--max-tokens", "6", "--json"])
     assert loaded.exit_code == 0, loaded.output
     assert json.loads(loaded.stdout)["answer"] == first["answer"]

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import stat
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from cascadectl.commands import ppl as ppl_command
 from cascadectl.commands import summarize as summarize_command
 from cascadectl.main import app
 from engine import snapshot
+from engine.checkpoint import Checkpoint
 from engine.runner import Runner
 from tests.cli.fakes import fake_lm
 
@@ -89,20 +91,19 @@ def test_ppl_periodic_checkpoints_and_resume_from_the_last(tmp_path, text_file, 
         raise RuntimeError("machine lost")  # e.g. killed: no chance to save on the way out
 
     with monkeypatch.context() as m:
-        original = ckpt_save = ppl_command.ck.Checkpoint.save
+        real_save = Checkpoint.save
         saves = []
 
         def save_then_die(self, *a, **k):
-            size = ckpt_save(self, *a, **k)
+            size = real_save(self, *a, **k)
             saves.append(self.saved_at)
             if len(saves) == 3:
                 m.setattr(Runner, "step", die)
             return size
 
-        m.setattr(ppl_command.ck.Checkpoint, "save", save_then_die)
+        m.setattr(Checkpoint, "save", save_then_die)
         crashed = invoke([*args, "--checkpoint", ckpt, "--checkpoint-every", "70"])
     assert crashed.exit_code != 0 and saves == [96, 192, 288]  # every 70 tokens, rounded up to whole chunks
-    assert original is ppl_command.ck.Checkpoint.save
     resumed = invoke([*args, "--checkpoint", ckpt, "--resume", "--checkpoint-every", "70"])
     assert resumed.exit_code == 0, resumed.output
     assert numbers(json.loads(resumed.stdout)) == numbers(expected)
@@ -131,7 +132,7 @@ def test_interrupt_during_the_save_leaves_the_previous_checkpoint(tmp_path, text
         real_fsync = os.fsync
 
         def fsync(fd):
-            saves[0] += 1
+            saves[0] += stat.S_ISREG(os.fstat(fd).st_mode)  # the file's fsync, not its directory's
             if saves[0] == 2:  # Ctrl-C while the second checkpoint is being written
                 raise KeyboardInterrupt
             return real_fsync(fd)
@@ -177,6 +178,9 @@ def test_resume_refusals(tmp_path, text_file, monkeypatch):
     refused(["ppl", text_file, *SMALL, "--checkpoint", str(tmp_path / "none"), "--resume"], 1, "no checkpoint")
     refused(["ppl", text_file, *SMALL, "--compare", "sink,cascade", "--checkpoint", str(tmp_path / "x")], 2,
             "--compare")
+    refused(["ppl", text_file, *SMALL, "--checkpoint", str(tmp_path / "no" / "x")], 1, "does not exist")
+    refused(["ppl", text_file, *SMALL, "--checkpoint", str(tmp_path / "x"), "--checkpoint-every", "0"], 2,
+            "--checkpoint-every")
     changed = tmp_path / "b.txt"
     changed.write_text("It is a truth" + TEXT[13:].replace("good", "bad", 1))
     refused(["ppl", str(changed), *SMALL, "--checkpoint", ckpt, "--resume"], 1, "input changed")
@@ -232,6 +236,25 @@ def test_answers_after_resume_equal_uninterrupted(tmp_path, monkeypatch, command
     assert doc["stats"]["tokens"] == expected["stats"]["tokens"] > 6 * 32
     assert same_cache(str(tmp_path / "expected.kv"), str(tmp_path / "resumed.kv"))
     assert not os.path.exists(ckpt)
+
+
+def test_ctrl_c_while_answering_resumes_straight_to_the_answer(tmp_path, text_file, monkeypatch):
+    """The whole ingest is checkpointed before answering: a resume reads nothing and answers the same."""
+    args = ["summarize", text_file, *SMALL, *GEN, "--json"]
+    calls = [0]
+    step = Runner.step
+    with monkeypatch.context() as m:
+        m.setattr(Runner, "step", lambda self, ids: calls.__setitem__(0, calls[0] + 1) or step(self, ids))
+        expected = json.loads(invoke(args).stdout)
+    ckpt = str(tmp_path / "s.ckpt")
+    with monkeypatch.context() as m:
+        ctrl_c_after(m, calls[0] - 2)  # a decode step: no chunk boundary to wait for, Ctrl-C acts at once
+        stopped = invoke([*args, "--checkpoint", ckpt])
+    assert stopped.exit_code == 130 and stopped.stdout == ""
+    assert snapshot.read_snapshot(ckpt)[0]["extra"]["tokens_done"] == len(TEXT)
+    resumed = invoke([*args, "--checkpoint", ckpt, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["answer"] == expected["answer"]
 
 
 def test_interrupted_summarize_prints_partial_stats(tmp_path, text_file, monkeypatch):
