@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from .commands import ask, ppl, summarize
+from .commands import ask, bench, ppl, summarize
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -14,6 +14,7 @@ app = typer.Typer(
 app.command("summarize")(summarize.summarize)
 app.command("ask")(ask.ask)
 app.command("ppl")(ppl.ppl)
+app.add_typer(bench.app, name="bench")
 
 
 @app.callback()

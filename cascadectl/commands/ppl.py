@@ -16,6 +16,7 @@ from engine.tokens import iter_token_ids, rechunk
 from .. import checkpoints as ck
 from .. import corpus
 from .. import options as o
+from .. import plot as plots
 from ..common import ChunkInterrupts, handle_errors, resolve_sources
 from ..console import Say, TokenProgress, fill_text
 from ..inputs import InputReport, iter_segments, total_bytes_estimate
@@ -44,6 +45,9 @@ def ppl(
     checkpoint: ck.CheckpointFile = None,
     checkpoint_every: ck.CheckpointEvery = ck.DEFAULT_EVERY,
     resume: ck.Resume = False,
+    plot: Annotated[Optional[str], typer.Option(
+        "--plot", rich_help_panel="Output", show_default=False, metavar="FILE.png",
+        help="Draw NLL against position (moving average over 1K tokens) for each policy into a PNG.")] = None,
 ) -> None:
     """Perplexity of a long text through the cache, streamed in one pass.
 
@@ -63,6 +67,10 @@ def ppl(
     settings = dict(cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
                     stride=stride)
     configs = [CacheConfig(policy=name, **settings) for name in names]
+    if plot:
+        if each or resume:  # a resumed run has no per-token NLL from before the checkpoint
+            raise ConfigError(f"--plot draws one uninterrupted stream: drop {'--each' if each else '--resume'}")
+        plots.require(plot)
     if each:  # a row per file, maybe sharded over torchrun's processes: each loads its own model (corpus.py)
         if len(configs) > 1:
             raise ConfigError("--each runs one --policy; drop --compare (compare policies on single files)")
@@ -114,11 +122,14 @@ def ppl(
                                lambda: f"interrupted after {done:,} tokens: PPL so far {result.ppl:.4f} +/- "
                                        f"{result.ppl_err:.4f} ({config.policy})")
 
-            result = perplexity(runner, chunks, on_chunk=on_chunk, result=result)
+            result = perplexity(runner, chunks, on_chunk=on_chunk, keep_nll=plot is not None, result=result)
             runs.append(PplRun(config, result, runner.cache.nbytes(), runner.n_sinks))
     if not runs[0].result.n_scored:
         raise ConfigError("the input is a single token; perplexity needs at least two")
     render(runs, lm, srcs, report, n_bytes[0], json_out)
+    if plot:
+        plots.nll_by_position(plot, [(run.config.policy, run.result.nll) for run in runs])
+        Say.info(f"[dim]wrote {plot}[/]")
     ck.done(ckpt)
 
 
