@@ -275,38 +275,53 @@ def _reason_for(exc: OSError) -> str:
     return f"unreadable: {exc.strerror or _one_line(exc)}"
 
 
+def _shown(path: str) -> str:
+    """`path` as text that can be printed, hashed and tokenized.
+
+    Python carries the undecodable bytes of a file name (e.g. Latin-1 names from an old archive) as lone
+    surrogates, which UTF-8 cannot encode; they become backslash escapes such as `caf\\xe9.txt`."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(path).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # surrogates that did not come from the file system
+            return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _walk(root: str, report: InputReport, visited: set[tuple[int, int]]) -> Iterator[str]:
     """Regular files under `root`, depth first in name order; hidden, special and looping entries are skipped."""
     try:
         with os.scandir(root) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        report.skip(root, _reason_for(exc))
+        report.skip(_shown(root), _reason_for(exc))
         return
     for entry in entries:
         path = os.path.normpath(entry.path)
         if entry.name.startswith("."):
-            report.skip(path, "hidden")
+            report.skip(_shown(path), "hidden")
             continue
         try:
             st = entry.stat()  # follows symlinks: a link to a file is read, a link to a folder is walked
         except FileNotFoundError:
-            report.skip(path, "broken symlink")
+            report.skip(_shown(path), "broken symlink")
             continue
         except OSError as exc:
-            report.skip(path, _reason_for(exc))
+            report.skip(_shown(path), _reason_for(exc))
             continue
         if stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if key in visited:
-                report.skip(path, "folder already read via another path (symlink)")
+                report.skip(_shown(path), "folder already read via another path (symlink)")
                 continue
             visited.add(key)
             yield from _walk(path, report, visited)
         elif stat.S_ISREG(st.st_mode):
             yield path
         else:  # FIFOs would block on open; sockets and devices are not documents
-            report.skip(path, "not a regular file")
+            report.skip(_shown(path), "not a regular file")
 
 
 class _Stream:
@@ -324,29 +339,30 @@ class _Stream:
 
     def file(self, path: str, direct: bool) -> Iterator[Segment]:
         """Segments of one file; `direct` files raise `InputError` where folder entries are skipped."""
+        name = _shown(path)  # for everything but opening
         try:
             fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; opening first separates open errors
         except OSError as exc:
             if not direct:
-                self.report.skip(path, _reason_for(exc))
+                self.report.skip(name, _reason_for(exc))
                 return
-            raise InputError(f"{path}: {exc.strerror or _one_line(exc)}; check the file's permissions") from exc
+            raise InputError(f"{name}: {exc.strerror or _one_line(exc)}; check the file's permissions") from exc
         with fh:
             try:
                 head = fh.read(SNIFF_BYTES)
             except OSError as exc:
                 if not direct:
-                    self.report.skip(path, _reason_for(exc))
+                    self.report.skip(name, _reason_for(exc))
                     return
-                raise InputError(f"{path}: {exc.strerror or _one_line(exc)}; check that the file is readable") from exc
+                raise InputError(f"{name}: {exc.strerror or _one_line(exc)}; check that the file is readable") from exc
             if _is_pdf(path, head):
-                yield from self._pdf(fh, path, direct)
+                yield from self._pdf(fh, name, direct)
             elif _looks_binary(head):
                 if direct:
-                    raise InputError(f"{path} looks binary; give a text or PDF file")
-                self.report.skip(path, "binary")
+                    raise InputError(f"{name} looks binary; give a text or PDF file")
+                self.report.skip(name, "binary")
             else:
-                yield from self._text(_iter_text(fh, head, self.report), path, direct)
+                yield from self._text(_iter_text(fh, head, self.report), name, direct)
 
     def stdin(self, stream: BinaryIO) -> Iterator[Segment]:
         """Segments of a binary stream read as text (stdin, or a pipe such as `<(cmd)` given as a path)."""
@@ -358,12 +374,16 @@ class _Stream:
             fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
         except OSError as exc:
             reason = exc.strerror or _one_line(exc)
-            raise InputError(f"{path}: cannot be read ({reason}); give a text or PDF file") from exc
+            raise InputError(f"{_shown(path)}: cannot be read ({reason}); give a text or PDF file") from exc
         with fh:
-            yield from self._stream(fh, path)
+            yield from self._stream(fh, _shown(path))
 
     def _stream(self, stream: BinaryIO, source: str) -> Iterator[Segment]:
-        head = stream.read(SNIFF_BYTES)
+        try:
+            head = stream.read(SNIFF_BYTES)
+        except OSError as exc:  # e.g. stdin opened write-only (`0>file`) or a device that fails
+            raise InputError(f"{source} cannot be read ({exc.strerror or _one_line(exc)}); "
+                             "give a file or pipe text in") from exc
         if head.startswith(_PDF_MAGIC):
             raise InputError(f"{source} is a PDF; PDFs cannot be piped, pass the file's path instead")
         if _looks_binary(head):
@@ -372,13 +392,22 @@ class _Stream:
 
     def _text(self, pieces: Iterator[str], source: str, direct: bool) -> Iterator[Segment]:
         started = False
-        for piece in pieces:
-            if not started:
-                started = True
-                if self.headers:
-                    yield self._segment(FILE_HEADER.format(path=source), source, None, content=False)
-            for chunk in _chunks(piece):
-                yield self._segment(chunk, source, None, content=True)
+        bytes_before = self.report.bytes_read
+        try:
+            for piece in pieces:
+                if not started:
+                    started = True
+                    if self.headers:
+                        yield self._segment(FILE_HEADER.format(path=source), source, None, content=False)
+                for chunk in _chunks(piece):
+                    yield self._segment(chunk, source, None, content=True)
+        except OSError as exc:  # a read failing half-way (I/O error, a vanished network mount)
+            done = self.report.bytes_read - bytes_before
+            reason = f"{exc.strerror or _one_line(exc)} after {done:,} bytes"
+            if direct:
+                raise InputError(f"{source}: reading failed ({reason}); copy the file somewhere readable") from exc
+            self.report.skip(source, f"unreadable: {reason}")
+            return
         if started:
             self.report.files_read.append(source)
         elif not direct:
@@ -415,7 +444,7 @@ class _Stream:
             yield from self.file(path, direct=False)
         if self.report.chars_emitted == chars_before:
             skipped = self.report.skipped[skipped_before:]
-            raise InputError(f"{root}: no readable text in this folder ({_summarize(skipped)}); "
+            raise InputError(f"{_shown(root)}: no readable text in this folder ({_summarize(skipped)}); "
                              "point at a folder with text or PDF files")
 
 
@@ -459,8 +488,8 @@ def iter_segments(
     for source in sources:
         if source != "-" and not os.path.exists(source):
             if os.path.islink(source):
-                raise InputError(f"{source}: broken symbolic link; point at the file it should link to")
-            raise InputError(f"{source}: no such file or directory; check the path")
+                raise InputError(f"{_shown(source)}: broken symbolic link; point at the file it should link to")
+            raise InputError(f"{_shown(source)}: no such file or directory; check the path")
 
     headers = len(sources) > 1 or any(source != "-" and os.path.isdir(source) for source in sources)
     stream = _Stream(report, headers)
@@ -478,7 +507,7 @@ def iter_segments(
             yield from stream.special(source)
 
     if report.chars_emitted == chars_before:
-        names = ", ".join(STDIN_SOURCE if s == "-" else s for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
+        names = ", ".join(STDIN_SOURCE if s == "-" else _shown(s) for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
         verb = "is" if len(sources) == 1 else "are"
         raise InputError(f"no text in the input: {names} {verb} empty; give a file or pipe that contains text")
 

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import errno
 import inspect
+import io
 import json
 import os
 import pickle
@@ -276,6 +277,97 @@ def test_fifo_given_directly_is_read(tmp_path, fast):
     assert json.loads(result.stdout)["input"]["files"] == 1
 
 
+# --- regressions: bugs this suite found in the input layer -------------------------------------------------------
+
+LATIN1_NAME = os.fsdecode(b"caf\xe9 notes.txt")  # not UTF-8: Python carries the byte as a lone surrogate
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_undecodable_file_name_in_a_folder(tmp_path, fast, command):
+    """Used to crash hashing the `### File:` header (UnicodeEncodeError); now the byte is shown escaped."""
+    root = tmp_path / "archive"
+    root.mkdir()
+    (root / LATIN1_NAME).write_text(TEXT)
+    (root / os.fsdecode(b"blob\xff.bin")).write_bytes(b"\0\1")
+    result = CliRunner().invoke(app, command_args(command, [str(root)], "--json"))
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    inp = input_record(json.loads(result.stdout))
+    assert inp["files"] == 1
+    assert inp["skipped"] == [[str(root / "blob\\xff.bin"), "binary"]]
+    if command == "summarize":  # the retention report names the file the way the header did
+        shown = json.dumps(str(root / "caf\\xe9 notes.txt"))[1:-1]
+        assert shown in json.dumps(json.loads(result.stdout)["retention"])
+
+
+def test_undecodable_file_name_given_directly(tmp_path, fast):
+    path = tmp_path / os.fsdecode(b"\xff\xfe.bin")
+    path.write_bytes(b"\0" * 10)
+    result = CliRunner().invoke(app, command_args("ppl", [str(path)]))
+    assert_one_line_failure(result, EXIT_FAILURE, "\\xff\\xfe.bin looks binary")
+
+
+class _FailingRead:
+    """A binary file whose reads fail with `error` after `ok` bytes (a bad sector, a vanished network mount)."""
+
+    def __init__(self, f, ok: int, error: int = errno.EIO) -> None:
+        self.f, self.left, self.error = f, ok, error
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            raise OSError(self.error, os.strerror(self.error))
+        data = self.f.read(min(n, self.left) if n >= 0 else self.left)
+        self.left -= len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+@pytest.fixture
+def flaky_reads(monkeypatch):
+    """Files named `flaky*` fail with EIO after their first 100 bytes."""
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return _FailingRead(f, 100) if os.path.basename(os.fspath(path)).startswith("flaky") else f
+
+    monkeypatch.setattr(inputs, "open", fake_open, raising=False)
+
+
+def test_read_error_half_way_through_a_file(tmp_path, fast, flaky_reads, monkeypatch):
+    """Used to escape as a raw OSError (a traceback); now one line naming the file and how far it got."""
+    monkeypatch.setattr(inputs, "SNIFF_BYTES", 64)
+    path = tmp_path / "flaky.txt"
+    path.write_text(TEXT)
+    result = CliRunner().invoke(app, command_args("ppl", [str(path)]))
+    assert_one_line_failure(result, EXIT_FAILURE, f"{path}: reading failed (Input/output error after 100 bytes)")
+
+
+def test_read_error_half_way_through_a_folder_entry(tmp_path, fast, flaky_reads, monkeypatch):
+    monkeypatch.setattr(inputs, "SNIFF_BYTES", 64)
+    (tmp_path / "a.txt").write_text(TEXT)
+    (tmp_path / "flaky.txt").write_text(TEXT)
+    (tmp_path / "z.txt").write_text(TEXT)
+    result = CliRunner().invoke(app, command_args("ppl", [str(tmp_path)], "--json"))
+    assert result.exit_code == 0, result.output
+    inp = json.loads(result.stdout)["input"]
+    assert inp["files"] == 2  # a.txt and z.txt: the walk went on
+    assert inp["skipped"] == [[str(tmp_path / "flaky.txt"), "unreadable: Input/output error after 100 bytes"]]
+
+
+def test_stdin_that_cannot_be_read():
+    """stdin opened write-only (`cascadectl ppl 0>file`) fails its first read with EBADF: one line, not a traceback."""
+    with pytest.raises(inputs.InputError, match=r"^<stdin> cannot be read \(Bad file descriptor\)"):
+        list(inputs.iter_segments(["-"], stdin=_FailingRead(io.BytesIO(b"text"), 0, errno.EBADF)))
+
+
 # --- real processes ------------------------------------------------------------------------------------------------
 
 
@@ -314,6 +406,13 @@ def test_process_with_stdin_closed(model_dir):
 def test_process_with_stdin_closed_and_dash(model_dir):
     dash = cli(model_dir, "ask", "-", "What?", *SETTINGS, "--max-tokens", "4", close_stdin=True)
     assert_process_failure(dash, EXIT_FAILURE, "there is no stdin")
+
+
+@pytest.mark.slow
+def test_process_with_stdin_write_only(model_dir, tmp_path):
+    with open(tmp_path / "out", "wb") as write_only:
+        proc = cli(model_dir, "ppl", *SETTINGS, stdin=write_only)
+    assert_process_failure(proc, EXIT_FAILURE, "<stdin> cannot be read (Bad file descriptor)")
 
 
 @pytest.mark.slow  # CliRunner covers the same with an empty stdin; this is the real thing
