@@ -99,8 +99,9 @@ class Runner:
         self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
                                        self.query_hook, self._other_devices(past + n_new, n_new))
         try:
-            position_ids = torch.arange(past, past + n_new, device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
-            hidden = self.model.model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            # no position_ids: our attention takes positions from the cache (ctx cos/sin), and given position_ids
+            # transformers looks for packed sequences with a host-synchronising `.all()` on every step
+            hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
         finally:
             self._ctx_ref[0] = None
         self.cache.end()
