@@ -132,6 +132,9 @@ def write_tiny_model(folder: Path, words: list[str] | None = None, max_chars: in
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
                          max_position_embeddings=max_positions, tie_word_embeddings=False)
+    from transformers.utils import logging as hf_logging
+
     torch.manual_seed(seed)
+    hf_logging.disable_progress_bar()  # "Writing model shards" would land on the caller's stderr
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return Path(folder)
