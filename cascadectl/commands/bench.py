@@ -195,7 +195,7 @@ def retention(
         "--gaps", rich_help_panel="Benchmark",
         help="Gaps between the two copies: multiples of --cache-size (0.5x) or token counts (512, 2k).")]
     = "0.5x,1x,2x,4x,8x,16x",
-    samples: Samples = 2,
+    samples: Samples = 1,
     seed: Seed = 0,
     segment: Annotated[str, typer.Option("--segment", rich_help_panel="Benchmark",
                                          help="random (token ids from the vocabulary) or prose (a span of the "
@@ -229,7 +229,7 @@ def retention(
       cascadectl bench retention --segment prose --gaps 256,1k,4k --json
     """
     Say.quiet = quiet
-    grid = _quick(ctx, dict(gaps=gaps, samples=samples), dict(gaps="0.5x,1x,2x,4x", samples=1))
+    grid = _quick(ctx, dict(gaps=gaps, samples=samples), dict(gaps="0.5x,1x,2x,4x"))
     gap_list = parse_counts(grid["gaps"], "--gaps", unit=cache_size)
     names = parse_choices(policy, "--policy")
     if grid["samples"] < 1:
