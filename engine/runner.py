@@ -99,13 +99,22 @@ class Runner:
         self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
                                        self.query_hook, self._other_devices(past + n_new, n_new))
         try:
-            # no position_ids: our attention takes positions from the cache (ctx cos/sin), and given position_ids
-            # transformers looks for packed sequences with a host-synchronising `.all()` on every step
-            hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
+            # Our attention takes positions and masking from the cache (ctx cos/sin, causal chunk), so the model is
+            # handed a ready-made 4D mask that transformers passes through untouched: otherwise its mask builder
+            # looks for packed sequences in the position ids with a host-synchronising `.all()` on every step.
+            hidden = self.model.model(input_ids=ids, attention_mask=self._no_mask(ids.device),
+                                      use_cache=False).last_hidden_state
         finally:
             self._ctx_ref[0] = None
         self.cache.end()
         return hidden
+
+    def _no_mask(self, device: torch.device) -> Tensor:
+        """A [1, 1, 1, 1] placeholder mask (never read by our attention), one per device."""
+        masks = self.__dict__.setdefault("_masks", {})
+        if device not in masks:
+            masks[device] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+        return masks[device]
 
     def _other_devices(self, n: int, n_new: int) -> dict | None:
         """(cos, sin, ema) on every device other than the embedding's that holds layers; None on one device."""
