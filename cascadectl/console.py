@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
@@ -22,11 +23,11 @@ class Say:
     @classmethod
     def warn(cls, msg: str) -> None:
         if not cls.quiet:
-            console.print(f"[yellow]warning:[/] {msg}")
+            console.print(f"[yellow]warning:[/] {escape(msg)}")
 
     @staticmethod
     def error(msg: str) -> None:
-        console.print(f"[red]error:[/] {msg}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(msg)}", soft_wrap=True)  # paths may hold [brackets]
 
 
 def human_bytes(n: float) -> str:

@@ -155,7 +155,7 @@ def run_each(files: list[str], device: str, device_map: str | None, load: Load, 
             row["index"] = i
             rows.append(row)
             if row["status"] == "failed":
-                Say.warn(escape(f"{prefix}{files[i]}: failed: {row['error']}"))
+                Say.warn(f"{prefix}{files[i]}: failed: {row['error']}")
             else:
                 Say.info(escape(f"{label}: {describe(row)}"))
         totals = all_reduce_sums(sums(rows), world, comm)

@@ -11,7 +11,7 @@ from engine.errors import CascadeError
 from engine.snapshot import write_atomic
 
 # The backslash keeps rich from taking [plot] for markup when the error is printed.
-INSTALL = "pip install 'cascadectl\\[plot]' (or pip install matplotlib)"
+INSTALL = "pip install 'cascadectl[plot]' (or pip install matplotlib)"
 
 
 def require(path: str) -> None:

@@ -91,3 +91,10 @@ def test_missing_file_is_one_line_exit_1(tmp_path):
     result = invoke(["ppl", str(tmp_path / "nope.txt")])
     assert result.exit_code == 1
     assert "nope.txt" in result.stderr and result.stdout == ""
+
+
+def test_error_keeps_brackets_in_paths(tmp_path):
+    """Error lines are printed literally, not as rich markup: a path like `notes[draft].txt` stays whole."""
+    result = invoke(["ppl", str(tmp_path / "notes[draft].txt"), *SMALL])
+    assert result.exit_code != 0
+    assert "notes[draft].txt" in result.stderr
