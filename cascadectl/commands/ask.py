@@ -41,6 +41,7 @@ def ask(
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    device_map: o.DeviceMap = "none",
     policy: o.Policy = o.DEFAULTS["policy"],
     cache_size: o.CacheSize = o.DEFAULTS["cache_size"],
     cascades: o.Cascades = o.DEFAULTS["cascades"],
@@ -96,7 +97,7 @@ def ask(
     srcs = [] if load_cache else resolve_sources(args)
     config = CacheConfig(policy=policy, cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta,
                          head_reduce=head_reduce, stride=stride) if not load_cache else CacheConfig()  # file's
-    lm = load_model(model, device, dtype, notify=Say.info)
+    lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
     first = question_first and len(questions) == 1  # several questions share one question-agnostic ingest
     if save_cache and first and not a.given(ctx, "question_first"):  # a file that answers any question
         first = False
