@@ -51,8 +51,10 @@ def _settings(cache_size: int, cascades: int, sinks: int, beta: float, head_redu
                 stride=stride)
 
 
-def _quick(ctx: typer.Context, values: dict, quick_values: dict) -> dict:
-    """--quick replaces the grid options that were left at their defaults."""
+def _quick(ctx: typer.Context, quick: bool, values: dict, quick_values: dict) -> dict:
+    """With --quick, the grid options that were left at their defaults take their quick values."""
+    if not quick:
+        return values
     return {k: (quick_values[k] if k in quick_values and not given(ctx, k) else v) for k, v in values.items()}
 
 
@@ -103,7 +105,7 @@ def passkey(
       cascadectl bench passkey --filler prose --policy sink,cascade --json --plot passkey.png
     """
     Say.quiet = quiet
-    grid = _quick(ctx, dict(lengths=lengths, depths=depths, samples=samples, prompt=prompt),
+    grid = _quick(ctx, quick, dict(lengths=lengths, depths=depths, samples=samples, prompt=prompt),
                   dict(lengths="1k", depths="0.5", samples=1, prompt="last"))
     length_list = parse_counts(grid["lengths"], "--lengths", minimum=1)
     depth_list = parse_depths(grid["depths"])
@@ -229,7 +231,7 @@ def retention(
       cascadectl bench retention --segment prose --gaps 256,1k,4k --json
     """
     Say.quiet = quiet
-    grid = _quick(ctx, dict(gaps=gaps, samples=samples), dict(gaps="0.5x,1x,2x,4x"))
+    grid = _quick(ctx, quick, dict(gaps=gaps, samples=samples), dict(gaps="0.5x,1x,2x,4x"))
     gap_list = parse_counts(grid["gaps"], "--gaps", unit=cache_size)
     names = parse_choices(policy, "--policy")
     if grid["samples"] < 1:

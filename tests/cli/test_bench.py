@@ -152,6 +152,16 @@ def test_quick_shrinks_only_the_grid_options_left_at_their_defaults(tiny, monkey
     assert seen == [(450, 0.5, 0, "last")]  # --lengths as given, the rest from --quick
 
 
+def test_without_quick_the_default_grid_runs(tiny, monkeypatch):
+    """Regression: the quick grid once replaced the defaults even without --quick."""
+    seen = []
+    real = bench_command.pk.make_sample
+    monkeypatch.setattr(bench_command.pk, "make_sample", lambda *a, **k: seen.append(a[2:6]) or real(*a, **k))
+    result = invoke(["bench", "passkey", "--lengths", "450", "--policy", "sink", *CACHE])
+    assert result.exit_code == 0, result.output
+    assert sorted(seen) == sorted((450, d, 0, p) for d in (0.1, 0.5, 0.9) for p in ("first", "last"))
+
+
 def test_plot_without_matplotlib_says_how_to_install(tiny, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     result = invoke([*PASSKEY, "--plot", str(tmp_path / "p.png")])
