@@ -321,6 +321,8 @@ def _check_model(path: str, meta: dict, model) -> None:
         raise ConfigError(f"{path} was made with model {made.get('id')!r} (hash {str(made.get('hash'))[:12]}), "
                           f"not {model.model_id!r} ({model.model_hash[:12]}); pass --model for that model")
     dtype = _dtype_name(model.dtype)
+    if not isinstance(meta.get("dtype"), str):
+        raise CascadeError(f"{path} is not a usable cascadectl cache file (bad dtype)")
     if meta.get("dtype") != dtype:
         raise ConfigError(f"{path} was made with --dtype {_flag_dtype(meta.get('dtype'))}, not "
                           f"{_flag_dtype(dtype)}; pass --dtype {_flag_dtype(meta.get('dtype'))}")
@@ -332,6 +334,9 @@ def _check_settings(path: str, meta: dict, expected: dict) -> None:
     names = {f.name for f in fields(CacheConfig)}
     try:
         assert isinstance(settings, dict) and set(settings) == names
+        for f in fields(CacheConfig):  # each of its declared type (CacheConfig skips some checks for `full`)
+            value, want = settings[f.name], type(f.default)
+            assert type(value) is want or (want is float and type(value) is int)
         CacheConfig(**settings)
     except (AssertionError, CascadeError, TypeError):
         raise CascadeError(f"{path} is not a usable cascadectl cache file (bad cache settings)") from None

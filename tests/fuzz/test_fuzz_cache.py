@@ -157,12 +157,9 @@ FILES = st.sampled_from(range(3)).flatmap(lambda i: st.one_of(
     raw(seeds()[i]), resigned(seeds()[i]), st.binary(max_size=300)))
 
 
-# Open findings of this target in engine/snapshot.py (docs/ROBUSTNESS.md), each pinned by an xfail test below:
+# Open findings of this target in engine/snapshot.py (docs/ROBUSTNESS.md), each pinned by an xfail test below
 # (exception type, innermost function). The fuzz run tolerates exactly these, so that it keeps looking for others.
-KNOWN = {
-    (TypeError, "_flag_dtype"),  # a re-signed file whose "dtype" is a dict or list
-    (TypeError, "_rotary"),  # a re-signed `full` file whose cache_size is not a number is accepted
-}
+KNOWN: set = set()  # both earlier findings (a dict as dtype; a non-numeric cache_size in a `full` file) are fixed
 
 
 def known(exc: BaseException) -> bool:
@@ -206,13 +203,11 @@ def _edited(policy: int, edit) -> str:
     return path
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="open: snapshot._flag_dtype hashes the file's dtype")
 def test_dtype_that_is_not_a_string_is_refused():
     with pytest.raises(CascadeError):
         snapshot.load_snapshot(_edited(0, lambda meta: meta.update(dtype={"x": 1})), lm())
 
 
-@pytest.mark.xfail(strict=True, reason="open: CacheConfig does not check cache_size's type for policy full")
 def test_full_cache_file_with_a_non_numeric_size_is_refused():
     path = _edited(2, lambda meta: meta["settings"].update(cache_size="sink"))
     with pytest.raises(CascadeError):
