@@ -81,7 +81,8 @@ def build(root: str, entries) -> list[str]:
         elif kind == "fifo":
             os.mkfifo(path)
         elif kind == "link-up":
-            os.symlink(os.path.relpath(root, os.path.dirname(path)), path)  # back to the root: a loop
+            os.symlink(root, path)  # back to the root: a loop (absolute: a relative "../.." through an
+            # earlier link to the root would resolve above it and walk the whole of /tmp)
         elif kind == "link-dir":
             os.symlink(os.path.join(root, target), path)
         elif kind == "link-file":
