@@ -28,3 +28,11 @@ def fake_lm(max_positions: int = 8192) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=ByteTokenizer(), model_id="tiny-llama (test)", model_hash="0" * 64,
                        family="llama", max_positions=max_positions, device=torch.device("cpu"),
                        dtype=torch.float32)
+
+
+def use_fake_model(monkeypatch) -> None:
+    """Every command loads `fake_lm()` instead of a real model (for the duration of one test)."""
+    from cascadectl.commands import ask, ppl, summarize
+
+    for module in (ppl, summarize, ask):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: fake_lm())

@@ -10,14 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cascadectl.commands import ask as ask_command
 from cascadectl.commands import ppl as ppl_command
-from cascadectl.commands import summarize as summarize_command
 from cascadectl.main import app
 from engine import snapshot
 from engine.checkpoint import Checkpoint
 from engine.runner import Runner
-from tests.cli.fakes import fake_lm
+from tests.cli.fakes import fake_lm, use_fake_model
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 10
 SMALL = ["--cache-size", "64", "--stride", "32", "--sinks", "4", "--cascades", "4"]  # ~28 chunks of 32 tokens
@@ -28,8 +26,7 @@ GEN = ["--cache-size", "192", "--cascades", "2", "--max-tokens", "8"]  # room fo
 
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch):
-    for module in (ppl_command, summarize_command, ask_command):
-        monkeypatch.setattr(module, "load_model", lambda *a, **k: fake_lm())
+    use_fake_model(monkeypatch)
 
 
 @pytest.fixture

@@ -16,12 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cascadectl.commands import ppl as ppl_command
-from cascadectl.commands import summarize as summarize_command
 from cascadectl.main import app
 from engine import distributed as dist_helpers
 from engine.errors import CascadeError
-from tests.cli.fakes import fake_lm
+from tests.cli.fakes import use_fake_model
 from tests.engine.tiny import tiny_model
 
 SMALL = ["--cache-size", "64", "--stride", "16", "--sinks", "4", "--cascades", "4"]
@@ -35,8 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch):
-    for module in (ppl_command, summarize_command):
-        monkeypatch.setattr(module, "load_model", lambda *a, **k: fake_lm())
+    use_fake_model(monkeypatch)
 
 
 def invoke(args, **kw):

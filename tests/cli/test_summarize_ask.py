@@ -5,10 +5,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cascadectl.commands import ask as ask_command
-from cascadectl.commands import summarize as summarize_command
 from cascadectl.main import app
-from tests.cli.fakes import fake_lm
+from tests.cli.fakes import use_fake_model
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 8
 SMALL = ["--cache-size", "128", "--stride", "32", "--sinks", "4", "--cascades", "4", "--max-tokens", "12"]
@@ -17,8 +15,7 @@ BOOK = Path(__file__).resolve().parents[2] / "data" / "pride_and_prejudice.txt"
 
 @pytest.fixture
 def tiny(monkeypatch):
-    for module in (summarize_command, ask_command):
-        monkeypatch.setattr(module, "load_model", lambda *a, **k: fake_lm())
+    use_fake_model(monkeypatch)
 
 
 @pytest.fixture
