@@ -157,8 +157,8 @@ FILES = st.sampled_from(range(3)).flatmap(lambda i: st.one_of(
     raw(seeds()[i]), resigned(seeds()[i]), st.binary(max_size=300)))
 
 
-# Open findings of this target in engine/snapshot.py (docs/ROBUSTNESS.md), each pinned by an xfail test below
-# (exception type, innermost function). The fuzz run tolerates exactly these, so that it keeps looking for others.
+# Open findings of this target in engine/snapshot.py (docs/ROBUSTNESS.md), as (exception type, innermost function):
+# while a finding is open, pin it with an xfail test and list it here, so that the fuzz run keeps looking for others.
 KNOWN: set = set()  # both earlier findings (a dict as dtype; a non-numeric cache_size in a `full` file) are fixed
 
 
