@@ -46,6 +46,11 @@ def pdf_bytes(pages: list[str | None]) -> bytes:
         )
         objects.append(b"<< /Length %d >>\nstream\n" % len(content) + content + b"endstream")
 
+    return assemble(objects)
+
+
+def assemble(objects: list[bytes]) -> bytes:
+    """Objects 1..n (the catalog is object 1), a correct cross-reference table and the trailer."""
     out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
     for number, body in enumerate(objects, start=1):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.models import LoadedModel
-from tests.cli.pdfs import pdf_bytes
+from tests.cli.pdfs import assemble, pdf_bytes
 from tests.engine.tiny import tiny_model
 
 # --- PDFs --------------------------------------------------------------------------------------------------------
@@ -36,21 +36,7 @@ def image_only_pdf_bytes(n_pages: int = 2) -> bytes:
                        b"/Resources << /XObject << /Im0 %d 0 R >> >> /Contents %d 0 R >>" % (image_id, content_id))
         objects.append(b"<< /Length %d >>\nstream\n" % len(draw) + draw + b"endstream")
     objects[1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % k for k in kids), n_pages)
-    return _assemble(objects)
-
-
-def _assemble(objects: list[bytes]) -> bytes:
-    """Objects 1..n, a correct xref table and trailer (the catalog is object 1)."""
-    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref_at = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref_at)
-    return bytes(out)
+    return assemble(objects)
 
 
 def broken_xref(data: bytes) -> bytes:
