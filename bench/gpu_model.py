@@ -4,7 +4,8 @@ Parts, each under its own wall-clock budget (a part whose estimate does not fit 
   ingest    Runner.step over T random ids in chunks of --stride (hidden states only, no LM head), for each T of
             --tokens; seconds, tokens/s, torch.cuda.max_memory_allocated, and the host time spent in
             cache.begin (planning). A longer T is skipped when the previous one extrapolates past the budget.
-  decode    after the first ingest (cache full), --decode-steps greedy steps: runner.step on [1, 1] ids +
+  decode    after the first ingest (cache full) and again after every later complete one (is it constant after
+            1M tokens?), --decode-steps greedy steps: runner.step on [1, 1] ids +
             runner.logits on the last hidden + argmax; ms/token (host clock, synchronised at both ends).
   dense     baseline: the same HF model (its own SDPA attention) with a transformers DynamicCache holding
             --dense-past random K/V tokens per layer, timing model(next_token, past_key_values=cache) per token.
@@ -146,6 +147,7 @@ def decode_cascade(runner, args, dev: str, emit):
     sync(dev)
     sec = time.perf_counter() - t0
     row = {"part": "decode_cascade", "steps": args.decode_steps, "n_past_after": runner.cache.n_past,
+           "tokens_ingested": runner.cache.seen,
            "ms_per_token": round(1000 * sec / args.decode_steps, 3)}
     if dev == "cuda":
         row["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -272,6 +274,8 @@ def main() -> None:
             if dev == "cuda":
                 torch.cuda.empty_cache()
         else:
+            if row["complete"] and deadline - time.perf_counter() > 20:  # decode stays constant after 1M tokens?
+                decode_cascade(runner, args, dev, emit)
             runner.close()
             del runner
             gc.collect()
