@@ -31,16 +31,17 @@ BOOKS = {"pride_and_prejudice": "pride_and_prejudice.txt", "kjv_pentateuch": "kj
 
 
 def plan() -> list[dict]:
-    """Every run, most wanted first: per cache size the window, the default cascade, then one change at a time."""
+    """Every run, most wanted first: per cache size the window and 2/4/8 cascades, then one change at a time."""
+    caches = ((512, 256), (2048, 512), (1024, 256), (4096, 1024))
+    main = [dict(policy="sink"), dict(cascades=4), dict(cascades=8), dict(cascades=2)]
+    extra = [dict(cascades=3), dict(cascades=4, beta=0.99), dict(cascades=4, beta=0.9999),
+             dict(cascades=4, head_reduce="mean")]
     rows = []
-    for cache, stride in ((512, 256), (2048, 512), (4096, 1024), (1024, 256)):
-        variants = [dict(policy="sink"), dict(cascades=4), dict(cascades=2), dict(cascades=8)]
-        if cache != 4096:
-            variants += [dict(cascades=3), dict(cascades=4, beta=0.99), dict(cascades=4, beta=0.9999),
-                         dict(cascades=4, head_reduce="mean")]
-        for change in variants:
-            for book in BOOKS:
-                rows.append(dict(book=book, cache_size=cache, stride=stride, **change))
+    for variants in (main, extra):
+        for cache, stride in caches:
+            for change in variants:
+                for book in BOOKS:
+                    rows.append(dict(book=book, cache_size=cache, stride=stride, **change))
     return rows
 
 
