@@ -42,6 +42,9 @@ def plan() -> list[dict]:
             for change in variants:
                 for book in BOOKS:
                     rows.append(dict(book=book, cache_size=cache, stride=stride, **change))
+    for stride, change in ((2048, dict(cascades=4)), (2048, dict(policy="sink")), (256, dict(cascades=4))):
+        for book in BOOKS:  # the stride sweep at cache 4096 (4096 itself would pass the 8,192 positions)
+            rows.append(dict(book=book, cache_size=4096, stride=stride, **change))
     return rows
 
 
