@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import kernels.chunk_attention as ca  # noqa: E402
+import kernels.decode_attention as da  # noqa: E402
 from engine.attention import apply_rope  # noqa: E402
 from engine.cache.base import CacheShape  # noqa: E402
 from engine.cache.cascade import CascadeCache  # noqa: E402
@@ -282,7 +283,7 @@ def kernel_section(args, emit) -> None:
     kd, vd = k[:, :, : n_c + 1], v[:, :, : n_c + 1]
     ema1 = ca.ema_weights(1, args.beta, DEV)
     kv_bytes = 2 * kd.numel() * kd.element_size()
-    dec_cands = [ca.DECODE_CONFIG]
+    dec_cands = [da.DECODE_CONFIG]
     if args.tune:
         dec_cands += [dict(BLOCK_N=bn, num_warps=w, num_stages=st, PROGRAMS_PER_SM=ps) for bn, w, st, ps in
                       [(128, 4, 3, 4), (64, 4, 3, 8), (128, 8, 3, 8), (64, 4, 4, 16), (32, 4, 4, 8), (128, 4, 3, 16)]]
@@ -297,7 +298,7 @@ def kernel_section(args, emit) -> None:
         if t < best_t:
             best_dec, best_t = cfg, t
     if best_dec is not None:
-        ca.DECODE_CONFIG = best_dec
+        da.DECODE_CONFIG = best_dec
     cases = [
         ("decode_scores", lambda: ca.chunk_attention_triton(qd, kd, vd, scale, ema1, args.sinks, "max")),
         ("decode_no_scores", lambda: ca.chunk_attention_triton(qd, kd, vd, scale, None)),
@@ -305,9 +306,9 @@ def kernel_section(args, emit) -> None:
     ]
     for what, fn in cases:
         t = gpu_time(fn, reps=50)
-        emit(dict(section="kernel", what=what + "_eager", config=ca.DECODE_CONFIG, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
+        emit(dict(section="kernel", what=what + "_eager", config=da.DECODE_CONFIG, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
         t = graph_time(fn)
-        emit(dict(section="kernel", what=what + "_graph", config=ca.DECODE_CONFIG, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
+        emit(dict(section="kernel", what=what + "_graph", config=da.DECODE_CONFIG, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
     del sets, q, k, v
     torch.cuda.empty_cache()
 

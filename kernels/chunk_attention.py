@@ -15,7 +15,7 @@ Cost: 4·B·Hq·L·K·D FLOPs for the output plus 2·B·Hq·L·K·D for the scor
 On CUDA (bf16/fp16, D 64/128) the Triton kernels below run instead: a flash forward that also writes each
 query's log-sum-exp, then a pass per block of keys that recomputes q·k and sums exp(q·k·scale - lse + log w)
 over the queries (§3 (a): compute-bound, about 1.5 flash forwards). One query (decode) is split over the keys
-so that batch 1 fills the GPU. Without triton, or with CASCADECTL_KERNELS=ref, the torch paths run.
+so that batch 1 fills the GPU (kernels/decode_attention.py). Without triton, or with CASCADECTL_KERNELS=ref, the torch paths run.
 """
 from __future__ import annotations
 
@@ -25,18 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # optional: CPU-only installs never need it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = tl = None
-
-LOG2E = 1.4426950408889634
-
-
-def _jit(fn):
-    """triton.jit where triton exists; the plain function otherwise (never called then)."""
-    return triton.jit(fn) if triton is not None else fn
+from ._triton import LOG2E, tl, triton
+from ._triton import jit as _jit
+from .decode_attention import DECODE_CONFIG, _decode_triton, _n_programs_wanted  # re-exported
 
 
 def ema_weights(n_queries: int, beta: float, device: torch.device | str = "cpu") -> Tensor:
@@ -172,103 +163,6 @@ def _chunk_attn_scores_kernel(
     tl.store(SCORES + pid_bh.to(tl.int64) * n_out + (cols - n_sinks), result, mask=cols < n_k)
 
 
-@_jit
-def _decode_split_kernel(
-    Q, K, V, LOGITS, PART_M, PART_L, PART_O,
-    stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    n_k, n_kv_heads, n_splits, split_len, qk_scale,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    WITH_SCORES: tl.constexpr,
-):
-    """Decode (one query), split-K: program (split, b·Hkv) takes the GROUP query heads of a KV head over
-    `split_len` keys; writes a partial (max, sum, unnormalised out) and, for the scores, the raw logits."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_kv_heads).to(tl.int64)
-    kvh = (pid_bh % n_kv_heads).to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
-    g_ok = offs_g < GROUP
-    heads = kvh * GROUP + offs_g  # [BLOCK_G]; rows past GROUP are padding for the matrix unit
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-    row = b * n_kv_heads * GROUP + heads  # flat (b, h) index
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, n_k)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        c_ok = cols < end
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=c_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        if WITH_SCORES:
-            tl.store(LOGITS + row[:, None] * n_k + cols[None, :], s, mask=g_ok[:, None] & c_ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    part = row * n_splits + pid_s
-    tl.store(PART_M + part, m_i, mask=g_ok)
-    tl.store(PART_L + part, l_i, mask=g_ok)
-    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
-
-
-@_jit
-def _decode_merge_kernel(
-    PART_M, PART_L, PART_O, LOGITS, EMA, OUT, SCORES,
-    stride_ob, stride_oh, n_k, n_kv_heads, n_sinks, n_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-    WITH_SCORES: tl.constexpr, REDUCE_MAX: tl.constexpr,
-):
-    """Merge the splits of the GROUP heads of one KV head: each program recomputes their log2 denominators
-    lse = m + log2 Σ_s l_s 2^(m_s - m) from the partials; programs (0, ·) also write out = Σ_s o_s 2^(m_s - m) / Σ;
-    with scores, program (n, ·) writes w_0 · reduce_g 2^(logit - lse_g) for its BLOCK_N keys."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // n_kv_heads
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < n_splits
-    offs_d = tl.arange(0, HEAD_DIM)
-    cols = n_sinks + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok = cols < n_k
-    result = tl.zeros([BLOCK_N], tl.float32)
-    for g in range(GROUP):
-        row = pid_bh * GROUP + g  # (b·Hkv + kvh)·G + g == b·Hq + h
-        m = tl.load(PART_M + row * n_splits + offs_s, mask=s_ok, other=float("-inf"))
-        l = tl.load(PART_L + row * n_splits + offs_s, mask=s_ok, other=0.0)
-        m_max = tl.max(m, 0)
-        w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
-        denom = tl.sum(l * w, 0)
-        if pid_n == 0:
-            o = tl.load(PART_O + (row * n_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-                        mask=s_ok[:, None], other=0.0)
-            out = tl.sum(o * w[:, None], 0) / denom
-            h = row - b * n_kv_heads * GROUP
-            tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
-        if WITH_SCORES:
-            lse = m_max + tl.log2(denom)
-            p = tl.exp2(tl.load(LOGITS + row * n_k + cols, mask=c_ok, other=float("-inf")) - lse)
-            if REDUCE_MAX:
-                result = tl.maximum(result, p)
-            else:
-                result += p
-    if WITH_SCORES:
-        if not REDUCE_MAX:
-            result = result / GROUP
-        w0 = tl.load(EMA)
-        tl.store(SCORES + pid_bh * (n_k - n_sinks) + (cols - n_sinks), result * w0, mask=c_ok)
-
-
 def chunk_attention_ref(
     q: Tensor,
     k: Tensor,
@@ -376,12 +270,11 @@ def chunk_attention_cpu(
 
 
 # Block shapes per head dim, the fastest of bench/prefill_latency.py --tune on an H100 (docs/BENCHMARKS_GPU.md);
-# D 64 is untuned. Decode: PROGRAMS_PER_SM sets the key splits (split-K) so that batch 1 fills the GPU.
+# D 64 is untuned. Decode's DECODE_CONFIG lives in kernels/decode_attention.py.
 FWD_CONFIG = {128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
               64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)}
 SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
                  64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)}
-DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4)
 
 
 def _fit_rows(block: int, n_q: int) -> int:
@@ -442,55 +335,6 @@ def chunk_attention_triton(
         GROUP=g, HEAD_DIM=d, REDUCE_MAX=head_reduce == "max", **sc,
     )
     return out, scores
-
-
-def _n_programs_wanted(device: torch.device, per_sm: int) -> int:
-    if device.type != "cuda":
-        return 8  # Triton's interpreter on the CPU (tests)
-    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config=None):
-    """One query per head: split the keys so that batch 1 still fills the GPU, then merge the splits."""
-    b, hq, _, d = q.shape
-    hkv, n_k = k.shape[1], k.shape[2]
-    g = hq // hkv
-    cfg = dict(decode_config or DECODE_CONFIG)
-    per_sm = cfg.pop("PROGRAMS_PER_SM")
-    block_n = cfg["BLOCK_N"]
-    n_splits = max(1, min(triton.cdiv(_n_programs_wanted(q.device, per_sm), b * hkv), triton.cdiv(n_k, block_n)))
-    split_len = triton.cdiv(triton.cdiv(n_k, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(n_k, split_len)  # no empty split
-    f32 = dict(dtype=torch.float32, device=q.device)
-    part_m = torch.empty(b * hq * n_splits, **f32)
-    part_l = torch.empty(b * hq * n_splits, **f32)
-    part_o = torch.empty(b * hq * n_splits * d, **f32)
-    with_scores = ema is not None
-    logits = torch.empty(b * hq * n_k, **f32) if with_scores else part_m
-    _decode_split_kernel[(n_splits, b * hkv)](
-        q, k, v, logits, part_m, part_l, part_o,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        n_k, hkv, n_splits, split_len, qk_scale,
-        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=with_scores, **cfg,
-    )
-    out = torch.empty_like(q)
-    block_n = 256
-    if with_scores:
-        scores = torch.empty(b, hkv, n_k - n_sinks, **f32)
-        ema_f = ema.to(device=q.device, dtype=torch.float32)
-        grid = (max(1, triton.cdiv(n_k - n_sinks, block_n)), b * hkv)  # program 0 also writes out
-    else:
-        scores = ema_f = part_m
-        grid = (1, b * hkv)
-    _decode_merge_kernel[grid](
-        part_m, part_l, part_o, logits, ema_f, out, scores,
-        out.stride(0), out.stride(1), n_k, hkv, n_sinks, n_splits,
-        GROUP=g, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_N=block_n,
-        WITH_SCORES=with_scores, REDUCE_MAX=head_reduce == "max",
-    )
-    return out, (scores if with_scores else None)
 
 
 def triton_supports(q: Tensor, k: Tensor) -> bool:
