@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._triton import LOG2E, tl, triton
 from ._triton import jit as _jit
-from .decode_attention import DECODE_CONFIG, _decode_triton, _n_programs_wanted  # re-exported
+from .decode_attention import _decode_triton
 
 
 def ema_weights(n_queries: int, beta: float, device: torch.device | str = "cpu") -> Tensor:
