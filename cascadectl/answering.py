@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import sys
 import time
 from array import array
@@ -32,7 +31,7 @@ from engine.snapshot import config_of, load_snapshot, save_snapshot
 from engine.tokens import rechunk
 
 from . import checkpoints as ck
-from .common import ChunkInterrupts, peak_rss_bytes, versions
+from .common import ChunkInterrupts, check_output_path, peak_rss_bytes, require_text, versions
 from .console import Say, TokenProgress, console, fill_text, human_bytes
 from .inputs import InputReport, iter_segments, total_bytes_estimate
 
@@ -165,6 +164,8 @@ class Session:
                 ck.after_chunk(stop, ckpt, done, save, lambda: f"interrupted after {done:,} input tokens")
 
             n_input = ingest(self.runner, self.prompt.prefix_ids, pieces, on_chunk, resume_at)
+        require_text(self.input, self.sources, n_input)  # nothing to answer from: refuse before generating
+        Say.skipped(self.input.skipped)
         if ckpt is not None and ckpt.ledger.count > ckpt.saved_at:  # a Ctrl-C while answering resumes here
             save()
         self.stats.tokens, self.stats.seconds_ingest = n_input, time.perf_counter() - start
@@ -310,8 +311,8 @@ def check_cache_files(save_cache: str | None, load_cache: str | None, checkpoint
         raise ConfigError("--save-cache and --load-cache together: the file already holds this cache")
     if load_cache and checkpoint.path:
         raise ConfigError("--load-cache reads no input, so there is nothing to checkpoint: drop --checkpoint")
-    if save_cache and not os.path.isdir(os.path.dirname(os.path.abspath(save_cache))):
-        raise CascadeError(f"cannot write {save_cache}: its directory does not exist")
+    if save_cache:
+        check_output_path(save_cache, "--save-cache")
 
 
 def given(ctx: typer.Context, name: str) -> bool:

@@ -7,8 +7,9 @@ Every command that ingests (ppl, summarize, ask) does the same four things:
     ... ingest, calling after_chunk(stop, ckpt, done, save, partial) after every chunk ...
     checkpoints.done(ckpt)                                       # the run completed: the file is removed
 
-Exit codes: a checkpoint made with another model, dtype, cache settings, prompt or command is a usage error
-(2: change the options); a missing or damaged file and a changed input are runtime failures (1)."""
+Exit codes: a checkpoint made with another model, dtype, cache settings, prompt or command, or a --checkpoint path
+that cannot be written (missing or read-only directory), is a usage error (2: change the options); a missing or
+damaged file and a changed input are runtime failures (1)."""
 from __future__ import annotations
 
 import os
@@ -23,7 +24,7 @@ from engine.errors import CascadeError, ConfigError
 from engine.perplexity import PerplexityResult
 from engine.tokens import rechunk
 
-from .common import ChunkInterrupts
+from .common import ChunkInterrupts, check_output_path
 from .console import Say, human_bytes
 
 CheckpointFile = Annotated[Optional[str], typer.Option(
@@ -51,8 +52,7 @@ class CheckpointOptions:
             return
         if self.every < 1:
             raise ConfigError(f"--checkpoint-every must be >= 1 (got {self.every})")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):  # fail now, not after an hour's work
-            raise CascadeError(f"cannot write {self.path}: its directory does not exist")
+        check_output_path(self.path, "--checkpoint")  # fail now, not at the first checkpoint an hour from now
         if self.resume and not os.path.exists(self.path):
             raise CascadeError(f"no checkpoint at {self.path} to resume from; run without --resume to start")
         if not self.resume and os.path.exists(self.path):

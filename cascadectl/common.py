@@ -1,6 +1,9 @@
-"""Glue shared by the commands: error handling and exit codes, sources, model loading, run records."""
+"""Glue shared by the commands: error handling and exit codes, stdout, sources, output paths, run records."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import os
 import platform
@@ -10,23 +13,40 @@ import sys
 import threading
 from typing import Callable
 
+import click
 import typer
 
 from engine.errors import CascadeError, ConfigError
 
 from .console import Say
-from .inputs import InputError
+from .inputs import InputError, InputReport, sources_label
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# The reader of our stdout went away (`cascadectl summarize book.pdf | head -1`). 141 = 128 + SIGPIPE is what the
+# shell reports for cat, grep or sort in the same place, so scripts (and `set -o pipefail`) that already treat
+# 141 as "the consumer stopped early" treat us the same way, and it stays apart from 1, a real failure. We exit
+# with the code instead of dying by the signal so that cleanup (temporary files, the runner) still runs.
+EXIT_BROKEN_PIPE = 128 + 13
 
 
 def handle_errors(command: Callable) -> Callable:
-    """Turn engine/input errors and Ctrl-C into one line on stderr and a documented exit code."""
+    """Turn engine/input errors, stdout failures and Ctrl-C into one line on stderr and a documented exit code.
+
+    stdout is checked before any work (closed or read-only: one line, exit 1) and guarded while the command
+    runs: a reader that went away ends the run quietly with 141, any other write error is one line and exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            check_stdout()
+            with guard_stdout():
+                return command(*args, **kwargs)
+        except StdoutError as e:
+            discard_stdout()  # what is still buffered would fail again in Python's flush at exit
+            if e.errno == errno.EPIPE:
+                raise typer.Exit(EXIT_BROKEN_PIPE)  # quietly, like any Unix tool whose reader stopped reading
+            Say.error(str(e))
+            raise typer.Exit(EXIT_FAILURE)
         except ConfigError as e:
             Say.error(str(e))
             raise typer.Exit(EXIT_USAGE)
@@ -41,6 +61,135 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(EXIT_FAILURE)
 
     return wrapper
+
+
+# --- stdout -----------------------------------------------------------------------------------------------------
+
+
+class StdoutError(Exception):
+    """stdout cannot take our output: closed, read-only, full, or its reader went away (`errno` EPIPE).
+
+    Not an OSError on purpose: rich and click each catch a BrokenPipeError on their own and exit 1."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+class _GuardedStdout:
+    """sys.stdout while a command runs: a failed write or flush raises StdoutError, the rest is the real stream."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise _stdout_error(e) from None
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise _stdout_error(e) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _stdout_error(e: OSError) -> StdoutError:
+    return StdoutError(e.errno or 0, f"cannot write to stdout ({e.strerror or e}); redirect the output to a file "
+                                     f"(e.g. > out.txt) and run again")
+
+
+def check_stdout() -> None:
+    """Refuse to start when stdout is closed (`1>&-`) or not open for writing (`1<file`): the run's output
+    would be lost after all its work."""
+    hint = "redirect it to a file or /dev/null (e.g. > out.txt)"
+    if sys.stdout is None:  # Python found fd 1 closed at start-up
+        raise StdoutError(errno.EBADF, f"stdout is closed; {hint}")
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test harness's buffer): nothing to check
+        return
+    try:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        raise StdoutError(errno.EBADF, f"stdout is closed; {hint}") from None
+    if mode == os.O_RDONLY:
+        raise StdoutError(errno.EBADF, f"stdout is open for reading only; {hint}")
+
+
+@contextlib.contextmanager
+def guard_stdout():
+    """Run the block with sys.stdout guarded (see _GuardedStdout) and flush it before leaving, so that a broken
+    pipe surfaces here rather than in Python's flush at exit ("Exception ignored ... BrokenPipeError")."""
+    original = sys.stdout
+    guarded = sys.stdout = _GuardedStdout(original)
+    try:
+        yield
+        guarded.flush()
+    except StdoutError:
+        raise
+    except click.exceptions.Exit:  # a command's own exit code (e.g. --each with failed files), after its output
+        guarded.flush()
+        raise
+    except BaseException:  # an error of its own: keep that one, and drop output that stdout can no longer take
+        try:
+            guarded.flush()
+        except StdoutError:
+            discard_stdout()
+        raise
+    finally:
+        sys.stdout = original
+
+
+def discard_stdout() -> None:
+    """Point fd 1 at /dev/null: output still buffered is dropped at exit instead of failing again there."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real file behind it: nothing is flushed to a fd at exit
+        return
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+
+# --- inputs and outputs -----------------------------------------------------------------------------------------
+
+
+def require_text(report: InputReport, sources: list[str], n_tokens: int) -> None:
+    """Refuse an input with nothing to read, once it has been read and tokenized, before any answer or report.
+
+    Empty inputs are refused by the input layer itself; this catches text that is only whitespace (whatever
+    the tokenizer makes of it) and text the tokenizer turned into no tokens at all."""
+    if report.has_text and n_tokens:
+        return
+    one = len(sources) == 1
+    what = (f"{'holds' if one else 'hold'} only whitespace" if not report.has_text  # headers may make tokens
+            else f"{'gives' if one else 'give'} 0 tokens")
+    raise InputError(f"no text in the input: {sources_label(sources)} {what}; give a file or pipe that contains text")
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file that could not be written at the end: its directory is missing or
+    not writable, or the path is a directory. A usage error (exit 2): the option's value has to change."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a directory; give a file path")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{flag} {path}: the directory {directory} does not exist; create it or choose another "
+                          f"path")
+    if not os.access(directory, os.W_OK | os.X_OK):  # also a read-only mount, even for root
+        raise ConfigError(f"{flag} {path}: the directory {directory} is not writable; choose another path")
 
 
 class ChunkInterrupts:

@@ -1,4 +1,7 @@
-"""Everything the CLI writes to stderr: messages, live progress, plain progress lines when not a terminal."""
+"""Everything the CLI writes to stderr: messages, live progress, plain progress lines when not a terminal.
+
+Every message is one physical line, however long: rich would otherwise wrap it at the terminal's width (80
+columns when stderr is a file or a pipe), and a path cut in two cannot be found with grep."""
 from __future__ import annotations
 
 import time
@@ -10,24 +13,39 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 console = Console(stderr=True, highlight=False)
 
 
+MAX_SKIP_LINES = 10  # skipped inputs listed one per line up to this many; past it, the first few and a count
+
+
 class Say:
-    """Messages to stderr; `quiet` silences all but errors."""
+    """Messages to stderr, one line each (soft_wrap: never folded); `quiet` silences all but errors."""
 
     quiet = False
 
     @classmethod
     def info(cls, msg: str) -> None:
         if not cls.quiet:
-            console.print(msg)
+            console.print(msg, soft_wrap=True)
 
     @classmethod
     def warn(cls, msg: str) -> None:
         if not cls.quiet:
-            console.print(f"[yellow]warning:[/] {escape(msg)}")
+            console.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=True)  # paths may hold [brackets]
 
     @staticmethod
     def error(msg: str) -> None:
-        console.print(f"[red]error:[/] {escape(msg)}", soft_wrap=True)  # paths may hold [brackets]
+        console.print(f"[red]error:[/] {escape(msg)}", soft_wrap=True)
+
+    @classmethod
+    def skipped(cls, entries: list[tuple[str, str]], limit: int = MAX_SKIP_LINES) -> None:
+        """Warn about the inputs a folder walk did not read, one line each with its reason ('skipped PATH:
+        binary'); past `limit` the first few and '... and N more'. Hidden entries are left out: skipping them is
+        the documented rule, not a problem. All of them are in --json."""
+        shown = [(path, reason) for path, reason in entries if reason != "hidden"]
+        few = shown if len(shown) <= limit else shown[: limit // 2]
+        for path, reason in few:
+            cls.warn(f"skipped {path}: {reason}")
+        if len(few) < len(shown):
+            cls.warn(f"... and {len(shown) - len(few):,} more skipped (see --json)")
 
 
 def human_bytes(n: float) -> str:
@@ -85,7 +103,8 @@ class TokenProgress:
         elif not self.quiet and elapsed - self._last_plain >= 30:
             self._last_plain = elapsed
             total_txt = f"/~{self.total:,}" if self.total else ""
-            console.print(f"{self.phase}: {done:,}{total_txt} tokens, {rate:,.0f} tok/s {extra}".rstrip())
+            console.print(f"{escape(self.phase)}: {done:,}{total_txt} tokens, {rate:,.0f} tok/s {extra}".rstrip(),
+                          soft_wrap=True)
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:

@@ -40,9 +40,9 @@ from engine.runner import Runner
 from engine.tokens import iter_token_ids, rechunk
 
 from .answering import Session
-from .common import EXIT_FAILURE, peak_rss_bytes, versions
+from .common import EXIT_FAILURE, peak_rss_bytes, require_text, versions
 from .console import Say, TokenProgress
-from .inputs import SNIFF_BYTES, InputError, InputReport, _is_pdf, _looks_binary, _walk, iter_segments
+from .inputs import SNIFF_BYTES, InputError, InputReport, is_pdf, iter_segments, looks_binary, walk
 
 Each = Annotated[bool, typer.Option(
     "--each", rich_help_panel="Output",
@@ -84,7 +84,7 @@ def list_corpus(sources: list[str], exclude: Path | None = None) -> Corpus:
             files.append(os.path.normpath(source))
             continue
         st = os.stat(source)
-        for path in _walk(source, report, {(st.st_dev, st.st_ino)}):
+        for path in walk(source, report, {(st.st_dev, st.st_ino)}):
             if skip_under and os.path.realpath(path).startswith(skip_under):
                 continue
             if _binary(path):
@@ -97,6 +97,12 @@ def list_corpus(sources: list[str], exclude: Path | None = None) -> Corpus:
     return Corpus(files, report.skipped, os.path.commonpath(folders))
 
 
+def _warn_skipped(corpus: Corpus) -> None:
+    """The folder entries left out, on stderr, once (by rank 0 under torchrun)."""
+    if world_from_env().is_main:
+        Say.skipped(corpus.skipped)
+
+
 def _binary(path: str) -> bool:
     # the same test a folder run applies; an unreadable file is left to fail with its own reason
     try:
@@ -104,7 +110,7 @@ def _binary(path: str) -> bool:
             head = f.read(SNIFF_BYTES)
     except OSError:
         return False
-    return not _is_pdf(path, head) and _looks_binary(head)
+    return not is_pdf(path, head) and looks_binary(head)
 
 
 def _size(path: str) -> int:
@@ -208,6 +214,7 @@ def ppl_each(sources: list[str], config: CacheConfig, load: Load, device: str, d
              json_out: bool, quiet: bool) -> None:
     """`cascadectl ppl SOURCES --each`: a row per file, the token-weighted total; exit 1 if any file failed."""
     corpus = list_corpus(sources)
+    _warn_skipped(corpus)
 
     def load_checked(dev: str) -> LoadedModel:
         lm = load(dev)
@@ -252,6 +259,7 @@ def _file_perplexity(lm: LoadedModel, config: CacheConfig, path: str, label: str
     with Runner(lm.model, config, expected_tokens=n_ids) as runner, \
             TokenProgress(label, n_ids or None, quiet) as progress:
         result = perplexity(runner, rechunk(pieces, config.stride), on_chunk=progress.update)
+    require_text(report, [path], result.n_scored + (result.carry is not None))  # tokens fed (n_tokens: 0 for 1)
     if not result.n_scored:
         raise InputError(f"{path}: a single token; perplexity needs at least two")
     return {
@@ -363,6 +371,7 @@ def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, co
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (it is created if missing)")
     corpus = list_corpus(sources, exclude=out)
+    _warn_skipped(corpus)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

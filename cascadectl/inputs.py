@@ -29,8 +29,12 @@ __all__ = [
     "PAGE_HEADER",
     "STDIN_SOURCE",
     "Segment",
+    "is_pdf",
     "iter_segments",
+    "looks_binary",
+    "sources_label",
     "total_bytes_estimate",
+    "walk",
 ]
 
 # Markers the model reads between files and PDF pages. Other code (e.g. citing a page in an answer) can parse them.
@@ -69,8 +73,9 @@ class InputReport:
     `replaced_bytes` counts the invalid byte sequences that decoding replaced with U+FFFD (one per maximal invalid
     sequence, as Python's "replace" error handler does); U+FFFD characters already present in the input are not
     counted. `bytes_read` counts raw bytes of text files and stdin, plus the size of each PDF read.
-    `chars_emitted` counts the characters of text emitted, header markers excluded. Files that gave no text (empty
-    ones, PDFs without text) are in `skipped`, not in `files_read`; so are single PDF pages whose extraction failed.
+    `chars_emitted` counts the characters of text emitted, header markers excluded; `has_text` says whether any of
+    them is not whitespace. Files that gave no text (empty ones, PDFs without text) are in `skipped`, not in
+    `files_read`; so are single PDF pages whose extraction failed.
     """
 
     files_read: list[str] = field(default_factory=list)
@@ -79,6 +84,7 @@ class InputReport:
     replaced_bytes: int = 0
     bytes_read: int = 0
     chars_emitted: int = 0  # content characters, headers excluded
+    has_text: bool = False  # some content character is not whitespace
     _sha256: Any = field(default_factory=hashlib.sha256, repr=False, compare=False)
 
     @property
@@ -128,8 +134,10 @@ def _encoding_for(head: bytes) -> str:
     return "utf-8"
 
 
-def _looks_binary(head: bytes) -> bool:
-    # UTF-16/32 text is full of NULs, so a BOM overrides the NUL heuristic.
+def looks_binary(head: bytes) -> bool:
+    """Do the first bytes of a file (up to `SNIFF_BYTES`) look like a binary file rather than text?
+
+    A NUL byte means binary, unless a UTF-16/32 byte-order mark says the NULs are part of wide characters."""
     return b"\0" in head and _encoding_for(head) in ("utf-8", "utf-8-sig")
 
 
@@ -267,7 +275,8 @@ def _chunks(text: str) -> Iterator[str]:
         yield text[start : start + MAX_SEGMENT_CHARS]
 
 
-def _is_pdf(path: str, head: bytes) -> bool:
+def is_pdf(path: str, head: bytes) -> bool:
+    """Is the file at `path`, starting with `head`, to be read as a PDF (magic bytes, or a .pdf name)?"""
     return head.startswith(_PDF_MAGIC) or path.lower().endswith(".pdf")
 
 
@@ -290,8 +299,11 @@ def _shown(path: str) -> str:
             return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _walk(root: str, report: InputReport, visited: set[tuple[int, int]]) -> Iterator[str]:
-    """Regular files under `root`, depth first in name order; hidden, special and looping entries are skipped."""
+def walk(root: str, report: InputReport, visited: set[tuple[int, int]]) -> Iterator[str]:
+    """Regular files under `root`, depth first in name order; hidden, special and looping entries are skipped.
+
+    Skipped entries are recorded in `report` with their reason. `visited` holds the (device, inode) of folders
+    already walked, the root's included, so that a symlink back up the tree is followed once at most."""
     try:
         with os.scandir(root) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -317,7 +329,7 @@ def _walk(root: str, report: InputReport, visited: set[tuple[int, int]]) -> Iter
                 report.skip(_shown(path), "folder already read via another path (symlink)")
                 continue
             visited.add(key)
-            yield from _walk(path, report, visited)
+            yield from walk(path, report, visited)
         elif stat.S_ISREG(st.st_mode):
             yield path
         else:  # FIFOs would block on open; sockets and devices are not documents
@@ -335,6 +347,8 @@ class _Stream:
         self.report._sha256.update(text.encode("utf-8"))
         if content:
             self.report.chars_emitted += len(text)
+            if not self.report.has_text and text and not text.isspace():  # checked until the first text is seen
+                self.report.has_text = True
         return Segment(text, source, page)
 
     def file(self, path: str, direct: bool) -> Iterator[Segment]:
@@ -355,9 +369,9 @@ class _Stream:
                     self.report.skip(name, _reason_for(exc))
                     return
                 raise InputError(f"{name}: {exc.strerror or _one_line(exc)}; check that the file is readable") from exc
-            if _is_pdf(path, head):
+            if is_pdf(path, head):
                 yield from self._pdf(fh, name, direct)
-            elif _looks_binary(head):
+            elif looks_binary(head):
                 if direct:
                     raise InputError(f"{name} looks binary; give a text or PDF file")
                 self.report.skip(name, "binary")
@@ -386,7 +400,7 @@ class _Stream:
                              "give a file or pipe text in") from exc
         if head.startswith(_PDF_MAGIC):
             raise InputError(f"{source} is a PDF; PDFs cannot be piped, pass the file's path instead")
-        if _looks_binary(head):
+        if looks_binary(head):
             raise InputError(f"{source} looks binary; give a text or PDF file")
         yield from self._text(_iter_text(stream, head, self.report), source, direct=True)
 
@@ -440,7 +454,7 @@ class _Stream:
         chars_before = self.report.chars_emitted
         skipped_before = len(self.report.skipped)
         st = os.stat(root)
-        for path in _walk(root, self.report, {(st.st_dev, st.st_ino)}):
+        for path in walk(root, self.report, {(st.st_dev, st.st_ino)}):
             yield from self.file(path, direct=False)
         if self.report.chars_emitted == chars_before:
             skipped = self.report.skipped[skipped_before:]
@@ -507,9 +521,15 @@ def iter_segments(
             yield from stream.special(source)
 
     if report.chars_emitted == chars_before:
-        names = ", ".join(STDIN_SOURCE if s == "-" else _shown(s) for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
         verb = "is" if len(sources) == 1 else "are"
-        raise InputError(f"no text in the input: {names} {verb} empty; give a file or pipe that contains text")
+        raise InputError(f"no text in the input: {sources_label(sources)} {verb} empty; give a file or pipe that "
+                         "contains text")
+
+
+def sources_label(sources: list[str], most: int = 3) -> str:
+    """The sources as messages name them: '<stdin>' for '-', printable paths, at most `most` of them."""
+    names = ", ".join(STDIN_SOURCE if s == "-" else _shown(s) for s in sources[:most])
+    return names + (", ..." if len(sources) > most else "")
 
 
 def total_bytes_estimate(sources: list[str]) -> int:
@@ -527,7 +547,7 @@ def total_bytes_estimate(sources: list[str]) -> int:
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            for path in _walk(source, scratch, {(st.st_dev, st.st_ino)}):
+            for path in walk(source, scratch, {(st.st_dev, st.st_ino)}):
                 with contextlib.suppress(OSError):
                     total += os.stat(path).st_size
         elif stat.S_ISREG(st.st_mode):

@@ -54,6 +54,7 @@ def render(runs: list[PplRun], lm, sources: list[str], report, n_bytes: int, as_
             "versions": versions(),
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sys.stdout.flush()  # a closed pipe shows up now, before the caller removes its checkpoint
         return
     out = Console(highlight=False, soft_wrap=True)
     if len(runs) > 1:
@@ -68,6 +69,7 @@ def render(runs: list[PplRun], lm, sources: list[str], report, n_bytes: int, as_
     lines.append(f"peak memory {human_bytes(peak_rss_bytes())}   KV cache {human_bytes(run.cache_bytes)}   "
                  f"{_describe(run)}")
     sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
 
 
 def _describe(run: PplRun) -> str:

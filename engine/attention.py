@@ -2,9 +2,13 @@
 
 Inside `patched_attention(model)`, every decoder layer's `self_attn.forward` is replaced by one that projects
 q, k, v, keeps the chunk's keys *before* RoPE, rotates the cache's keys at their slot positions (their rank in
-`cache.past`, sinks first) and the chunk's queries/keys right after them, attends over `[past | chunk]` through
-the `kernels.chunk_attention` dispatcher and hands the new keys/values and scores to the cache. The original
-forwards are restored on exit, also after an exception.
+`cache.past`, sinks first) and the chunk's queries/keys right after them, attends over `[past | chunk]` and hands
+the new keys/values and scores to the cache. The original forwards are restored on exit, also after an exception.
+
+Where the fused Triton kernels run (CUDA, bf16/fp16, D 64/128) and no score hook needs the rotated keys, the
+attention reads the cache's buffers in place (`cache.past_slots`) and rotates keys inside the kernels
+(`kernels.paged_attention`). Elsewhere (CPU, other dtypes, question-guided retention) it gathers `cache.past`,
+rotates all keys in torch and calls the `kernels.chunk_attention` dispatcher.
 
 The per-chunk state (cache, rotary tables, EMA weights) lives in one `StepContext` owned by the caller, so the
 patched modules hold no mutable state of their own. For a model spread over several devices the context also
@@ -20,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from kernels.chunk_attention import chunk_attention
+from kernels.paged_attention import chunk_attention_paged, paged_supported
+from kernels.rope import apply_rope, rotate_half  # noqa: F401 - part of this module's interface (retention, bench)
 
 from .cache.base import KVCache
 from .errors import UnsupportedModelError
@@ -53,16 +59,6 @@ class StepContext:
         return self.cos, self.sin, self.ema
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D] rotated by cos/sin [T, D] (the HF convention: halves, not interleaved pairs)."""
-    return x * cos + rotate_half(x) * sin
-
-
 def check_family(model: nn.Module) -> None:
     family = getattr(model.config, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
@@ -87,18 +83,24 @@ def _forward(attn: nn.Module, ctx_ref: list[StepContext | None]) -> Callable:
         layer = attn.layer_idx
         if ctx.query_hook is not None:
             ctx.query_hook(layer, q)
-        k_past, v_past = ctx.cache.past(layer)  # pre-RoPE [B, Hkv, P, D], slot order
         cos, sin, ema = ctx.tables(layer)
-        k_all = apply_rope(torch.cat([k_past, k], dim=2), cos, sin)
-        v_all = torch.cat([v_past, v], dim=2)
         q_rot = apply_rope(q, cos[-n_new:], sin[-n_new:])
         n_sinks = ctx.cache.n_sinks_filled
         # Triton launches on the current CUDA device, not the tensors': make it this layer's when layers are spread
         on_layer = torch.cuda.device(q.device) if ctx.per_device is not None and q.is_cuda else nullcontext()
-        with on_layer:
-            out, scores = chunk_attention(q_rot, k_all, v_all, attn.scaling, ema, n_sinks, ctx.head_reduce)
-        if ctx.score_hook is not None and scores is not None:
-            scores = ctx.score_hook(layer, k_all, scores)
+        if ctx.score_hook is None and paged_supported(q, k):  # keys rotated inside the kernels, no copies
+            k_buf, v_buf, order = ctx.cache.past_slots(layer)  # pre-RoPE buffers, slot of each age rank
+            with on_layer:
+                out, scores = chunk_attention_paged(q_rot, k_buf, v_buf, order, k, v, cos, sin, attn.scaling, ema,
+                                                    n_sinks, ctx.head_reduce)
+        else:
+            k_past, v_past = ctx.cache.past(layer)  # pre-RoPE [B, Hkv, P, D], slot order
+            k_all = apply_rope(torch.cat([k_past, k], dim=2), cos, sin)
+            v_all = torch.cat([v_past, v], dim=2)
+            with on_layer:
+                out, scores = chunk_attention(q_rot, k_all, v_all, attn.scaling, ema, n_sinks, ctx.head_reduce)
+            if ctx.score_hook is not None and scores is not None:
+                scores = ctx.score_hook(layer, k_all, scores)
         ctx.cache.update(layer, k, v, scores)
         out = out.transpose(1, 2).reshape(b, n_new, -1)  # [B, Hq, L, D] -> [B, L, Hq·D]
         return attn.o_proj(out), None

@@ -211,7 +211,7 @@ def load_snapshot(path: str, model, expected: dict | None = None,
     _check_settings(path, meta, expected or {})
     try:
         cache = _rebuild(meta, tensors, model)
-    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:  # a well-signed but odd file
+    except (_Unusable, KeyError, TypeError, ValueError, RuntimeError) as e:  # a well-signed but odd file
         raise CascadeError(f"{path} is not a usable cascadectl cache file ({_short(e)})") from None
     extra = {name.removeprefix("extra."): t for name, t in tensors.items() if name.startswith("extra.")}
     return Snapshot(cache, meta, extra)
@@ -333,12 +333,12 @@ def _check_settings(path: str, meta: dict, expected: dict) -> None:
     settings = meta.get("settings")
     names = {f.name for f in fields(CacheConfig)}
     try:
-        assert isinstance(settings, dict) and set(settings) == names
+        _require(isinstance(settings, dict) and set(settings) == names, "settings")
         for f in fields(CacheConfig):  # each of its declared type (CacheConfig skips some checks for `full`)
             value, want = settings[f.name], type(f.default)
-            assert type(value) is want or (want is float and type(value) is int)
+            _require(type(value) is want or (want is float and type(value) is int), f.name)
         CacheConfig(**settings)
-    except (AssertionError, CascadeError, TypeError):
+    except (_Unusable, CascadeError, TypeError):
         raise CascadeError(f"{path} is not a usable cascadectl cache file (bad cache settings)") from None
     for name, want in expected.items():
         if name in names and settings[name] != want:
@@ -351,24 +351,40 @@ def _flag_dtype(name) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name, str(name))
 
 
+class _Unusable(Exception):
+    """A well-signed file whose contents cannot be a cache (crafted, or written by a buggy version); the loader
+    turns it into the one-line CascadeError. Explicit checks, not `assert`: `python -O` strips those."""
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Unusable(what)
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # not bool, not float
+
+
 def _rebuild(meta: dict, tensors: dict[str, Tensor], model) -> KVCache:
     """A fresh cache of the file's policy on the model's device, filled with the file's state."""
     config = config_of(meta)
     control, n_sinks = meta["cache"], meta["n_sinks"]
+    _require(isinstance(control, dict), "control state")
     seen, batch = control["seen"], control["batch"]
-    assert all(type(x) is int for x in (n_sinks, seen, batch)) and n_sinks >= 0 and seen >= 0 and batch >= 1
-    assert control["policy"] == config.policy, "policy and control state disagree"
+    _require(all(_is_int(x) for x in (n_sinks, seen, batch)) and n_sinks >= 0 and seen >= 0 and batch >= 1,
+             "sinks, seen or batch")
+    _require(control["policy"] == config.policy, "policy and control state disagree")
     shape = cache_shape(model.model, batch)  # per-layer devices when the model is spread over several
     capacity = 0
     if config.policy == "full":
         capacity = control["capacity"]
-        assert type(capacity) is int and seen <= capacity <= max(model.max_positions, 4096, seen), "capacity"
+        _require(_is_int(capacity) and seen <= capacity <= max(model.max_positions, 4096, seen), "capacity")
     cache = make_cache(config, shape, n_sinks, expected_tokens=capacity)
     cache.seen = seen
 
     def put(dst: Tensor, name: str) -> None:
         src = tensors[name]
-        assert src.dtype == dst.dtype and src.shape == dst.shape, f"{name}: {src.dtype} {tuple(src.shape)}"
+        _require(src.dtype == dst.dtype and src.shape == dst.shape, f"{name}: {src.dtype} {tuple(src.shape)}")
         dst.copy_(src)
 
     for l in range(shape.n_layers):
@@ -383,13 +399,15 @@ def _rebuild(meta: dict, tensors: dict[str, Tensor], model) -> KVCache:
             put(cache.idx[l], f"layer.{l}.index")
     if isinstance(cache, CascadeCache):
         start, count = control["start"], control["count"]
-        assert len(start) == len(count) == cache.cascades, "sub-cache count"
-        assert all(type(s) is int and 0 <= s < cache.width for s in start), "ring starts"
-        assert all(type(c) is int and 0 <= c <= cache.width for c in count), "ring counts"
+        _require(isinstance(start, list) and isinstance(count, list) and len(start) == len(count) == cache.cascades,
+                 "sub-cache count")
+        _require(all(_is_int(s) and 0 <= s < cache.width for s in start), "ring starts")
+        _require(all(_is_int(c) and 0 <= c <= cache.width for c in count), "ring counts")
         cache.start, cache.count = list(start), list(count)
     elif isinstance(cache, SinkWindowCache):
         head, count = control["head"], control["count"]
-        assert type(head) is int and type(count) is int and 0 <= head < cache.window and 0 <= count <= cache.window
+        _require(_is_int(head) and _is_int(count) and 0 <= head < cache.window and 0 <= count <= cache.window,
+                 "window head or count")
         put(cache.index, "index")
         cache.head, cache.count = head, count
     return cache

@@ -13,6 +13,7 @@ import torch
 
 from ._triton import jit as _jit
 from ._triton import tl, triton
+from .rope import _load_either, _load_rotated_either
 
 # PROGRAMS_PER_SM sets the key splits (split-K) so that batch 1 fills the GPU.
 DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4)
@@ -61,6 +62,75 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    part = row * n_splits + pid_s
+    tl.store(PART_M + part, m_i, mask=g_ok)
+    tl.store(PART_L + part, l_i, mask=g_ok)
+    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+
+
+@_jit
+def _decode_split_paged_kernel(
+    Q, KC, VC, ORDER, KN, VN, COS, SIN, LOGITS, PART_M, PART_L, PART_O,
+    stride_qb, stride_qh,
+    stride_kcb, stride_kch, stride_kcn,
+    stride_vcb, stride_vch, stride_vcn,
+    stride_knb, stride_knh, stride_knn,
+    stride_vnb, stride_vnh, stride_vnn,
+    stride_cs,
+    n_past, n_kv_heads, n_splits, split_len, qk_scale,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    WITH_SCORES: tl.constexpr,
+):
+    """`_decode_split_kernel` straight from the cache (kernels/paged_attention.py): key j < n_past is the cache's
+    slot ORDER[j], key n_past is the step's own (KN, VN); every key is rotated at its position j on load."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_kv_heads).to(tl.int64)
+    kvh = (pid_bh % n_kv_heads).to(tl.int64)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    p_q = Q + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
+    q1 = tl.load(p_q, mask=g_ok[:, None], other=0.0)
+    q2 = tl.load(p_q + HALF, mask=g_ok[:, None], other=0.0)
+    kc_base = KC + b * stride_kcb + kvh * stride_kch
+    vc_base = VC + b * stride_vcb + kvh * stride_vch
+    kn_base = KN + b * stride_knb + kvh * stride_knh
+    vn_base = VN + b * stride_vnb + kvh * stride_vnh
+    n_k = n_past + 1
+    row = b * n_kv_heads * GROUP + heads
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, n_k)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        c_ok = cols < end
+        in_c = cols < n_past
+        is_new = c_ok & (cols == n_past)
+        slot = tl.load(ORDER + cols, mask=in_c, other=0).to(tl.int64)
+        new_row = cols - n_past  # 0 for the step's key; the other lanes are masked off
+        k1t, k2t = _load_rotated_either(  # [D/2, BLOCK_N]
+            kc_base + slot[None, :] * stride_kcn + offs_h[:, None], kn_base + new_row[None, :] * stride_knn + offs_h[:, None],
+            COS + cols[None, :] * stride_cs + offs_h[:, None], SIN + cols[None, :] * stride_cs + offs_h[:, None],
+            in_c[None, :], is_new[None, :], HALF)
+        s = tl.dot(q2, k2t, tl.dot(q1, k1t)) * qk_scale
+        s = tl.where(c_ok[None, :], s, float("-inf"))
+        if WITH_SCORES:
+            tl.store(LOGITS + row[:, None] * n_k + cols[None, :], s, mask=g_ok[:, None] & c_ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_either(vc_base + slot[:, None] * stride_vcn + offs_d[None, :],
+                         vn_base + new_row[:, None] * stride_vnn + offs_d[None, :], in_c[:, None], is_new[:, None])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     part = row * n_splits + pid_s
@@ -121,45 +191,86 @@ def _n_programs_wanted(device: torch.device, per_sm: int) -> int:
     return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _split(q: torch.Tensor, n_kv_heads: int, n_k: int, decode_config: dict | None) -> tuple[int, int, dict]:
+    """(n_splits, split_len, kernel config): enough splits that batch 1 fills the GPU, none of them empty."""
+    cfg = dict(decode_config or DECODE_CONFIG)
+    per_sm = cfg.pop("PROGRAMS_PER_SM")
+    block_n = cfg["BLOCK_N"]
+    n_bh = q.shape[0] * n_kv_heads
+    n_splits = max(1, min(triton.cdiv(_n_programs_wanted(q.device, per_sm), n_bh), triton.cdiv(n_k, block_n)))
+    split_len = triton.cdiv(triton.cdiv(n_k, n_splits), block_n) * block_n
+    return triton.cdiv(n_k, split_len), split_len, cfg
+
+
+def _partials(q: torch.Tensor, n_splits: int, n_k: int, with_scores: bool) -> tuple[torch.Tensor, ...]:
+    """Per (b, h, split): max, sum and unnormalised out; plus the raw logits [B·Hq·K] when scores are wanted."""
+    b, hq, _, d = q.shape
+    f32 = dict(dtype=torch.float32, device=q.device)
+    part_m = torch.empty(b * hq * n_splits, **f32)
+    part_l = torch.empty(b * hq * n_splits, **f32)
+    part_o = torch.empty(b * hq * n_splits * d, **f32)
+    logits = torch.empty(b * hq * n_k, **f32) if with_scores else part_m
+    return part_m, part_l, part_o, logits
+
+
+def _merge(q, parts, n_kv_heads, n_k, n_splits, ema, n_sinks, head_reduce):
+    """Second kernel: out [B, Hq, 1, D] and, with `ema`, the scores [B, Hkv, K - n_sinks]."""
+    b, hq, _, d = q.shape
+    part_m, part_l, part_o, logits = parts
+    out = torch.empty_like(q)
+    block_n = 256
+    if ema is not None:
+        scores = torch.empty(b, n_kv_heads, n_k - n_sinks, dtype=torch.float32, device=q.device)
+        ema_f = ema.to(device=q.device, dtype=torch.float32)
+        grid = (max(1, triton.cdiv(n_k - n_sinks, block_n)), b * n_kv_heads)  # program 0 also writes out
+    else:
+        scores = ema_f = part_m
+        grid = (1, b * n_kv_heads)
+    _decode_merge_kernel[grid](
+        part_m, part_l, part_o, logits, ema_f, out, scores,
+        out.stride(0), out.stride(1), n_k, n_kv_heads, n_sinks, n_splits,
+        GROUP=hq // n_kv_heads, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_N=block_n,
+        WITH_SCORES=ema is not None, REDUCE_MAX=head_reduce == "max",
+    )
+    return out, (scores if ema is not None else None)
+
+
 def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config=None):
     """One query per head: split the keys so that batch 1 still fills the GPU, then merge the splits."""
     b, hq, _, d = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
     g = hq // hkv
-    cfg = dict(decode_config or DECODE_CONFIG)
-    per_sm = cfg.pop("PROGRAMS_PER_SM")
-    block_n = cfg["BLOCK_N"]
-    n_splits = max(1, min(triton.cdiv(_n_programs_wanted(q.device, per_sm), b * hkv), triton.cdiv(n_k, block_n)))
-    split_len = triton.cdiv(triton.cdiv(n_k, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(n_k, split_len)  # no empty split
-    f32 = dict(dtype=torch.float32, device=q.device)
-    part_m = torch.empty(b * hq * n_splits, **f32)
-    part_l = torch.empty(b * hq * n_splits, **f32)
-    part_o = torch.empty(b * hq * n_splits * d, **f32)
-    with_scores = ema is not None
-    logits = torch.empty(b * hq * n_k, **f32) if with_scores else part_m
+    n_splits, split_len, cfg = _split(q, hkv, n_k, decode_config)
+    parts = _partials(q, n_splits, n_k, ema is not None)
     _decode_split_kernel[(n_splits, b * hkv)](
-        q, k, v, logits, part_m, part_l, part_o,
+        q, k, v, parts[3], *parts[:3],
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         n_k, hkv, n_splits, split_len, qk_scale,
-        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=with_scores, **cfg,
+        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=ema is not None, **cfg,
     )
-    out = torch.empty_like(q)
-    block_n = 256
-    if with_scores:
-        scores = torch.empty(b, hkv, n_k - n_sinks, **f32)
-        ema_f = ema.to(device=q.device, dtype=torch.float32)
-        grid = (max(1, triton.cdiv(n_k - n_sinks, block_n)), b * hkv)  # program 0 also writes out
-    else:
-        scores = ema_f = part_m
-        grid = (1, b * hkv)
-    _decode_merge_kernel[grid](
-        part_m, part_l, part_o, logits, ema_f, out, scores,
-        out.stride(0), out.stride(1), n_k, hkv, n_sinks, n_splits,
-        GROUP=g, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_N=block_n,
-        WITH_SCORES=with_scores, REDUCE_MAX=head_reduce == "max",
-    )
-    return out, (scores if with_scores else None)
+    return _merge(q, parts, hkv, n_k, n_splits, ema, n_sinks, head_reduce)
 
+
+def _decode_paged_triton(q, k_cache, v_cache, order, n_past, k_new, v_new, cos, sin, qk_scale, ema, n_sinks,
+                         head_reduce, decode_config=None):
+    """`_decode_triton` over [cache slots order[:n_past] | the step's own key], rotating keys on load
+    (the contract of kernels.paged_attention.chunk_attention_paged for L == 1)."""
+    b, hq, _, d = q.shape
+    hkv = k_cache.shape[1]
+    g, n_k = hq // hkv, n_past + 1
+    n_splits, split_len, cfg = _split(q, hkv, n_k, decode_config)
+    parts = _partials(q, n_splits, n_k, ema is not None)
+    _decode_split_paged_kernel[(n_splits, b * hkv)](
+        q, k_cache, v_cache, order, k_new, v_new, cos, sin, parts[3], *parts[:3],
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_new.stride(0), k_new.stride(1), k_new.stride(2),
+        v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        cos.stride(0),
+        n_past, hkv, n_splits, split_len, qk_scale,
+        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=ema is not None, **cfg,
+    )
+    return _merge(q, parts, hkv, n_k, n_splits, ema, n_sinks, head_reduce)

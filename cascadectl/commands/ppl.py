@@ -17,9 +17,9 @@ from .. import checkpoints as ck
 from .. import corpus
 from .. import options as o
 from .. import plot as plots
-from ..common import ChunkInterrupts, handle_errors, resolve_sources
+from ..common import ChunkInterrupts, handle_errors, require_text, resolve_sources
 from ..console import Say, TokenProgress, fill_text
-from ..inputs import InputReport, iter_segments, total_bytes_estimate
+from ..inputs import InputError, InputReport, iter_segments, sources_label, total_bytes_estimate
 from ..ppl_report import PplRun, render
 
 @handle_errors
@@ -124,8 +124,11 @@ def ppl(
 
             result = perplexity(runner, chunks, on_chunk=on_chunk, keep_nll=plot is not None, result=result)
             runs.append(PplRun(config, result, runner.cache.nbytes(), runner.n_sinks))
+    first = runs[0].result
+    require_text(report, srcs, first.n_scored + (first.carry is not None))  # tokens fed: n_tokens says 0 for 1
     if not runs[0].result.n_scored:
-        raise ConfigError("the input is a single token; perplexity needs at least two")
+        raise InputError(f"{sources_label(srcs)}: a single token; perplexity needs at least two")
+    Say.skipped(report.skipped)
     render(runs, lm, srcs, report, n_bytes[0], json_out)
     if plot:
         plots.nll_by_position(plot, [(run.config.policy, run.result.nll) for run in runs])

@@ -12,6 +12,8 @@ the same for every batch row, head and layer (which slot holds what depends only
     cache.end()
 
 Keys are stored before RoPE and rotated at their slot position (rank in `past`) at attention time.
+`past_slots(l)` gives the same keys/values without copying them: the raw buffers plus the physical slot of each
+age rank, for attention kernels that gather and rotate on load (kernels/paged_attention.py).
 When the model is spread over several devices (`CacheShape.layer_devices`), each layer's buffers live on that
 layer's device and the chunk's small index tensors are copied once per device per chunk, never per layer.
 """
@@ -75,6 +77,12 @@ class KVCache(ABC):
     @abstractmethod
     def past(self, layer: int) -> tuple[Tensor, Tensor]:
         """Pre-RoPE keys and values visible to the current chunk: [B, Hkv, n_past, D], age order."""
+
+    @abstractmethod
+    def past_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """`past(layer)` without the copy: the layer's key and value buffers [B, Hkv, capacity, D] and `order`
+        [n_past] int64 on their device, the physical slot of each visible token in age order, so that
+        `past(layer) == (k.index_select(2, order), v.index_select(2, order))`. Valid until `update(layer, ...)`."""
 
     @abstractmethod
     def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:

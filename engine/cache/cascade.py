@@ -199,6 +199,9 @@ class CascadeCache(KVCache):
         order = self._indices(layer)[0]
         return self.k[layer].index_select(2, order), self.v[layer].index_select(2, order)
 
+    def past_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.k[layer], self.v[layer], self._indices(layer)[0]
+
     def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
         assert score is not None, "the cascade needs attention scores"
         kb, vb, sb, ib = self.k[layer], self.v[layer], self.score[layer], self.idx[layer]

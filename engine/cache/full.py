@@ -14,6 +14,7 @@ class DenseCache(KVCache):
         super().__init__(shape, n_sinks)
         self.capacity = max(capacity, 1)
         self.k, self.v, _ = empty_buffers(shape, self.capacity)
+        self._orders: dict[torch.device, Tensor] = {}  # device -> arange(seen), built once per chunk
 
     @property
     def n_past(self) -> int:
@@ -34,6 +35,13 @@ class DenseCache(KVCache):
 
     def past(self, layer: int) -> tuple[Tensor, Tensor]:
         return self.k[layer][:, :, : self.seen], self.v[layer][:, :, : self.seen]
+
+    def past_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        dev = self.k[layer].device
+        order = self._orders.get(dev)
+        if order is None or order.shape[0] != self.seen:
+            order = self._orders[dev] = torch.arange(self.seen, device=dev)
+        return self.k[layer], self.v[layer], order
 
     def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
         n = k.shape[2]

@@ -60,6 +60,9 @@ class SinkWindowCache(KVCache):
         order = self._indices(layer)[2]
         return self.k[layer].index_select(2, order), self.v[layer].index_select(2, order)
 
+    def past_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.k[layer], self.v[layer], self._indices(layer)[2]
+
     def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
         src, dst, _ = self._indices(layer)
         self.k[layer].index_copy_(2, dst, k.index_select(2, src))

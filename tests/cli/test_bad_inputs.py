@@ -580,7 +580,8 @@ def test_save_cache_into_a_missing_directory(tmp_path, fast, command):
     before = files_under(tmp_path)
     target = str(tmp_path / "no" / "such" / "dir" / "x.kv")
     result = CliRunner().invoke(app, command_args(command, [str(tmp_path / "in.txt")], "--save-cache", target))
-    assert_one_line_failure(result, EXIT_FAILURE, "does not exist")
+    assert_one_line_failure(result, EXIT_USAGE, f"--save-cache {target}: the directory")
+    assert "does not exist" in result.stderr
     assert files_under(tmp_path) == before
 
 
@@ -681,7 +682,9 @@ def test_checkpoint_into_a_missing_directory(tmp_path, fast):
     before = files_under(tmp_path)
     target = str(tmp_path / "gone" / "run.ckpt")
     args = command_args("ppl", [str(tmp_path / "in.txt")], "--checkpoint", target, "--checkpoint-every", "128")
-    assert_one_line_failure(CliRunner().invoke(app, args), EXIT_FAILURE, "does not exist")
+    result = CliRunner().invoke(app, args)
+    assert_one_line_failure(result, EXIT_USAGE, f"--checkpoint {target}: the directory")  # before any work
+    assert "does not exist" in result.stderr
     assert files_under(tmp_path) == before
 
 

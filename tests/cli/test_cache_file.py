@@ -101,7 +101,7 @@ def test_refusals(tiny, tmp_path, text_file):
     refused(["summarize", "--load-cache", kv, "--save-cache", kv], 2, "together")
     refused(["summarize", "--load-cache", kv, "--checkpoint", str(tmp_path / "c")], 2, "drop --checkpoint")
     refused(["summarize", "--load-cache", str(tmp_path / "none.kv")], 1, "no such file")
-    refused(["summarize", text_file, "--save-cache", str(tmp_path / "no" / "a.kv")], 1, "does not exist")
+    refused(["summarize", text_file, "--save-cache", str(tmp_path / "no" / "a.kv")], 2, "does not exist")
     (tmp_path / "junk.kv").write_bytes(b"\x00" * 100)
     refused(["summarize", "--load-cache", str(tmp_path / "junk.kv")], 1, "not a cascadectl cache file")
     raw = bytearray(open(kv, "rb").read())

@@ -175,7 +175,7 @@ def test_resume_refusals(tmp_path, text_file, monkeypatch):
     refused(["ppl", text_file, *SMALL, "--checkpoint", str(tmp_path / "none"), "--resume"], 1, "no checkpoint")
     refused(["ppl", text_file, *SMALL, "--compare", "sink,cascade", "--checkpoint", str(tmp_path / "x")], 2,
             "--compare")
-    refused(["ppl", text_file, *SMALL, "--checkpoint", str(tmp_path / "no" / "x")], 1, "does not exist")
+    refused(["ppl", text_file, *SMALL, "--checkpoint", str(tmp_path / "no" / "x")], 2, "does not exist")
     refused(["ppl", text_file, *SMALL, "--checkpoint", str(tmp_path / "x"), "--checkpoint-every", "0"], 2,
             "--checkpoint-every")
     changed = tmp_path / "b.txt"

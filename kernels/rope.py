@@ -1,0 +1,71 @@
+"""Rotary position embedding in the HF convention (rotate_half: the two halves of the head dim, not interleaved
+pairs), applied with the model's own cos/sin tables so that any RoPE scaling is honoured.
+
+`apply_rope` is the torch form. The Triton device functions below rotate key tiles inside the attention kernels
+(kernels/paged_attention.py, kernels/decode_attention.py): a key is loaded as its two halves k1 = k[:D/2] and
+k2 = k[D/2:], rotated in fp32 as (k1·c1 − k2·s1, k2·c2 + k1·s2) and rounded back to the input dtype, so that
+q·k = q1·k1' + q2·k2' is two dots over D/2 and the rotated key is never written to memory.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import jit as _jit
+from ._triton import tl
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D] rotated by cos/sin [T, D] (the HF convention: halves, not interleaved pairs)."""
+    return x * cos + rotate_half(x) * sin
+
+
+@_jit
+def _rotate(k1, k2, c1, c2, s1, s2):
+    """Both halves of rotated keys, computed in fp32 and rounded once to the keys' dtype."""
+    k1f = k1.to(tl.float32)
+    k2f = k2.to(tl.float32)
+    r1 = k1f * c1.to(tl.float32) - k2f * s1.to(tl.float32)
+    r2 = k2f * c2.to(tl.float32) + k1f * s2.to(tl.float32)
+    return r1.to(k1.dtype), r2.to(k1.dtype)
+
+
+@_jit
+def _load_either(p_cache, p_new, in_cache, in_new):
+    """A tile whose rows (or columns) come from the cache where `in_cache` and from the chunk where `in_new`;
+    zero elsewhere. The masks are disjoint, so each element is read from memory at most once."""
+    return tl.where(in_cache, tl.load(p_cache, mask=in_cache, other=0.0), tl.load(p_new, mask=in_new, other=0.0))
+
+
+@_jit
+def _rope_tables(p_cos, p_sin, ok, HALF: tl.constexpr):
+    """cos/sin halves at the pointers' rows (the keys' positions): c1, c2, s1, s2."""
+    c1 = tl.load(p_cos, mask=ok, other=0.0)
+    c2 = tl.load(p_cos + HALF, mask=ok, other=0.0)
+    s1 = tl.load(p_sin, mask=ok, other=0.0)
+    s2 = tl.load(p_sin + HALF, mask=ok, other=0.0)
+    return c1, c2, s1, s2
+
+
+@_jit
+def _load_rotated(p_key, p_cos, p_sin, ok, HALF: tl.constexpr):
+    """Rotated key halves from one source: p_key points at each key's first half, p_cos/p_sin at its position's
+    table row (any tile layout: [N, D/2] or transposed [D/2, N])."""
+    k1 = tl.load(p_key, mask=ok, other=0.0)
+    k2 = tl.load(p_key + HALF, mask=ok, other=0.0)
+    c1, c2, s1, s2 = _rope_tables(p_cos, p_sin, ok, HALF)
+    return _rotate(k1, k2, c1, c2, s1, s2)
+
+
+@_jit
+def _load_rotated_either(p_cache, p_new, p_cos, p_sin, in_cache, in_new, HALF: tl.constexpr):
+    """Rotated key halves whose keys come from the cache (through its slots) or from the chunk, per row."""
+    k1 = _load_either(p_cache, p_new, in_cache, in_new)
+    k2 = _load_either(p_cache + HALF, p_new + HALF, in_cache, in_new)
+    c1, c2, s1, s2 = _rope_tables(p_cos, p_sin, in_cache | in_new, HALF)
+    return _rotate(k1, k2, c1, c2, s1, s2)
