@@ -366,10 +366,7 @@ class SummaryJob:
 def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, config: CacheConfig, load: Load,
                    device: str, device_map: str | None, job: SummaryJob, json_out: bool, quiet: bool) -> None:
     """`cascadectl summarize SOURCES --each --out DIR`: DIR/<path>.summary.md per file, then DIR/index.json."""
-    if out is None:
-        raise ConfigError("--each needs --out DIR: one summary file per input file is written there")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder (it is created if missing)")
+    out = check_out(out)
     corpus = list_corpus(sources, exclude=out)
     _warn_skipped(corpus)
     try:
@@ -433,6 +430,15 @@ def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, co
             Say.error(f"{n_failed} of {len(corpus.files)} files failed (listed above)")
     if n_failed:
         raise typer.Exit(EXIT_FAILURE)
+
+
+def check_out(out: Path | None) -> Path:
+    """The --out folder of `summarize --each`, refused before any work when missing or a file."""
+    if out is None:
+        raise ConfigError("--each needs --out DIR: one summary file per input file is written there")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder (it is created if missing)")
+    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:

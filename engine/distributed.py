@@ -1,11 +1,13 @@
-"""Several processes over one corpus: torchrun's environment, the process group, sharding and collectives.
+"""Several processes over one corpus: their environment, the process group, sharding and collectives.
 
-Nothing here schedules work: `torchrun` (torch.distributed.run) starts one process per GPU (or per CPU slot),
-torch.distributed moves the results (NCCL on CUDA, gloo on CPU). Files are assigned up front by size, so no
-rank waits on another until the final reduce and gather, and every rank reaches the same collectives in the
-same order whatever happens to a single file.
+Nothing here schedules work: the processes are started by cascadectl's own launcher (`--each --nproc N`, one
+host: cascadectl/launch.py) or by `torchrun` (torch.distributed.run, any number of hosts), which both describe
+each process in the same environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), one process
+per GPU (or per CPU slot); torch.distributed moves the results (NCCL on CUDA, gloo on CPU). Files are assigned
+up front by size, so no rank waits on another until the final reduce and gather, and every rank reaches the
+same collectives in the same order whatever happens to a single file.
 
-    world = world_from_env()                      # rank 0 of 1 without torchrun
+    world = world_from_env()                      # rank 0 of 1 when started alone
     with process_group(world, device):            # no-op for one process
         shard = shard_by_size(sizes, world.size)[world.rank]
         ...
@@ -31,7 +33,7 @@ COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among torchrun's processes; rank 0 of 1 when not started by torchrun."""
+    """This process's place among the workers (--nproc or torchrun); rank 0 of 1 when started alone."""
 
     rank: int = 0
     size: int = 1
@@ -47,33 +49,34 @@ class World:
 
 
 def world_from_env(environ: Mapping[str, str] = os.environ) -> World:
-    """The World torchrun describes in WORLD_SIZE, RANK and LOCAL_RANK (absent: one process)."""
+    """The World described by WORLD_SIZE, RANK and LOCAL_RANK (absent: one process)."""
     try:
         size = int(environ.get("WORLD_SIZE", "1"))
         rank = int(environ.get("RANK", "0"))
         local_rank = int(environ.get("LOCAL_RANK", str(rank)))
     except ValueError as e:
-        raise ConfigError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun): {e}") from e
+        raise ConfigError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by --nproc or torchrun): {e}") \
+            from e
     if size < 1 or not 0 <= rank < size or local_rank < 0:
-        raise ConfigError(f"inconsistent torchrun environment: RANK {rank}, LOCAL_RANK {local_rank}, WORLD_SIZE {size}")
+        raise ConfigError(f"inconsistent worker environment: RANK {rank}, LOCAL_RANK {local_rank}, WORLD_SIZE {size}")
     return World(rank, size, local_rank)
 
 
 def rank_device(world: World, device: str) -> str:
-    """`--device` for this rank: under torchrun, CUDA means cuda:LOCAL_RANK, so each process has its own GPU."""
+    """`--device` for this rank: with several processes, CUDA means cuda:LOCAL_RANK, so each has its own GPU."""
     if not world.distributed:
         return device
     name = (device or "auto").strip().lower()
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return "cpu"
     if name not in ("auto", "cuda"):
-        raise ConfigError(f"--device {device} pins one GPU, but under torchrun each process uses cuda:LOCAL_RANK; "
-                          f"use --device auto or cuda")
+        raise ConfigError(f"--device {device} pins one GPU, but with several processes each uses its own "
+                          f"(cuda:LOCAL_RANK); use --device auto or cuda")
     if not torch.cuda.is_available():
         return name  # "cuda" without CUDA: the loader says so in its own words
     if world.local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK {world.local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
-                          f"visible; lower --nproc-per-node")
+        raise ConfigError(f"{world.local_rank + 1} processes on this host need as many GPUs, but "
+                          f"{torch.cuda.device_count()} are visible; lower --nproc (torchrun: --nproc-per-node)")
     return f"cuda:{world.local_rank}"
 
 

@@ -15,6 +15,7 @@ from engine.tokens import iter_token_ids, rechunk
 
 from .. import checkpoints as ck
 from .. import corpus
+from .. import launch
 from .. import options as o
 from .. import plot as plots
 from ..common import ChunkInterrupts, handle_errors, require_text, resolve_sources
@@ -24,6 +25,7 @@ from ..ppl_report import PplRun, render
 
 @handle_errors
 def ppl(
+    ctx: typer.Context,
     sources: o.Sources = None,
     model: o.Model = None,
     device: o.Device = "auto",
@@ -42,6 +44,7 @@ def ppl(
     json_out: o.Json = False,
     quiet: o.Quiet = False,
     each: corpus.Each = False,
+    nproc: launch.Nproc = None,
     checkpoint: ck.CheckpointFile = None,
     checkpoint_every: ck.CheckpointEvery = ck.DEFAULT_EVERY,
     resume: ck.Resume = False,
@@ -59,9 +62,10 @@ def ppl(
 
       cat notes.md | cascadectl ppl --json
 
-      cascadectl ppl corpus/ --each          (torchrun --nproc-per-node 4 -m cascadectl ppl corpus/ --each)
+      cascadectl ppl corpus/ --each --nproc 4          (4 worker processes, one per GPU)
     """
     Say.quiet = quiet
+    launch.require_each(nproc, each)
     srcs = resolve_sources(sources)
     names = [p.strip() for p in compare.split(",") if p.strip()] if compare else [policy]
     settings = dict(cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
@@ -71,11 +75,14 @@ def ppl(
         if each or resume:  # a resumed run has no per-token NLL from before the checkpoint
             raise ConfigError(f"--plot draws one uninterrupted stream: drop {'--each' if each else '--resume'}")
         plots.require(plot)
-    if each:  # a row per file, maybe sharded over torchrun's processes: each loads its own model (corpus.py)
+    if each:  # a row per file, maybe over --nproc or torchrun processes: each loads its own model (corpus.py)
         if len(configs) > 1:
             raise ConfigError("--each runs one --policy; drop --compare (compare policies on single files)")
         if checkpoint or resume:
             raise ConfigError("--checkpoint/--resume follow one stream; with --each, rerun the files that failed")
+        if (n := launch.processes(nproc, device, device_map)) > 1:  # this command again in n workers (launch.py)
+            corpus.list_corpus(srcs)  # a missing path fails here, once, not in every worker
+            return launch.run_workers(n, ctx)
         load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
         return corpus.ppl_each(srcs, configs[0], load, device, device_map, json_out, quiet)
     opts = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)

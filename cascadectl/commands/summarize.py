@@ -11,6 +11,7 @@ from engine.prompt import build_prompt, summary_instruction
 from .. import answering as a
 from .. import checkpoints as ck
 from .. import corpus
+from .. import launch
 from .. import options as o
 from ..common import handle_errors, resolve_sources
 from ..console import Say
@@ -42,6 +43,7 @@ def summarize(
     each: corpus.Each = False,
     out: corpus.Out = None,
     skip_existing: corpus.SkipExisting = False,
+    nproc: launch.Nproc = None,
     save_cache: a.SaveCache = None,
     load_cache: a.LoadCache = None,
     checkpoint: ck.CheckpointFile = None,
@@ -58,13 +60,14 @@ def summarize(
 
       cat report.txt | cascadectl summarize --json
 
-      cascadectl summarize papers/ --each --out summaries/
+      cascadectl summarize papers/ --each --out summaries/ --nproc auto
 
       cascadectl summarize book.pdf --save-cache book.kv
 
       cascadectl summarize --load-cache book.kv --words 50
     """
     Say.quiet = quiet
+    launch.require_each(nproc, each)
     resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     a.check_cache_files(save_cache, load_cache, resumable)
     if load_cache and sources:
@@ -74,13 +77,16 @@ def summarize(
                          head_reduce=head_reduce, stride=stride) if not load_cache else CacheConfig()  # file's
     if (out is not None or skip_existing) and not each:
         raise ConfigError("--out and --skip-existing go with --each (one summary file per input file)")
-    if each:  # one summary file per input file, maybe over torchrun's processes: each loads its own model
+    if each:  # one summary file per input file, maybe over --nproc or torchrun processes, each with its model
         if report:
             raise ConfigError("--report describes one input; with --each, see index.json in --out")
         if checkpoint or resume or save_cache or load_cache:
             raise ConfigError("--checkpoint, --resume and the cache files follow one input; with --each, "
                               "--skip-existing resumes a run")
         request = summary_instruction(words, instruction)
+        if (n := launch.processes(nproc, device, device_map)) > 1:  # this command again in n workers (launch.py)
+            corpus.list_corpus(srcs, exclude=corpus.check_out(out))  # checked here, once, not in every worker
+            return launch.run_workers(n, ctx)
         generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "instruction": request}
         job = corpus.SummaryJob(lambda tok: build_prompt(tok, request, request, cue="Summary:"), max_tokens,
                                 temperature, seed, generation)
