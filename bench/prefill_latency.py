@@ -2,15 +2,22 @@
 bf16 inputs, batch 1, whole-sequence time over T tokens (docs/ALGORITHM.md §8, the paper's latency protocol).
 
 Providers, all in one run so that the ratios come from one card:
-  cascade   per chunk of `--stride`: CascadeCache.begin (host plan) + past + RoPE of [sinks | cache | chunk] keys
-            + Triton chunk attention with exact EMA scores + CascadeCache.update/end; what one layer of the engine
-            does per chunk. `cascade_gpu` is the same loop timed on the GPU only (events after begin() to after
-            end(), summed), i.e. without the host plan, which the engine pays once per chunk for all layers.
+  cascade   what one layer of the engine does per chunk of `--stride` on CUDA: CascadeCache.begin (host plan),
+            RoPE of the chunk's queries, `chunk_attention_paged` straight from the cache's buffers (keys gathered
+            through the slot order and rotated inside the Triton kernels, exact EMA scores), CascadeCache.update/end.
+            `cascade_gpu` is the same loop timed on the GPU only (events after begin() to after end(), summed), i.e.
+            without the host plan, which the engine pays once per chunk for all layers.
+  cascade_prerot   the same, but the keys are gathered and rotated once per chunk into a scratch copy by one
+            Triton pass (`materialise_triton`) and the unpaged kernels run on it (PREROTATE_MIN_QUERIES).
+  cascade_gather   the engine before the fused path: past() index_select gathers + cat + torch RoPE of all
+            [sinks | cache | chunk] keys, then `chunk_attention` (the rows of docs/BENCHMARKS.md run 2).
   flash     SDPA flash attention, causal, over the whole sequence in one call (quadratic).
   window    plain SDPA per chunk over [last S+N keys | chunk] (lower-right causal), no scores, no cache work.
   window_tr our Triton forward alone (no scores) per chunk over the same keys.
 Plus the chunk kernel alone at one stride over a full cache, as TFLOP/s against a bf16 matmul ceiling measured in
-the same run: FLOPs = c·Hq·D·(L·K_c + L(L+1)/2), K_c = S + N cached keys, c = 4 (output) or 6 (output + scores).
+the same run: FLOPs = c·Hq·D·(L·K_c + L(L+1)/2), K_c = S + N cached keys, c = 4 (output) or 6 (output + scores);
+the paged kernels on the same chunk with the cache in a random slot order (rows *_paged), the gather + RoPE
+alone (torch, and one Triton pass), and decode with and without the paged kernels.
 
     python bench/prefill_latency.py --tokens 4096,16384,65536,262144,1048576 --stride 4096 --tune \
         --sweep-tokens 262144 --sweep-strides 1024,2048,4096,8192 --out bench/results/gpu.jsonl
@@ -34,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kernels.chunk_attention as ca  # noqa: E402
 import kernels.decode_attention as da  # noqa: E402
+import kernels.paged_attention as pa  # noqa: E402
 from engine.attention import apply_rope  # noqa: E402
 from engine.cache.base import CacheShape  # noqa: E402
 from engine.cache.cascade import CascadeCache  # noqa: E402
@@ -101,8 +109,11 @@ def chunk_flops(n_q: int, n_c: int, per_pair: int) -> float:
 # ---- whole-sequence providers
 
 
-def run_cascade(q, k, v, args, cos, sin, emas) -> dict:
-    """One layer of the engine over the whole sequence; returns wall seconds and GPU-side breakdown."""
+def run_cascade(q, k, v, args, cos, sin, emas, mode: str = "paged") -> dict:
+    """One layer of the engine over the whole sequence; returns wall seconds and GPU-side breakdown.
+
+    mode: "paged" (the engine on CUDA: keys rotated inside the kernels), "prerot" (one Triton gather + rotate
+    pass, then the unpaged kernels) or "gather" (the engine before: torch gathers, cat and RoPE)."""
     t_total = q.shape[2]
     shape = CacheShape(1, 1, HKV, D, DT, torch.device(DEV))
     cache = CascadeCache(shape, args.sinks, args.cache_size, args.cascades, args.beta)
@@ -118,14 +129,24 @@ def run_cascade(q, k, v, args, cos, sin, emas) -> dict:
         host_plan += time.perf_counter() - h0
         e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         e[0].record()
-        k_past, v_past = cache.past(0)
-        p = k_past.shape[2]
+        p = cache.n_past
         k_new, v_new = k[:, :, s0 : s0 + n], v[:, :, s0 : s0 + n]
-        k_all = apply_rope(torch.cat([k_past, k_new], dim=2), cos[: p + n], sin[: p + n])
-        v_all = torch.cat([v_past, v_new], dim=2)
         q_rot = apply_rope(q[:, :, s0 : s0 + n], cos[p : p + n], sin[p : p + n])
+        if mode == "gather":
+            k_past, v_past = cache.past(0)
+            k_all = apply_rope(torch.cat([k_past, k_new], dim=2), cos[: p + n], sin[: p + n])
+            v_all = torch.cat([v_past, v_new], dim=2)
         e[1].record()
-        out, scores = ca.chunk_attention(q_rot, k_all, v_all, scale, emas[n], cache.n_sinks_filled, "max")
+        if mode == "gather":
+            out, scores = ca.chunk_attention(q_rot, k_all, v_all, scale, emas[n], cache.n_sinks_filled, "max")
+        else:
+            k_buf, v_buf, order = cache.past_slots(0)
+            paged = (q_rot, k_buf, v_buf, order, k_new, v_new, cos[: p + n], sin[: p + n], scale, emas[n],
+                     cache.n_sinks_filled, "max")
+            if mode == "paged":
+                out, scores = pa.chunk_attention_paged(*paged)  # the engine's call (engine/attention.py)
+            else:
+                out, scores = pa.chunk_attention_paged_triton(*paged, prerotate=True)
         e[2].record()
         cache.update(0, k_new, v_new, scores)
         cache.end()
@@ -270,6 +291,7 @@ def kernel_section(args, emit) -> None:
             best_sc, best_t = cfg, t
     if best_sc is not None:
         ca.SCORES_CONFIG[D] = best_sc
+    paged_section(args, emit, sets, ema)
     # the same chunk through the references, for scale
     q, k, v = sets[0]
     win = Window(n_c)
@@ -299,18 +321,101 @@ def kernel_section(args, emit) -> None:
             best_dec, best_t = cfg, t
     if best_dec is not None:
         da.DECODE_CONFIG = best_dec
+    # the engine's decode step over the cache's buffers: paged (rotate on load) vs gather + RoPE + kernels
+    order = torch.randperm(n_c, device=DEV)
+    cos, sin = rotary(n_c + 1)
+    step = (qd, k[:, :, :n_c], v[:, :, :n_c], order, k[:, :, n_c : n_c + 1], v[:, :, n_c : n_c + 1], cos, sin)
+
+    def gathered_decode():
+        k_all, v_all = pa.materialise(*step[1:])
+        return ca.chunk_attention_triton(qd, k_all, v_all, scale, ema1, args.sinks, "max")
+
+    dec_cands = [da.PAGED_DECODE_CONFIG]
+    if args.tune:
+        dec_cands += [dict(BLOCK_N=bn, num_warps=w, num_stages=st, PROGRAMS_PER_SM=ps) for bn, w, st, ps in
+                      [(32, 4, 4, 8), (64, 4, 3, 4), (64, 8, 3, 4), (128, 8, 3, 4), (32, 4, 3, 2)]]
+    best_dec, best_t = None, math.inf
+    for cfg in dec_cands:
+        try:
+            t = graph_time(lambda: pa.chunk_attention_paged_triton(*step, scale, ema1, args.sinks, "max",
+                                                                   decode_config=cfg))
+        except Exception as exc:
+            print(f"decode paged {cfg}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
+            continue
+        emit(dict(section="kernel", what="decode_paged_scores_graph", config=cfg, K=n_c + 1, us=t * 1e6,
+                  GBps=kv_bytes / t / 1e9))
+        if t < best_t:
+            best_dec, best_t = cfg, t
+    if best_dec is not None:
+        da.PAGED_DECODE_CONFIG = best_dec
+
     cases = [
         ("decode_scores", lambda: ca.chunk_attention_triton(qd, kd, vd, scale, ema1, args.sinks, "max")),
         ("decode_no_scores", lambda: ca.chunk_attention_triton(qd, kd, vd, scale, None)),
         ("decode_sdpa_no_scores", lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)),
+        ("decode_paged_scores", lambda: pa.chunk_attention_paged_triton(*step, scale, ema1, args.sinks, "max")),
+        ("decode_paged_no_scores", lambda: pa.chunk_attention_paged_triton(*step, scale, None)),
+        ("decode_gather_rope_scores", gathered_decode),
     ]
     for what, fn in cases:
         t = gpu_time(fn, reps=50)
-        emit(dict(section="kernel", what=what + "_eager", config=da.DECODE_CONFIG, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
+        cfg = da.PAGED_DECODE_CONFIG if "paged" in what else da.DECODE_CONFIG
+        emit(dict(section="kernel", what=what + "_eager", config=cfg, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
         t = graph_time(fn)
-        emit(dict(section="kernel", what=what + "_graph", config=da.DECODE_CONFIG, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
+        emit(dict(section="kernel", what=what + "_graph", config=cfg, K=n_c + 1, us=t * 1e6, GBps=kv_bytes / t / 1e9))
     del sets, q, k, v
     torch.cuda.empty_cache()
+
+
+def paged_section(args, emit, sets, ema) -> None:
+    """The paged kernels on the kernel section's chunk: the S + N cached keys are a pre-RoPE buffer read in a
+    random slot order, the chunk's keys come from their own pointer. Tunes PAGED_*_CONFIG with --tune."""
+    n_q, n_c = args.stride, args.sinks + args.cache_size
+    n_k = n_c + n_q
+    scale = D**-0.5
+    order = torch.randperm(n_c, device=DEV)
+    cos, sin = rotary(n_k)
+    paged_sets = [(q, k[:, :, :n_c], v[:, :, :n_c], order, k[:, :, n_c:], v[:, :, n_c:], cos, sin) for q, k, v in sets]
+    f4, f6 = chunk_flops(n_q, n_c, 4), chunk_flops(n_q, n_c, 6)
+    fwd_cands, sc_cands = [pa.PAGED_FWD_CONFIG[D]], [pa.PAGED_SCORES_CONFIG[D]]
+    if args.tune:  # shapes without register spills on sm_90 (ptxas -v) first, then the unpaged kernels' best
+        fwd_cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
+                      [(128, 32, 8, 3), (128, 32, 8, 4), (128, 64, 8, 4), (128, 64, 8, 2), (64, 32, 4, 3)]]
+        sc_cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
+                     [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 4, 3)]]
+    it = [0]
+
+    def pick():
+        it[0] += 1
+        return paged_sets[it[0] % 2]
+
+    for what, flops, cands, key, table in (
+        ("fwd_no_scores_paged", f4, fwd_cands, "fwd_config", pa.PAGED_FWD_CONFIG),
+        ("fwd_plus_scores_paged", f6, sc_cands, "scores_config", pa.PAGED_SCORES_CONFIG),
+    ):
+        with_scores = key == "scores_config"
+        best, best_t = None, math.inf
+        for cfg in cands:
+            try:
+                t = gpu_time(lambda: pa.chunk_attention_paged_triton(
+                    *pick(), scale, ema if with_scores else None, args.sinks, "max", prerotate=False, **{key: cfg}),
+                    reps=10)
+            except Exception as exc:  # a candidate that fails to compile or runs out of resources
+                print(f"{what} {cfg}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
+                continue
+            emit(dict(section="kernel", what=what, config=cfg, L=n_q, K=n_k, ms=t * 1e3, tflops=flops / t / 1e12))
+            if t < best_t:
+                best, best_t = cfg, t
+        if best is not None:
+            table[D] = best
+    t = gpu_time(lambda: pa.chunk_attention_paged_triton(*pick(), scale, ema, args.sinks, "max", prerotate=True),
+                 reps=10)
+    emit(dict(section="kernel", what="prerot_fwd_plus_scores", config=ca.SCORES_CONFIG[D], L=n_q, K=n_k,
+              ms=t * 1e3, tflops=f6 / t / 1e12))
+    kv_bytes = 2 * 2 * n_k * HKV * D * 2  # read and write K and V, bf16
+    for what, fn in (("gather_rope_torch", pa.materialise), ("gather_rope_triton", pa.materialise_triton)):
+        t = gpu_time(lambda: fn(*pick()[1:]), reps=10)
+        emit(dict(section="kernel", what=what, K=n_k, ms=t * 1e3, GBps=kv_bytes / t / 1e9))
 
 
 def sequence_section(args, tokens: list[int], strides: list[int], emit, with_flash: bool = True) -> None:
@@ -333,10 +438,11 @@ def sequence_section(args, tokens: list[int], strides: list[int], emit, with_fla
             r = dict(row, stride=stride)
             a = dict(args.__dict__, stride=stride)
             ns = argparse.Namespace(**a)
-            run_cascade(q[:, :, : min(t_total, 2 * stride)], k, v, ns, cos, sin, emas)  # warm-up (compiles)
-            runs = [run_cascade(q, k, v, ns, cos, sin, emas) for _ in range(reps)]
-            c = sorted(runs, key=lambda x: x["wall"])[len(runs) // 2]
-            r.update({f"cascade_{key}_s": val for key, val in c.items()})
+            for mode, name in (("paged", "cascade"), ("prerot", "cascade_prerot"), ("gather", "cascade_gather")):
+                run_cascade(q[:, :, : min(t_total, 2 * stride)], k, v, ns, cos, sin, emas, mode)  # warm-up (compiles)
+                runs = [run_cascade(q, k, v, ns, cos, sin, emas, mode) for _ in range(reps)]
+                c = sorted(runs, key=lambda x: x["wall"])[len(runs) // 2]
+                r.update({f"{name}_{key}_s": val for key, val in c.items()})
             win.run(q[:, :, : 2 * stride], k, v, stride)
             r["window_s"] = sorted(wall(lambda: win.run(q, k, v, stride)) for _ in range(reps))[reps // 2]
             win.run(q[:, :, : 2 * stride], k, v, stride, triton=True)
@@ -345,8 +451,10 @@ def sequence_section(args, tokens: list[int], strides: list[int], emit, with_fla
             if with_flash:
                 r["speedup_vs_flash_wall"] = r["flash_s"] / r["cascade_wall_s"]
                 r["speedup_vs_flash_gpu"] = r["flash_s"] / r["cascade_gpu_s"]
-            r["overhead_vs_window_wall"] = r["cascade_wall_s"] / r["window_s"] - 1
-            r["overhead_vs_window_gpu"] = r["cascade_gpu_s"] / r["window_s"] - 1
+            for name in ("cascade", "cascade_prerot", "cascade_gather"):
+                prefix = "" if name == "cascade" else name[len("cascade_"):] + "_"
+                r[f"{prefix}overhead_vs_window_wall"] = r[f"{name}_wall_s"] / r["window_s"] - 1
+                r[f"{prefix}overhead_vs_window_gpu"] = r[f"{name}_gpu_s"] / r["window_s"] - 1
             emit(r)
         del q, k, v
         torch.cuda.empty_cache()
@@ -398,14 +506,17 @@ def main() -> None:
             t = f"{r['ms']:8.2f} ms" if "ms" in r else f"{r['us']:8.1f} us"
             print(f"  {r['what']:<24} {str(r.get('config', r.get('method', ''))):<66} {t}  {rate}")
     print(f"\n{'T':>8} {'stride':>6} {'flash s':>8} {'cascade s':>9} {'(gpu s)':>8} {'plan s':>7} {'window s':>8} "
-          f"{'win-tr s':>8} {'x flash':>7} {'(gpu)':>6} {'+% win':>7} {'(gpu)':>6}")
+          f"{'win-tr s':>8} {'x flash':>7} {'(gpu)':>6} {'+% win':>7} {'(gpu)':>6} {'prerot gpu':>10} {'gather gpu':>10}")
     for r in rows:
         if r["section"] == "sequence":
             fl = r.get("flash_s")
             print(f"{r['T']:>8} {r['stride']:>6} {fl if fl else float('nan'):8.3f} {r['cascade_wall_s']:9.3f} "
                   f"{r['cascade_gpu_s']:8.3f} {r['cascade_host_plan_s']:7.3f} {r['window_s']:8.3f} {r['window_triton_s']:8.3f} "
                   f"{r.get('speedup_vs_flash_wall', float('nan')):7.2f} {r.get('speedup_vs_flash_gpu', float('nan')):6.2f} "
-                  f"{100 * r['overhead_vs_window_wall']:6.0f}% {100 * r['overhead_vs_window_gpu']:5.0f}%")
+                  f"{100 * r['overhead_vs_window_wall']:6.0f}% {100 * r['overhead_vs_window_gpu']:5.0f}% "
+                  f"{100 * r['prerot_overhead_vs_window_gpu']:9.0f}% {100 * r['gather_overhead_vs_window_gpu']:9.0f}%")
+    print("(cascade = the engine's path: keys rotated inside the paged kernels; prerot = one gather + rotate pass, "
+          "then the unpaged kernels; gather = the old torch gather + RoPE; +% over window SDPA, GPU time)")
 
 
 if __name__ == "__main__":

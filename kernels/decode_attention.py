@@ -17,6 +17,9 @@ from .rope import _load_either, _load_rotated_either
 
 # PROGRAMS_PER_SM sets the key splits (split-K) so that batch 1 fills the GPU.
 DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4)
+# The paged split kernel also holds fp32 key halves and cos/sin tiles: at BLOCK_N 128 ptxas (sm_90) reports
+# 1244 bytes of spills, at 32 none. Untimed; bench/prefill_latency.py --tune times the candidates.
+PAGED_DECODE_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=4, PROGRAMS_PER_SM=4)
 
 
 @_jit
@@ -260,7 +263,7 @@ def _decode_paged_triton(q, k_cache, v_cache, order, n_past, k_new, v_new, cos, 
     b, hq, _, d = q.shape
     hkv = k_cache.shape[1]
     g, n_k = hq // hkv, n_past + 1
-    n_splits, split_len, cfg = _split(q, hkv, n_k, decode_config)
+    n_splits, split_len, cfg = _split(q, hkv, n_k, decode_config or PAGED_DECODE_CONFIG)
     parts = _partials(q, n_splits, n_k, ema is not None)
     _decode_split_paged_kernel[(n_splits, b * hkv)](
         q, k_cache, v_cache, order, k_new, v_new, cos, sin, parts[3], *parts[:3],

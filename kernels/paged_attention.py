@@ -29,9 +29,15 @@ from torch import Tensor
 
 from ._triton import LOG2E, tl, triton
 from ._triton import jit as _jit
-from .chunk_attention import FWD_CONFIG, SCORES_CONFIG, _fit_rows, chunk_attention, chunk_attention_ref, triton_supports
+from .chunk_attention import (
+    _fit_rows,
+    chunk_attention,
+    chunk_attention_ref,
+    chunk_attention_triton,
+    triton_supports,
+)
 from .decode_attention import _decode_paged_triton
-from .rope import _load_rotated, _load_rotated_either, apply_rope
+from .rope import _load_either, _load_rotated, _load_rotated_either, apply_rope
 
 
 def materialise(k_cache: Tensor, v_cache: Tensor, order: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor,
@@ -239,16 +245,65 @@ def _paged_scores_kernel(
     tl.store(SCORES + pid_bh.to(tl.int64) * (n_k - n_sinks) + (cols - n_sinks), result, mask=c_ok)
 
 
-def chunk_attention_paged_triton(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, order: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor,
-    sin: Tensor, scale: float, ema: Tensor | None = None, n_sinks: int = 0, head_reduce: str = "max",
-    fwd_config: dict | None = None, scores_config: dict | None = None, decode_config: dict | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Same contract as `chunk_attention_paged_ref`, on the Triton kernels. No host sync."""
+@_jit
+def _gather_rotate_kernel(
+    KC, VC, ORDER, KN, VN, COS, SIN, K_OUT, V_OUT,
+    stride_kcb, stride_kch, stride_kcn,
+    stride_vcb, stride_vch, stride_vcn,
+    stride_knb, stride_knh, stride_knn,
+    stride_vnb, stride_vnh, stride_vnn,
+    stride_cs,
+    n_past, n_k, n_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """`materialise` in one pass: BLOCK_N rows of [cache slots in ORDER | chunk] of one KV head, keys rotated at
+    their row's position, written to contiguous K_OUT, V_OUT [B, Hkv, n_k, D]."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_kv_heads
+    kvh = pid_bh % n_kv_heads
+    HALF: tl.constexpr = HEAD_DIM // 2
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    c_ok = cols < n_k
+    in_c = cols < n_past
+    is_new = c_ok & (cols >= n_past)
+    slot = tl.load(ORDER + cols, mask=in_c, other=0).to(tl.int64)
+    k1, k2 = _load_rotated_either(
+        KC + b * stride_kcb + kvh * stride_kch + slot[:, None] * stride_kcn + offs_h[None, :],
+        KN + b * stride_knb + kvh * stride_knh + (cols - n_past)[:, None] * stride_knn + offs_h[None, :],
+        COS + cols[:, None] * stride_cs + offs_h[None, :], SIN + cols[:, None] * stride_cs + offs_h[None, :],
+        in_c[:, None], is_new[:, None], HALF)
+    row = pid_bh * n_k + cols
+    tl.store(K_OUT + row[:, None] * HEAD_DIM + offs_h[None, :], k1, mask=c_ok[:, None])
+    tl.store(K_OUT + row[:, None] * HEAD_DIM + HALF + offs_h[None, :], k2, mask=c_ok[:, None])
+    v = _load_either(VC + b * stride_vcb + kvh * stride_vch + slot[:, None] * stride_vcn + offs_d[None, :],
+                     VN + b * stride_vnb + kvh * stride_vnh + (cols - n_past)[:, None] * stride_vnn + offs_d[None, :],
+                     in_c[:, None], is_new[:, None])
+    tl.store(V_OUT + row[:, None] * HEAD_DIM + offs_d[None, :], v, mask=c_ok[:, None])
+
+
+# Block shapes of the paged kernels, per head dim. Rotating on load needs registers for the fp32 halves and the
+# cos/sin tiles, so they are tuned apart from the unpaged ones (bench/prefill_latency.py --tune). Untimed so far:
+# the unpaged shapes, but 8 warps for the scores pass, where ptxas (sm_90, triton 3.7) reports no spills
+# (4 warps: 896 bytes); the forward at 128/64/8 spills 56 bytes, at 128/32/8 none.
+PAGED_FWD_CONFIG = {128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)}
+PAGED_SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+                       64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)}
+
+# From this many queries on, chunk_attention_paged_triton rotates the keys once into a scratch copy
+# (`materialise_triton`, one pass) and runs the unpaged kernels, instead of rotating every key tile in every
+# (query block, head) program: (L / BLOCK_M)·G rotations per key, CUDA-core work beside the softmax. Set from
+# bench/prefill_latency.py (rows cascade_paged vs cascade_prerot); the default rotates inside the kernels always.
+PREROTATE_MIN_QUERIES = 1 << 62
+
+
+def _check_paged(q, k_cache, v_cache, order, k_new, v_new, cos, sin) -> None:
     b, hq, n_q, d = q.shape
-    hkv, n_past = k_cache.shape[1], order.shape[0]
-    g, n_k = hq // hkv, n_past + n_q
-    assert hq == g * hkv and d in (16, 32, 64, 128, 256), (q.shape, k_cache.shape)
+    hkv, n_k = k_cache.shape[1], order.shape[0] + n_q
+    assert hq % hkv == 0 and d in (16, 32, 64, 128, 256), (q.shape, k_cache.shape)
     assert k_cache.shape == v_cache.shape and k_cache.shape[0] == b and k_cache.shape[3] == d, (k_cache.shape, q.shape)
     assert k_new.shape == v_new.shape == (b, hkv, n_q, d), (k_new.shape, v_new.shape, q.shape)
     assert order.dim() == 1 and cos.shape == sin.shape and cos.shape[0] >= n_k and cos.shape[1] == d, (order.shape,
@@ -256,19 +311,60 @@ def chunk_attention_paged_triton(
     assert cos.stride() == sin.stride(), "cos and sin must share one layout"
     for t in (q, k_cache, v_cache, k_new, v_new, cos):
         assert t.stride(-1) == 1, "head dim must be contiguous"
-    if n_past == 0:  # a pointer to an empty tensor may be null: hand the kernels a valid one (never read)
-        order = torch.zeros(1, dtype=torch.long, device=q.device)
+
+
+def _kv_strides(k_cache, v_cache, k_new, v_new) -> tuple[int, ...]:
+    return (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            v_new.stride(0), v_new.stride(1), v_new.stride(2))
+
+
+def _valid_order(order: Tensor) -> Tensor:
+    """A pointer to an empty tensor may be null: hand the kernels a valid one (never read) when P = 0."""
+    return order if order.shape[0] else torch.zeros(1, dtype=torch.long, device=order.device)
+
+
+def materialise_triton(k_cache: Tensor, v_cache: Tensor, order: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor,
+                       sin: Tensor, block_n: int = 64) -> tuple[Tensor, Tensor]:
+    """`materialise` as one Triton pass (keys rotated in fp32, rounded once): contiguous [B, Hkv, P+L, D]."""
+    b, hkv, n_q, d = k_new.shape
+    n_past = order.shape[0]
+    n_k = n_past + n_q
+    k_all = k_new.new_empty(b, hkv, n_k, d)
+    v_all = v_new.new_empty(b, hkv, n_k, d)
+    _gather_rotate_kernel[(triton.cdiv(n_k, block_n), b * hkv)](
+        k_cache, v_cache, _valid_order(order), k_new, v_new, cos, sin, k_all, v_all,
+        *_kv_strides(k_cache, v_cache, k_new, v_new), cos.stride(0),
+        n_past, n_k, hkv,
+        HEAD_DIM=d, BLOCK_N=block_n, num_warps=4,
+    )
+    return k_all, v_all
+
+
+def chunk_attention_paged_triton(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, order: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor,
+    sin: Tensor, scale: float, ema: Tensor | None = None, n_sinks: int = 0, head_reduce: str = "max",
+    fwd_config: dict | None = None, scores_config: dict | None = None, decode_config: dict | None = None,
+    prerotate: bool | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Same contract as `chunk_attention_paged_ref`, on the Triton kernels. No host sync. `prerotate` (default:
+    L >= PREROTATE_MIN_QUERIES) rotates the keys once into a scratch copy and runs the unpaged kernels instead."""
+    _check_paged(q, k_cache, v_cache, order, k_new, v_new, cos, sin)
+    b, hq, n_q, d = q.shape
+    hkv, n_past = k_cache.shape[1], order.shape[0]
+    g, n_k = hq // hkv, n_past + n_q
     qk_scale = scale * LOG2E
     if n_q == 1:
-        return _decode_paged_triton(q, k_cache, v_cache, order, n_past, k_new, v_new, cos, sin, qk_scale, ema,
-                                    n_sinks, head_reduce, decode_config)
-    kv_strides = (
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_new.stride(0), k_new.stride(1), k_new.stride(2),
-        v_new.stride(0), v_new.stride(1), v_new.stride(2),
-    )
-    fc = dict(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]))
+        return _decode_paged_triton(q, k_cache, v_cache, _valid_order(order), n_past, k_new, v_new, cos, sin,
+                                    qk_scale, ema, n_sinks, head_reduce, decode_config)
+    if prerotate is None:
+        prerotate = n_q >= PREROTATE_MIN_QUERIES
+    if prerotate:
+        k_all, v_all = materialise_triton(k_cache, v_cache, order, k_new, v_new, cos, sin)
+        return chunk_attention_triton(q, k_all, v_all, scale, ema, n_sinks, head_reduce, fwd_config, scores_config)
+    order = _valid_order(order)
+    fc = dict(fwd_config or PAGED_FWD_CONFIG.get(d, PAGED_FWD_CONFIG[128]))
     fc["BLOCK_M"] = _fit_rows(fc["BLOCK_M"], n_q)
     out = torch.empty_like(q)
     with_scores = ema is not None
@@ -277,7 +373,7 @@ def chunk_attention_paged_triton(
     _paged_fwd_kernel[(triton.cdiv(n_q, fc["BLOCK_M"]), b * hq)](
         q, k_cache, v_cache, order, k_new, v_new, cos, sin, out, bias, ema_f,
         q.stride(0), q.stride(1), q.stride(2),
-        *kv_strides,
+        *_kv_strides(k_cache, v_cache, k_new, v_new),
         cos.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         n_q, n_past, hq, g, qk_scale,
@@ -285,7 +381,7 @@ def chunk_attention_paged_triton(
     )
     if not with_scores:
         return out, None
-    sc = dict(scores_config or SCORES_CONFIG.get(d, SCORES_CONFIG[128]))
+    sc = dict(scores_config or PAGED_SCORES_CONFIG.get(d, PAGED_SCORES_CONFIG[128]))
     sc["BLOCK_M"] = _fit_rows(sc["BLOCK_M"], n_q)
     scores = torch.empty(b, hkv, n_k - n_sinks, dtype=torch.float32, device=q.device)
     _paged_scores_kernel[(triton.cdiv(n_k - n_sinks, sc["BLOCK_N"]), b * hkv)](

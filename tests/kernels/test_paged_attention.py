@@ -181,6 +181,20 @@ def test_interpreted_kernels_small_blocks(interp, shape):
           INTERP_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[5]], ids=str)
+def test_interpreted_materialise_and_prerotate(interp, shape):
+    """The one-pass gather + rotate equals `materialise` with keys rotated in fp32 (exactly, in fp32), and the
+    pre-rotated route of the Triton dispatch equals the reference."""
+    x = paged_inputs(shape, torch.float32)
+    parts = [x[name] for name in ("k_cache", "v_cache", "order", "k_new", "v_new", "cos", "sin")]
+    k_all, v_all = interp.materialise_triton(*parts, block_n=16)
+    want_k, want_v = materialise(*parts)
+    torch.testing.assert_close(k_all, want_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(v_all, want_v) and k_all.is_contiguous()
+    check(interp.chunk_attention_paged_triton(**x, prerotate=True), chunk_attention_paged_ref(**x),
+          INTERP_TOL[torch.float32])
+
+
 def test_interpreted_kernels_agree_with_the_unpaged_kernels(interp):
     """The paged kernels on the cache equal the existing kernels on the materialised, rotated keys."""
     unpaged = sys.modules["_kernels_interpreted.chunk_attention"]
@@ -299,9 +313,10 @@ def fp32_rope_ref(x: dict):
 def test_triton_matches_ref(shape, dtype):
     for temperature in (1.0, 4.0):  # flat and peaked softmax
         x = paged_inputs(shape, dtype, "cuda", temperature)
-        got = pa.chunk_attention_paged_triton(**x)
-        check(got, fp32_rope_ref(x), GPU_TOL[dtype])
-        check(got, chunk_attention_paged_ref(**x), GPU_TOL_ENGINE_ROPE[dtype])
+        for prerotate in (False, True):  # keys rotated in the kernels, or once into a scratch copy
+            got = pa.chunk_attention_paged_triton(**x, prerotate=prerotate)
+            check(got, fp32_rope_ref(x), GPU_TOL[dtype])
+            check(got, chunk_attention_paged_ref(**x), GPU_TOL_ENGINE_ROPE[dtype])
         x["ema"] = None
         check(pa.chunk_attention_paged_triton(**x), fp32_rope_ref(x), GPU_TOL[dtype])
 
@@ -332,14 +347,14 @@ def test_triton_engine_layout_dispatch_and_repeatability(n_q):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("n_q", [1, 256])
-def test_triton_no_host_sync(n_q):
+@pytest.mark.parametrize(("n_q", "prerotate"), [(1, None), (256, False), (256, True)])
+def test_triton_no_host_sync(n_q, prerotate):
     x = paged_inputs((1, 32, 8, n_q, 20000, 20000, 128, 64, "max"), torch.bfloat16, "cuda")
-    chunk_attention_paged(**x)  # compile outside the check
+    pa.chunk_attention_paged_triton(**x, prerotate=prerotate)  # compile outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _, scores = chunk_attention_paged(**x)
+        _, scores = pa.chunk_attention_paged_triton(**x, prerotate=prerotate)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert scores.shape == (1, 8, 20000 + n_q - 64)
