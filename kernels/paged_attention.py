@@ -2,9 +2,10 @@
 
     chunk_attention_paged(q, k_cache, v_cache, order, k_new, v_new, cos, sin, scale, ema, n_sinks, head_reduce)
 
-returns exactly what `chunk_attention(q, apply_rope(cat(k_cache[order], k_new)), cat(v_cache[order], v_new), ...)`
-returns (out, scores; see kernels/chunk_attention.py for the attention and the EMA scores), without writing the
-gathered, rotated copy of the whole cache that the engine otherwise builds for every layer, chunk and decode step.
+returns what `chunk_attention(q, apply_rope(cat(k_cache[order], k_new)), cat(v_cache[order], v_new), ...)` returns
+(out, scores; see kernels/chunk_attention.py for the attention and the EMA scores), without writing the gathered,
+rotated copy of the whole cache that the engine otherwise builds for every layer, chunk and decode step. Up to
+rounding: the kernels rotate in fp32 and round once, torch's bf16/fp16 RoPE rounds each product.
 
     q                 [B, Hq, L, D]  the chunk's queries, already rotated at positions P .. P+L-1
     k_cache, v_cache  [B, Hkv, C, D] the cache's physical buffers; keys stored before RoPE
@@ -17,7 +18,9 @@ On CUDA (bf16/fp16, D 64/128) Triton kernels load each key tile through `order` 
 rotate it in fp32 and round it back to the input dtype (kernels/rope.py), and compute q·k as two dots over D/2;
 values are read through `order` too. Pass 1 is the flash forward with a loop over the cache's keys (all visible)
 and one over the chunk's (causal); pass 2 is the per-key-block EMA scores; one query goes to the split-K decode
-kernels (kernels/decode_attention.py). Elsewhere the gather, cat and RoPE are done in torch and the
+kernels (kernels/decode_attention.py). For long chunks, where every (query block, head) program would rotate
+the same key tiles again, `materialise_triton` can instead gather and rotate once per chunk in one pass for the
+unpaged kernels (PREROTATE_MIN_QUERIES). Elsewhere the gather, cat and RoPE are done in torch and the
 `chunk_attention` dispatcher runs on the result: the CPU path is the engine's old one, step for step.
 """
 from __future__ import annotations
@@ -286,8 +289,8 @@ def _gather_rotate_kernel(
 
 # Block shapes of the paged kernels, per head dim. Rotating on load needs registers for the fp32 halves and the
 # cos/sin tiles, so they are tuned apart from the unpaged ones (bench/prefill_latency.py --tune). Untimed so far:
-# the unpaged shapes, but 8 warps for the scores pass, where ptxas (sm_90, triton 3.7) reports no spills
-# (4 warps: 896 bytes); the forward at 128/64/8 spills 56 bytes, at 128/32/8 none.
+# the unpaged tiles; the scores pass with 8 warps, where ptxas (sm_90, triton 3.7) reports no spills (4 warps:
+# 896 bytes); the forward at 128/64 with 8 warps spills 56 bytes at any stage count, at 128/32 none.
 PAGED_FWD_CONFIG = {128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
                     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)}
 PAGED_SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -296,7 +299,7 @@ PAGED_SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stage
 # From this many queries on, chunk_attention_paged_triton rotates the keys once into a scratch copy
 # (`materialise_triton`, one pass) and runs the unpaged kernels, instead of rotating every key tile in every
 # (query block, head) program: (L / BLOCK_M)·G rotations per key, CUDA-core work beside the softmax. Set from
-# bench/prefill_latency.py (rows cascade_paged vs cascade_prerot); the default rotates inside the kernels always.
+# bench/prefill_latency.py (sequence rows cascade vs cascade_prerot); the default always rotates in the kernels.
 PREROTATE_MIN_QUERIES = 1 << 62
 
 
