@@ -1,7 +1,8 @@
-"""`--each`: one result per file of a corpus, in one process or sharded over torchrun's processes.
+"""`--each`: one result per file of a corpus, in one process or sharded over several (--nproc or torchrun).
 
     cascadectl ppl corpus/ --each                                  # per-file perplexity + token-weighted total
-    torchrun --nproc-per-node 4 -m cascadectl ppl corpus/ --each   # the same, files spread over 4 GPUs
+    cascadectl ppl corpus/ --each --nproc 4                        # the same, files spread over 4 GPUs
+    torchrun --nproc-per-node 4 -m cascadectl ppl corpus/ --each   # the same, started by torchrun
     cascadectl summarize corpus/ --each --out summaries/           # one summary file per input file
 
 Every process lists the same files (folders walked as for one stream: name order; hidden files, and binary
@@ -46,7 +47,7 @@ from .inputs import SNIFF_BYTES, InputError, InputReport, is_pdf, iter_segments,
 
 Each = Annotated[bool, typer.Option(
     "--each", rich_help_panel="Output",
-    help="One result per file (folders walked); under torchrun the files are sharded over the processes.")]
+    help="One result per file (folders walked); with --nproc (or torchrun) the files are shared out.")]
 Out = Annotated[Optional[Path], typer.Option(
     "--out", "-o", rich_help_panel="Output", show_default=False,
     help="With --each: folder for one FILE.summary.md per input file (paths mirrored) and index.json.")]
