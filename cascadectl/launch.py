@@ -162,7 +162,8 @@ def worker_env(rank: int, size: int, port: int, base: dict[str, str] | None = No
 
 
 def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1, for rank 0's rendezvous store (as torchrun --standalone does)."""
+    """A TCP port free right now on 127.0.0.1, for rank 0's rendezvous store. Another program could take it
+    before rank 0 binds it; the start then fails, reported in one line like any worker crash."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
