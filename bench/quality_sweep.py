@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; no new run starts after it")
     ap.add_argument("--max-tokens", type=int, default=0, help="cut each book (0 = whole book)")
+    ap.add_argument("--rows", default="", help="comma-separated plan indices to run (default: the whole plan)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     start = time.perf_counter()
@@ -72,7 +73,10 @@ def main() -> None:
             ids = loaded.tokenizer.encode(f.read(), add_special_tokens=False)
         book_ids[name] = ids[: args.max_tokens] if args.max_tokens else ids
     prov = provenance()
-    for row in plan()[args.shard :: args.shards]:
+    rows = plan()
+    if args.rows:
+        rows = [rows[int(i)] for i in args.rows.split(",")]
+    for row in rows[args.shard :: args.shards]:
         if time.perf_counter() - start > args.deadline:
             print(f"deadline reached, skipping {row}", file=sys.stderr)
             continue
