@@ -299,8 +299,12 @@ PAGED_SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stage
 # From this many queries on, chunk_attention_paged_triton rotates the keys once into a scratch copy
 # (`materialise_triton`, one pass) and runs the unpaged kernels, instead of rotating every key tile in every
 # (query block, head) program: (L / BLOCK_M)·G rotations per key, CUDA-core work beside the softmax. Set from
-# bench/prefill_latency.py (sequence rows cascade vs cascade_prerot); the default always rotates in the kernels.
-PREROTATE_MIN_QUERIES = 1 << 62
+# bench/prefill_latency.py (sequence rows cascade vs cascade_prerot). Measured on an H200 (docs/BENCHMARKS.md), 1M
+# tokens at stride 4096 over a 65,600-key cache: rotating in the kernels took 6.54 s of GPU time (the paged forward
+# ran at 263 TFLOP/s), one rotation pass then the unpaged kernels 3.99 s (461 TFLOP/s), the old torch gather 4.40 s.
+# Decode (one query) stays paged: 185 us per layer against 2,140 us for the torch gather + RoPE. From one full
+# query block (128 rows) on, each key tile would be rotated by several programs per head, so prerotate there.
+PREROTATE_MIN_QUERIES = 128
 
 
 def _check_paged(q, k_cache, v_cache, order, k_new, v_new, cos, sin) -> None:
