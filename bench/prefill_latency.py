@@ -3,12 +3,15 @@ bf16 inputs, batch 1, whole-sequence time over T tokens (docs/ALGORITHM.md §8, 
 
 Providers, all in one run so that the ratios come from one card:
   cascade   what one layer of the engine does per chunk of `--stride` on CUDA: CascadeCache.begin (host plan),
-            RoPE of the chunk's queries, `chunk_attention_paged` straight from the cache's buffers (keys gathered
-            through the slot order and rotated inside the Triton kernels, exact EMA scores), CascadeCache.update/end.
+            RoPE of the chunk's queries, `chunk_attention_paged` on the cache's buffers (exact EMA scores),
+            CascadeCache.update/end. From PREROTATE_MIN_QUERIES (128) queries on, that call gathers and rotates the
+            keys once per chunk in one Triton pass (`materialise_triton`) and runs the unpaged kernels on the copy.
             `cascade_gpu` is the same loop timed on the GPU only (events after begin() to after end(), summed), i.e.
             without the host plan, which the engine pays once per chunk for all layers.
-  cascade_prerot   the same, but the keys are gathered and rotated once per chunk into a scratch copy by one
-            Triton pass (`materialise_triton`) and the unpaged kernels run on it (PREROTATE_MIN_QUERIES).
+  cascade_inkernel   the same with the keys gathered through the slot order and rotated inside the paged Triton
+            kernels (prerotate=False; the route decode always takes). Rows written before 2026-11-28T09:45Z
+            (bench/results/gpu/prefill_latency_paged_h200.jsonl) call this route `cascade` and the one-pass route
+            `cascade_prerot`.
   cascade_gather   the engine before the fused path: past() index_select gathers + cat + torch RoPE of all
             [sinks | cache | chunk] keys, then `chunk_attention` (the rows of docs/BENCHMARKS.md run 2).
   flash     SDPA flash attention, causal, over the whole sequence in one call (quadratic).
@@ -109,11 +112,11 @@ def chunk_flops(n_q: int, n_c: int, per_pair: int) -> float:
 # ---- whole-sequence providers
 
 
-def run_cascade(q, k, v, args, cos, sin, emas, mode: str = "paged") -> dict:
+def run_cascade(q, k, v, args, cos, sin, emas, mode: str = "engine") -> dict:
     """One layer of the engine over the whole sequence; returns wall seconds and GPU-side breakdown.
 
-    mode: "paged" (the engine on CUDA: keys rotated inside the kernels), "prerot" (one Triton gather + rotate
-    pass, then the unpaged kernels) or "gather" (the engine before: torch gathers, cat and RoPE)."""
+    mode: "engine" (the engine's call on CUDA; one Triton gather + rotate pass, then the unpaged kernels, from 128
+    queries), "inkernel" (keys rotated inside the paged kernels) or "gather" (torch gathers, cat and RoPE)."""
     t_total = q.shape[2]
     shape = CacheShape(1, 1, HKV, D, DT, torch.device(DEV))
     cache = CascadeCache(shape, args.sinks, args.cache_size, args.cascades, args.beta)
@@ -143,10 +146,10 @@ def run_cascade(q, k, v, args, cos, sin, emas, mode: str = "paged") -> dict:
             k_buf, v_buf, order = cache.past_slots(0)
             paged = (q_rot, k_buf, v_buf, order, k_new, v_new, cos[: p + n], sin[: p + n], scale, emas[n],
                      cache.n_sinks_filled, "max")
-            if mode == "paged":
+            if mode == "engine":
                 out, scores = pa.chunk_attention_paged(*paged)  # the engine's call (engine/attention.py)
             else:
-                out, scores = pa.chunk_attention_paged_triton(*paged, prerotate=True)
+                out, scores = pa.chunk_attention_paged_triton(*paged, prerotate=False)
         e[2].record()
         cache.update(0, k_new, v_new, scores)
         cache.end()
@@ -438,7 +441,7 @@ def sequence_section(args, tokens: list[int], strides: list[int], emit, with_fla
             r = dict(row, stride=stride)
             a = dict(args.__dict__, stride=stride)
             ns = argparse.Namespace(**a)
-            for mode, name in (("paged", "cascade"), ("prerot", "cascade_prerot"), ("gather", "cascade_gather")):
+            for mode, name in (("engine", "cascade"), ("inkernel", "cascade_inkernel"), ("gather", "cascade_gather")):
                 run_cascade(q[:, :, : min(t_total, 2 * stride)], k, v, ns, cos, sin, emas, mode)  # warm-up (compiles)
                 runs = [run_cascade(q, k, v, ns, cos, sin, emas, mode) for _ in range(reps)]
                 c = sorted(runs, key=lambda x: x["wall"])[len(runs) // 2]
@@ -451,7 +454,7 @@ def sequence_section(args, tokens: list[int], strides: list[int], emit, with_fla
             if with_flash:
                 r["speedup_vs_flash_wall"] = r["flash_s"] / r["cascade_wall_s"]
                 r["speedup_vs_flash_gpu"] = r["flash_s"] / r["cascade_gpu_s"]
-            for name in ("cascade", "cascade_prerot", "cascade_gather"):
+            for name in ("cascade", "cascade_inkernel", "cascade_gather"):
                 prefix = "" if name == "cascade" else name[len("cascade_"):] + "_"
                 r[f"{prefix}overhead_vs_window_wall"] = r[f"{name}_wall_s"] / r["window_s"] - 1
                 r[f"{prefix}overhead_vs_window_gpu"] = r[f"{name}_gpu_s"] / r["window_s"] - 1
@@ -506,7 +509,7 @@ def main() -> None:
             t = f"{r['ms']:8.2f} ms" if "ms" in r else f"{r['us']:8.1f} us"
             print(f"  {r['what']:<24} {str(r.get('config', r.get('method', ''))):<66} {t}  {rate}")
     print(f"\n{'T':>8} {'stride':>6} {'flash s':>8} {'cascade s':>9} {'(gpu s)':>8} {'plan s':>7} {'window s':>8} "
-          f"{'win-tr s':>8} {'x flash':>7} {'(gpu)':>6} {'+% win':>7} {'(gpu)':>6} {'prerot gpu':>10} {'gather gpu':>10}")
+          f"{'win-tr s':>8} {'x flash':>7} {'(gpu)':>6} {'+% win':>7} {'(gpu)':>6} {'inkernel gpu':>12} {'gather gpu':>10}")
     for r in rows:
         if r["section"] == "sequence":
             fl = r.get("flash_s")
@@ -514,9 +517,9 @@ def main() -> None:
                   f"{r['cascade_gpu_s']:8.3f} {r['cascade_host_plan_s']:7.3f} {r['window_s']:8.3f} {r['window_triton_s']:8.3f} "
                   f"{r.get('speedup_vs_flash_wall', float('nan')):7.2f} {r.get('speedup_vs_flash_gpu', float('nan')):6.2f} "
                   f"{100 * r['overhead_vs_window_wall']:6.0f}% {100 * r['overhead_vs_window_gpu']:5.0f}% "
-                  f"{100 * r['prerot_overhead_vs_window_gpu']:9.0f}% {100 * r['gather_overhead_vs_window_gpu']:9.0f}%")
-    print("(cascade = the engine's path: keys rotated inside the paged kernels; prerot = one gather + rotate pass, "
-          "then the unpaged kernels; gather = the old torch gather + RoPE; +% over window SDPA, GPU time)")
+                  f"{100 * r['inkernel_overhead_vs_window_gpu']:11.0f}% {100 * r['gather_overhead_vs_window_gpu']:9.0f}%")
+    print("(cascade = the engine's path: one gather + rotate pass, then the unpaged kernels; inkernel = keys rotated "
+          "inside the paged kernels; gather = the old torch gather + RoPE; +% over window SDPA, GPU time)")
 
 
 if __name__ == "__main__":
