@@ -21,7 +21,7 @@ app.add_typer(bench.app, name="bench")
 def main() -> None:
     """Summarize, question and measure perplexity over inputs of any length with a bounded-memory cache.
 
-    Exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted."""
+    Exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted, 141 stdout closed by its reader."""
 
 
 def run() -> None:
