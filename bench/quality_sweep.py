@@ -40,6 +40,8 @@ def plan() -> list[dict]:
     for variants in (main, extra):
         for cache, stride in caches:
             for change in variants:
+                if cache % change.get("cascades", 1):
+                    continue  # sub-caches must split the cache evenly (3 cascades: no power-of-two cache)
                 for book in BOOKS:
                     rows.append(dict(book=book, cache_size=cache, stride=stride, **change))
     for stride, change in ((2048, dict(cascades=4)), (2048, dict(policy="sink")), (256, dict(cascades=4))):
