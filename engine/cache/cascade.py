@@ -6,9 +6,10 @@ t iff (t - S) mod 2^i == 0 (every sub-cache accepts while t <= N + S: eager fill
 the ring's oldest on to sub-cache i+1; a refused one competes with the ring's newest slot and the higher
 score stays (ties go to the newcomer). See docs/ALGORITHM.md §2.
 
-Because acceptance never depends on data, a whole chunk is planned on the host from integers (`_plan_ring`)
-and applied to each layer with a few gathers, one segmented arg-max and one scatter per sub-cache. The result
-equals pushing the chunk's tokens one by one with the chunk's scores frozen (tests/engine/test_cascade_rule.py).
+Because acceptance never depends on data, a whole chunk is planned on the host from integers (`_plan_ring`).
+Each layer then runs the sub-caches on scores and source ids only (a padded per-segment arg-max and a few
+gathers each), and moves every written slot's key, value and token index once at the end. The result equals
+pushing the chunk's tokens one by one with the chunk's scores frozen (tests/engine/test_cascade_rule.py).
 """
 from __future__ import annotations
 
@@ -23,17 +24,25 @@ from .base import CacheShape, KVCache, empty_buffers
 
 @dataclass
 class RingPlan:
-    """What one chunk does to sub-cache i; candidates are [open base slot?] + incoming items."""
+    """What one chunk does to sub-cache i; candidates are [open base slot?] + incoming items.
+
+    The index fields are lists of ints while planning, then views into one device tensor (see `_bind`)."""
 
     base_slot: int | None  # physical slot whose occupant competes with the first incoming items
-    cand_seg: Tensor  # [n_cand] segment of every candidate (non-decreasing)
+    cand_seg: list[int]  # segment of every candidate (non-decreasing)
     n_seg: int
-    write_seg: Tensor  # segments whose winner stays in this ring ...
-    write_slot: Tensor  # ... and the physical slot it is written to
-    out_old: Tensor  # physical slots whose old occupant is pushed on to the next ring, in order
-    out_seg: Tensor  # then segments of this chunk whose winner is pushed on, in order
-    # (the index fields are lists of ints while planning, then device tensors: see CascadeCache._plan)
+    write_seg: list[int]  # segments whose winner stays in this ring ...
+    write_slot: list[int]  # ... and the physical slot it is written to
+    out_old: list[int]  # physical slots whose old occupant is pushed on to the next ring, in order
+    out_seg: list[int]  # then segments of this chunk whose winner is pushed on, in order
     next_state: tuple[int, int]  # (start, count) after the chunk
+    # derived by `_finish` for the device: candidates of each segment latest first, padded to `depth` by
+    # repeating the segment's first candidate (empty when every segment is a single candidate)
+    seg_table: list[int] | Tensor = ()
+    depth: int = 1
+    pick: list[int] | Tensor = ()  # write_seg then out_seg: the segments whose winner is used
+    write_col: list[int] | Tensor = ()  # score columns of write_slot / out_old (slot - sinks)
+    out_old_col: list[int] | Tensor = ()
 
 
 def _plan_ring(
@@ -96,17 +105,25 @@ def _plan_ring(
     return plan, out_times
 
 
-def segment_last_argmax(score: Tensor, seg: Tensor, n_seg: int) -> Tensor:
-    """Per segment, the position of the last maximum of `score` [B, H, n] (ties go to the later item)."""
-    seg = seg.expand_as(score)
-    best = score.new_full((*score.shape[:2], n_seg), float("-inf")).scatter_reduce(2, seg, score, "amax")
-    hit = score >= best.gather(2, seg)
-    pos = torch.arange(score.shape[2], device=score.device).expand_as(score)
-    pos = torch.where(hit, pos, -1)
-    return pos.new_full(best.shape, -1).scatter_reduce(2, seg, pos, "amax").clamp_(min=0)
+def _finish(plan: RingPlan, offset: int, n_sinks: int) -> RingPlan:
+    """Ring-local slots to physical slots, and the derived index lists the device side uses."""
+    plan.write_slot = [slot + offset for slot in plan.write_slot]
+    plan.out_old = [slot + offset for slot in plan.out_old]
+    if plan.base_slot is not None:
+        plan.base_slot += offset
+    members: list[list[int]] = [[] for _ in range(plan.n_seg)]
+    for pos, seg in enumerate(plan.cand_seg):
+        members[seg].append(pos)
+    plan.depth = max(map(len, members), default=1)
+    if plan.depth > 1:  # latest first, so that arg-max's first maximum is the segment's last one
+        plan.seg_table = [p for m in members for p in m[::-1] + m[:1] * (plan.depth - len(m))]
+    plan.pick = plan.write_seg + plan.out_seg
+    plan.write_col = [slot - n_sinks for slot in plan.write_slot]
+    plan.out_old_col = [slot - n_sinks for slot in plan.out_old]
+    return plan
 
 
-_INDEX_FIELDS = ("cand_seg", "write_seg", "write_slot", "out_old", "out_seg")
+_INDEX_FIELDS = ("seg_table", "pick", "write_col", "out_old", "out_old_col")
 
 
 def _bind(plans: list[RingPlan], packed: Tensor) -> list[RingPlan]:
@@ -122,6 +139,18 @@ def _bind(plans: list[RingPlan], packed: Tensor) -> list[RingPlan]:
     return bound
 
 
+@dataclass
+class _Chunk:
+    """The chunk's index tensors on one device."""
+
+    order: Tensor  # physical slots visible to the chunk, age order
+    cached: Tensor  # score columns of the cached (non-sink) visible tokens
+    new_index: Tensor  # [B, Hkv, n_new] stream index of the chunk's tokens
+    new_src: Tensor  # [B, Hkv, n_new - to_sinks] source ids of the chunk's non-sink tokens: capacity + j
+    dest: Tensor  # every ring's written slots, in ring order
+    rings: list[RingPlan]
+
+
 class CascadeCache(KVCache):
     needs_scores = True
 
@@ -135,6 +164,7 @@ class CascadeCache(KVCache):
         self.score = [torch.zeros(b, h, cache_size, dtype=torch.float32, device=k.device) for k in self.k]
         self.start = [0] * cascades
         self.count = [0] * cascades
+        self._plans: list[RingPlan] = []
         self._remote: dict | None = None  # device -> the chunk's index tensors there, when layers span devices
 
     @property
@@ -155,94 +185,122 @@ class CascadeCache(KVCache):
         dev = self.shape.device
         to_sinks = min(n_new, self.n_sinks - self.n_sinks_filled)
         self._to_sinks = to_sinks
-        self._order, self._cached, self._new_index = self._chunk_indices(n_new, dev)
         times = list(range(self.seen + to_sinks, self.seen + n_new))
         eager_until = self.cache_size + self.n_sinks
         plans = []
-        flat: list[int] = []  # every ring's index lists, sent to the device in one copy
         for i in range(self.cascades):
             if not times:
                 break
             plan, times = _plan_ring(i, times, self.start[i], self.count[i], self.width, self.n_sinks, eager_until)
-            offset = self.n_sinks + i * self.width  # ring-local slots -> physical slots
-            plan.write_slot = [slot + offset for slot in plan.write_slot]
-            plan.out_old = [slot + offset for slot in plan.out_old]
-            if plan.base_slot is not None:
-                plan.base_slot += offset
-            plans.append(plan)
-            for name in _INDEX_FIELDS:
-                flat.extend(getattr(plan, name))
+            plans.append(_finish(plan, self.n_sinks + i * self.width, self.n_sinks))
+        self._plans = plans
+        # every ring's index lists and the written slots, sent to each device in one copy
+        flat = [x for plan in plans for name in _INDEX_FIELDS for x in getattr(plan, name)]
+        flat += [slot for plan in plans for slot in plan.write_slot]
         packed = torch.tensor(flat, dtype=torch.long)
         if dev.type == "cuda":  # one pinned, asynchronous copy instead of a synchronising one per list
             packed = packed.pin_memory()
-        self._rings = _bind(plans, packed.to(dev, non_blocking=True))
+        self._chunk = self._chunk_on(dev, n_new, packed)
+        self._remote = None
         if self.shape.layer_devices is not None:  # the same indices on every other device that holds layers
-            self._remote = {d: (*self._chunk_indices(n_new, d), _bind(plans, packed.to(d, non_blocking=True)))
-                            for d in self.shape.devices[1:]}
+            self._remote = {d: self._chunk_on(d, n_new, packed) for d in self.shape.devices[1:]}
 
-    def _chunk_indices(self, n_new: int, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """On `dev`: age order of the visible slots, score columns of the cached tokens, new tokens' indices."""
+    def _chunk_on(self, dev: torch.device, n_new: int, packed: Tensor) -> _Chunk:
+        packed = packed.to(dev, non_blocking=True)
+        n_dest = sum(len(plan.write_slot) for plan in self._plans)
         order = self._age_order(dev)
         b, h = self.shape.batch, self.shape.n_kv_heads
         new_index = torch.arange(self.seen, self.seen + n_new, device=dev).expand(b, h, n_new)
-        return order, order[self.n_sinks_filled :] - self.n_sinks, new_index
+        capacity = self.n_sinks + self.cache_size
+        new_src = torch.arange(capacity, capacity + n_new - self._to_sinks, device=dev).expand(b, h, -1)
+        return _Chunk(order, order[self.n_sinks_filled :] - self.n_sinks, new_index, new_src,
+                      packed[packed.numel() - n_dest :], _bind(self._plans, packed))
 
-    def _indices(self, layer: int) -> tuple[Tensor, Tensor, Tensor, list[RingPlan]]:
-        """The chunk's age order, cached score columns, new token indices and ring plans on `layer`'s device."""
+    def _indices(self, layer: int) -> _Chunk:
+        """The chunk's index tensors on `layer`'s device."""
         if self._remote is not None:
             dev = self.shape.device_of(layer)
             if dev != self.shape.device:
                 return self._remote[dev]
-        return self._order, self._cached, self._new_index, self._rings
+        return self._chunk
 
     def past(self, layer: int) -> tuple[Tensor, Tensor]:
-        order = self._indices(layer)[0]
+        order = self._indices(layer).order
         return self.k[layer].index_select(2, order), self.v[layer].index_select(2, order)
 
     def past_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        return self.k[layer], self.v[layer], self._indices(layer)[0]
+        return self.k[layer], self.v[layer], self._indices(layer).order
 
     def update(self, layer: int, k: Tensor, v: Tensor, score: Tensor | None) -> None:
+        """Two phases: the rings run on scores and source ids only (small tensors); then every written slot's
+        key, value and token index is moved once, from the old buffer or the chunk, in one gather and one copy.
+        This keeps the op count per ring low, which is what the update costs on a GPU (launches, not bytes)."""
         assert score is not None, "the cascade needs attention scores"
         kb, vb, sb, ib = self.k[layer], self.v[layer], self.score[layer], self.idx[layer]
-        _, cached, new_index, rings = self._indices(layer)
-        n_cached, n_new, s = cached.numel(), k.shape[2], self._to_sinks
+        ch = self._indices(layer)
+        n_cached, n_new, s = ch.cached.numel(), k.shape[2], self._to_sinks
         assert score.shape[2] == n_cached + n_new, (score.shape, n_cached, n_new)
         if n_cached:  # EMA over the chunk's queries: decay once per query, then add this chunk's share
-            sb[:, :, cached] = sb[:, :, cached] * self.beta**n_new + score[:, :, :n_cached]
+            sb[:, :, ch.cached] = sb[:, :, ch.cached] * self.beta**n_new + score[:, :, :n_cached]
         if s:
             dst = slice(self.n_sinks_filled, self.n_sinks_filled + s)
-            kb[:, :, dst], vb[:, :, dst], ib[:, :, dst] = k[:, :, :s], v[:, :, :s], new_index[:, :, :s]
-        items = (k[:, :, s:], v[:, :, s:], score[:, :, n_cached + s :], new_index[:, :, s:])
-        for plan in rings:
-            items = self._apply_ring(plan, items, kb, vb, sb, ib)
+            kb[:, :, dst], vb[:, :, dst], ib[:, :, dst] = k[:, :, :s], v[:, :, :s], ch.new_index[:, :, :s]
+        if not ch.rings:
+            return
+        items = (score[:, :, n_cached + s :], ch.new_src)
+        written = []
+        for plan in ch.rings:
+            items, src = self._compete(plan, items, sb)
+            written.append(src)
+        if ch.dest.numel():
+            self._move(torch.cat(written, dim=2), ch.dest, (kb, k[:, :, s:]), (vb, v[:, :, s:]), ib=ib,
+                       first_index=self.seen + s)
 
-    def _apply_ring(self, plan: RingPlan, items, kb: Tensor, vb: Tensor, sb: Tensor, ib: Tensor):
-        """Candidates compete per segment; winners are written, evicted items are returned for the next ring."""
+    def _compete(self, plan: RingPlan, items: tuple[Tensor, Tensor], sb: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """One ring on (score, source id): winners' scores are written; returns the items pushed on to the next
+        ring and the source ids of this ring's written slots. A source id is a physical slot (its content
+        before this chunk) or capacity + j for the chunk's j-th non-sink token."""
+        cand_s, cand_src = items
+        b, h = cand_s.shape[:2]
         if plan.base_slot is not None:
-            p = plan.base_slot
-            base = (kb[:, :, p : p + 1], vb[:, :, p : p + 1], sb[:, :, p - self.n_sinks].unsqueeze(2), ib[:, :, p : p + 1])
-            items = tuple(torch.cat([a, c], dim=2) for a, c in zip(base, items))
-        cand_k, cand_v, cand_s, cand_i = items
-        win = segment_last_argmax(cand_s, plan.cand_seg, plan.n_seg)  # [B, Hkv, n_seg] candidate index
+            col = plan.base_slot - self.n_sinks
+            cand_s = torch.cat([sb[:, :, col : col + 1], cand_s], dim=2)
+            cand_src = torch.cat([cand_src.new_full((b, h, 1), plan.base_slot), cand_src], dim=2)
+        if plan.depth > 1:  # per segment, the last candidate with the highest score
+            table = plan.seg_table.view(plan.n_seg, plan.depth)
+            best = cand_s.index_select(2, plan.seg_table).view(b, h, plan.n_seg, plan.depth).argmax(-1)
+            win = table.expand(b, h, -1, -1).gather(3, best.unsqueeze(-1)).squeeze(-1).index_select(2, plan.pick)
+            s_pick, src_pick = cand_s.gather(2, win), cand_src.gather(2, win)
+        else:  # every segment is one candidate: it wins
+            s_pick, src_pick = cand_s.index_select(2, plan.pick), cand_src.index_select(2, plan.pick)
+        n_write = plan.write_col.numel()
+        pushed_s = torch.cat([sb.index_select(2, plan.out_old_col), s_pick[:, :, n_write:]], dim=2)  # read first
+        pushed_src = torch.cat([plan.out_old.expand(b, h, -1), src_pick[:, :, n_write:]], dim=2)
+        if n_write:
+            sb.index_copy_(2, plan.write_col, s_pick[:, :, :n_write])
+        return (pushed_s, pushed_src), src_pick[:, :, :n_write]
 
-        def take(idx: Tensor):  # candidates at per-head positions idx [B, Hkv, n]
-            d = cand_k.shape[-1]
-            full = idx.unsqueeze(-1).expand(-1, -1, -1, d)
-            return cand_k.gather(2, full), cand_v.gather(2, full), cand_s.gather(2, idx), cand_i.gather(2, idx)
-
-        # read what leaves before this ring's slots are overwritten
-        old = plan.out_old
-        pushed_old = (kb[:, :, old], vb[:, :, old], sb[:, :, old - self.n_sinks], ib[:, :, old])
-        pushed_new = take(win[:, :, plan.out_seg])
-        if plan.write_seg.numel():
-            k_w, v_w, s_w, i_w = take(win[:, :, plan.write_seg])
-            slot = plan.write_slot
-            kb[:, :, slot], vb[:, :, slot], sb[:, :, slot - self.n_sinks], ib[:, :, slot] = k_w, v_w, s_w, i_w
-        return tuple(torch.cat([a, c], dim=2) for a, c in zip(pushed_old, pushed_new))
+    def _move(self, src: Tensor, dest: Tensor, *kv: tuple[Tensor, Tensor], ib: Tensor, first_index: int) -> None:
+        """Write slot dest[n] of every head from its source src[b, h, n]: an old slot or a token of the chunk.
+        All sources are read before any slot is written (a pushed item may leave a slot that is refilled).
+        Rows are picked with `index_select` on flattened [B·Hkv·slots, D] views: one row copy each, no index
+        expanded over D."""
+        b, h, capacity = ib.shape
+        from_new = src >= capacity
+        new_pos, old_pos = (src - capacity).clamp_(min=0), src.clamp(max=capacity - 1)
+        heads = torch.arange(b * h, device=src.device).view(b, h, 1)
+        old_rows = (heads * capacity + old_pos).view(-1)
+        pick_new = from_new.view(-1, 1)
+        for buf, new in kv:
+            d = buf.shape[-1]
+            new_rows = (heads * new.shape[2] + new_pos).view(-1)
+            rows = torch.where(pick_new, new.reshape(-1, d).index_select(0, new_rows),
+                               buf.view(-1, d).index_select(0, old_rows))
+            buf.index_copy_(2, dest, rows.view(b, h, -1, d))
+        ib.index_copy_(2, dest, torch.where(from_new, new_pos + first_index, ib.gather(2, old_pos)))
 
     def _commit(self) -> None:
-        for i, plan in enumerate(self._rings):
+        for i, plan in enumerate(self._plans):
             self.start[i], self.count[i] = plan.next_state
 
     def token_index(self, layer: int) -> Tensor:

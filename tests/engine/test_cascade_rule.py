@@ -64,7 +64,7 @@ def _check_against_oracle(seed: int) -> None:
     assert torch.equal(keys[0, :, :, 0].long(), got_index[0])
     assert torch.equal(values[0, :, :, 0].long(), -got_index[0])
     cached = got_index[0, :, cache.n_sinks_filled :]
-    stored = cache.score[0][0].gather(1, cache._cached.expand(HEADS, -1))
+    stored = cache.cached_scores(0)[0]
     assert torch.equal(stored, scores[0].gather(1, cached))
     cache.end()
 
