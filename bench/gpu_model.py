@@ -4,11 +4,12 @@ Parts, each under its own wall-clock budget (a part whose estimate does not fit 
   ingest    Runner.step over T random ids in chunks of --stride (hidden states only, no LM head), for each T of
             --tokens; seconds, tokens/s, torch.cuda.max_memory_allocated, and the host time spent in
             cache.begin (planning). A longer T is skipped when the previous one extrapolates past the budget.
-  decode    after the first ingest (cache full) and again after every later complete one (is it constant after
-            1M tokens?), --decode-steps greedy steps: runner.step on [1, 1] ids +
-            runner.logits on the last hidden + argmax; ms/token (host clock, synchronised at both ends).
-  dense     baseline: the same HF model (its own SDPA attention) with a transformers DynamicCache holding
-            --dense-past random K/V tokens per layer, timing model(next_token, past_key_values=cache) per token.
+  decode    after every complete ingest (cache full; is it constant after 1M tokens?): greedy steps through the
+            cascade (runner.step on [1, 1] ids + runner.logits on the last hidden + argmax) against the baseline,
+            the same HF model (its own SDPA attention) with a transformers DynamicCache holding --dense-past random
+            K/V tokens per layer. Interleaved: --decode-rounds rounds of --decode-steps steps of each, alternating,
+            so that host noise falls on both; median ms/token of each (host clock, synchronised at both ends), the
+            ratio, every round's ratio, and the GPU kernel time per token of each (profiler).
   full_1m   arithmetic only: full-attention KV bytes at 1M tokens vs the card's memory.
 
     python bench/gpu_model.py --tokens 131072,1048576 --out $OUT/gpu_model.jsonl
@@ -18,6 +19,7 @@ Prints one JSON row per measurement (card, torch/triton/transformers versions, c
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -133,69 +135,107 @@ def ingest(model, args, n_tokens: int, dev: str, deadline: float, emit, extra=No
 
 
 @torch.inference_mode()
-def decode_cascade(runner, args, dev: str, emit):
-    vocab = runner.model.config.vocab_size
-    tok = torch.randint(0, vocab, (1, 1)).to(dev)
-    for _ in range(args.decode_warm):
-        h = runner.step(tok)
-        tok = runner.logits(h[:, -1:]).argmax(-1)
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(args.decode_steps):
-        h = runner.step(tok)
-        tok = runner.logits(h[:, -1:]).argmax(-1)
-    sync(dev)
-    sec = time.perf_counter() - t0
-    row = {"part": "decode_cascade", "steps": args.decode_steps, "n_past_after": runner.cache.n_past,
-           "tokens_ingested": runner.cache.seen,
-           "ms_per_token": round(1000 * sec / args.decode_steps, 3)}
-    if dev == "cuda":
-        row["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    emit(row)
+def cascade_stepper(runner, dev: str):
+    """Greedy decode through the cascade: runner.step on [1, 1] ids + runner.logits on the last hidden + argmax."""
+    tok = torch.randint(0, runner.model.config.vocab_size, (1, 1)).to(dev)
+
+    def step(n: int) -> None:
+        nonlocal tok
+        for _ in range(n):
+            h = runner.step(tok)
+            tok = runner.logits(h[:, -1:]).argmax(-1)
+    return step
 
 
 @torch.inference_mode()
-def decode_dense(model, args, dev: str, emit):
-    """HF model, own SDPA attention, DynamicCache pre-filled with random K/V of --dense-past tokens per layer."""
+def twin(model):
+    """A second module tree over the same parameters and buffers, made before any Runner patches `model`: the
+    dense baseline runs its own attention while a Runner holds the original patched (no weight copy)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def dense_stepper(model, args, dev: str):
+    """The HF model (its own SDPA attention) over a DynamicCache pre-filled with --dense-past random K/V tokens per
+    layer; each step appends one token, as a dense decode does. Returns (step, cache)."""
     from transformers import DynamicCache
     cfg = model.config
     p = next(model.parameters())
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     cache = DynamicCache(config=cfg) if "config" in DynamicCache.__init__.__code__.co_varnames else DynamicCache()
-    n = args.dense_past
     for i in range(cfg.num_hidden_layers):
-        k = torch.randn(1, cfg.num_key_value_heads, n, hd, dtype=p.dtype, device=dev)
-        v = torch.randn(1, cfg.num_key_value_heads, n, hd, dtype=p.dtype, device=dev)
-        cache.update(k, v, i)
-    tok = torch.randint(0, cfg.vocab_size, (1, 1)).to(dev)
-    pos = n
+        k = torch.randn(1, cfg.num_key_value_heads, args.dense_past, hd, dtype=p.dtype, device=dev)
+        cache.update(k, torch.randn_like(k), i)
+    state = {"tok": torch.randint(0, cfg.vocab_size, (1, 1)).to(dev), "pos": args.dense_past}
 
-    def one(tok, pos):
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True,
-                    position_ids=torch.tensor([[pos]], device=dev),
-                    cache_position=torch.tensor([pos], device=dev))
-        return out.logits[:, -1:].float().argmax(-1)
+    @torch.inference_mode()
+    def step(n: int) -> None:
+        for _ in range(n):
+            pos = state["pos"]
+            out = model(input_ids=state["tok"], past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[pos]], device=dev), cache_position=torch.tensor([pos], device=dev))
+            state["tok"] = out.logits[:, -1:].float().argmax(-1)
+            state["pos"] = pos + 1
+    return step, cache
 
-    for _ in range(args.decode_warm):
-        tok = one(tok, pos)
-        pos += 1
+
+def ms_per_token(step, n: int, dev: str) -> float:
     sync(dev)
     t0 = time.perf_counter()
-    for _ in range(args.decode_steps):
-        tok = one(tok, pos)
-        pos += 1
+    step(n)
     sync(dev)
-    sec = time.perf_counter() - t0
-    row = {"part": "decode_dense_sdpa", "steps": args.decode_steps, "past_tokens": n,
-           "seq_len_after": cache.get_seq_length(), "ms_per_token": round(1000 * sec / args.decode_steps, 3),
-           "kv_bytes_GiB": round(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * p.element_size()
-                                 * cache.get_seq_length() / 2**30, 2)}
+    return 1000 * (time.perf_counter() - t0) / n
+
+
+def kernel_time(step, n: int, dev: str) -> tuple[float, float] | tuple[None, None]:
+    """GPU kernels' own durations summed per token (profiler), and device events per token: the device's work
+    without launch gaps, and how many launches it took."""
+    if dev != "cuda":
+        return None, None
+    from torch.profiler import ProfilerActivity, profile
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(n)
+        sync(dev)
+    device_events = [e for e in prof.key_averages() if (getattr(e, "self_device_time_total", 0) or 0) > 0]
+    return (sum(e.self_device_time_total for e in device_events) / 1000 / n,
+            sum(e.count for e in device_events) / n)
+
+
+def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
+    """Cascade decode at the runner's cache vs dense SDPA decode over --dense-past tokens, interleaved: rounds of
+    --decode-steps steps of each, alternating, so that host noise (both loops are launch-bound at batch 1) falls on
+    both alike. Reports the median ms/token of each, the ratio of the medians, every round's ratio, and the GPU
+    kernel time per token of each (profiler), which host noise does not touch."""
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cascade = cascade_stepper(runner, dev)
+    dense, dense_cache = dense_stepper(dense_model, args, dev)
+    with torch.inference_mode():
+        cascade(args.decode_warm)
+        dense(args.decode_warm)
+        rounds = []
+        for _ in range(args.decode_rounds):
+            rounds.append((ms_per_token(cascade, args.decode_steps, dev), ms_per_token(dense, args.decode_steps, dev)))
+        k_cascade, n_cascade = kernel_time(cascade, 8, dev)
+        k_dense, n_dense = kernel_time(dense, 8, dev)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    c_ms, d_ms = med([c for c, _ in rounds]), med([d for _, d in rounds])
+    row = {"part": "decode_compare", "rounds": args.decode_rounds, "steps_per_round": args.decode_steps,
+           "tokens_ingested": runner.cache.seen, "n_past": runner.cache.n_past, "dense_past": args.dense_past,
+           "cascade_ms_per_token": round(c_ms, 3), "dense_ms_per_token": round(d_ms, 3),
+           "ratio_of_medians": round(c_ms / d_ms, 4),
+           "round_ratios": [round(c / d, 4) for c, d in rounds],
+           "rounds_ms": [[round(c, 3), round(d, 3)] for c, d in rounds],
+           "cascade_kernel_ms_per_token": None if k_cascade is None else round(k_cascade, 3),
+           "dense_kernel_ms_per_token": None if k_dense is None else round(k_dense, 3),
+           "cascade_kernels_per_token": n_cascade, "dense_kernels_per_token": n_dense}
+    if k_cascade and k_dense:
+        row["kernel_ratio"] = round(k_cascade / k_dense, 4)
     if dev == "cuda":
         row["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     emit(row)
-    del cache
+    del dense_cache
 
 
 def main() -> None:
@@ -206,7 +246,8 @@ def main() -> None:
     ap.add_argument("--cascades", type=int, default=8)
     ap.add_argument("--sinks", type=int, default=64)
     ap.add_argument("--beta", type=float, default=0.9999)
-    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=16, help="steps per round and policy")
+    ap.add_argument("--decode-rounds", type=int, default=8)
     ap.add_argument("--decode-warm", type=int, default=4)
     ap.add_argument("--dense-past", type=int, default=65536)
     ap.add_argument("--budget", type=float, default=420.0, help="total wall seconds for this script")
@@ -216,7 +257,7 @@ def main() -> None:
     if args.tiny:
         args.tokens = "1024,4096" if args.tokens == ap.get_default("tokens") else args.tokens
         args.cache_size, args.stride, args.cascades, args.sinks = 512, 128, 4, 16
-        args.dense_past, args.decode_steps = 512, 4
+        args.dense_past, args.decode_steps, args.decode_rounds = 512, 2, 2
     dev = "cpu" if args.tiny else "cuda"
     deadline = T0 + args.budget
     prov = provenance(dev)
@@ -232,6 +273,7 @@ def main() -> None:
     t = time.perf_counter()
     model = build_model(args, dev)
     sync(dev)
+    dense_model = twin(model)
     n_params = sum(p.numel() for p in model.parameters())
     emit({"part": "build", "seconds": round(time.perf_counter() - t, 2), "params": n_params,
           "weights_GiB": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)})
@@ -260,25 +302,14 @@ def main() -> None:
         runner, row = ingest(model, args, n, dev, deadline - 5, emit)
         if row["complete"]:
             last = (row["tokens"], row["seconds"])
-        if i == 0:
-            if deadline - time.perf_counter() > 20 or args.tiny:
-                decode_cascade(runner, args, dev, emit)
-            runner.close()
-            del runner
-            gc.collect()
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-            if deadline - time.perf_counter() > 20 or args.tiny:
-                decode_dense(model, args, dev, emit)
-            gc.collect()
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-        else:
-            if row["complete"] and deadline - time.perf_counter() > 20:  # decode stays constant after 1M tokens?
-                decode_cascade(runner, args, dev, emit)
-            runner.close()
-            del runner
-            gc.collect()
+            # decode at a full cache, and again after every later complete ingest (constant after 1M tokens?)
+            if deadline - time.perf_counter() > 40 or args.tiny:
+                decode_compare(runner, dense_model, args, dev, emit)
+        runner.close()
+        del runner
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     print(f"done in {time.perf_counter() - T0:.1f} s", flush=True)
 
 

@@ -421,6 +421,11 @@ def paged_section(args, emit, sets, ema) -> None:
         emit(dict(section="kernel", what=what, K=n_k, ms=t * 1e3, GBps=kv_bytes / t / 1e9))
 
 
+# the rotation routes timed by the sequence section: the engine's choice, keys rotated inside the paged kernels,
+# and the torch gather + RoPE of session 1
+ROUTES = (("engine", "cascade"), ("inkernel", "cascade_inkernel"), ("gather", "cascade_gather"))
+
+
 def sequence_section(args, tokens: list[int], strides: list[int], emit, with_flash: bool = True) -> None:
     cos, sin = rotary(args.sinks + args.cache_size + max(strides))
     win = Window(args.sinks + args.cache_size)
@@ -441,7 +446,9 @@ def sequence_section(args, tokens: list[int], strides: list[int], emit, with_fla
             r = dict(row, stride=stride)
             a = dict(args.__dict__, stride=stride)
             ns = argparse.Namespace(**a)
-            for mode, name in (("engine", "cascade"), ("inkernel", "cascade_inkernel"), ("gather", "cascade_gather")):
+            for mode, name in ROUTES:
+                if mode not in args.routes.split(","):
+                    continue
                 run_cascade(q[:, :, : min(t_total, 2 * stride)], k, v, ns, cos, sin, emas, mode)  # warm-up (compiles)
                 runs = [run_cascade(q, k, v, ns, cos, sin, emas, mode) for _ in range(reps)]
                 c = sorted(runs, key=lambda x: x["wall"])[len(runs) // 2]
@@ -454,7 +461,7 @@ def sequence_section(args, tokens: list[int], strides: list[int], emit, with_fla
             if with_flash:
                 r["speedup_vs_flash_wall"] = r["flash_s"] / r["cascade_wall_s"]
                 r["speedup_vs_flash_gpu"] = r["flash_s"] / r["cascade_gpu_s"]
-            for name in ("cascade", "cascade_inkernel", "cascade_gather"):
+            for name in (name for mode, name in ROUTES if f"{name}_wall_s" in r):
                 prefix = "" if name == "cascade" else name[len("cascade_"):] + "_"
                 r[f"{prefix}overhead_vs_window_wall"] = r[f"{name}_wall_s"] / r["window_s"] - 1
                 r[f"{prefix}overhead_vs_window_gpu"] = r[f"{name}_gpu_s"] / r["window_s"] - 1
@@ -474,6 +481,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="time block-shape candidates and keep the fastest")
     ap.add_argument("--sweep-tokens", type=int, default=0, help="stride sweep at this length (0: none)")
     ap.add_argument("--sweep-strides", default="1024,2048,4096,8192")
+    ap.add_argument("--routes", default="engine,inkernel,gather", help="sequence rows to time (see ROUTES)")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-sequence", action="store_true")
     ap.add_argument("--out", default="", help="append JSON rows to this file")

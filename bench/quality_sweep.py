@@ -47,6 +47,9 @@ def plan() -> list[dict]:
     for stride, change in ((2048, dict(cascades=4)), (2048, dict(policy="sink")), (256, dict(cascades=4))):
         for book in BOOKS:  # the stride sweep at cache 4096 (4096 itself would pass the 8,192 positions)
             rows.append(dict(book=book, cache_size=4096, stride=stride, **change))
+    for change in main[:2] + main[3:]:  # added later (indices above stay valid): a smaller cache, 256
+        for book in BOOKS:
+            rows.append(dict(book=book, cache_size=256, stride=128, **change))
     return rows
 
 
