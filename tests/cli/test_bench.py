@@ -5,7 +5,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cascadectl.commands import bench as bench_command
+from cascadectl.commands import bench_passkey, bench_retention
 from cascadectl.commands import ppl as ppl_command
 from cascadectl.main import app
 from tests.cli.fakes import fake_lm
@@ -19,7 +19,8 @@ TEXT = "The morning was grey and the lane was quiet. Nobody came to the door of 
 @pytest.fixture
 def tiny(monkeypatch):
     positions = {"n": 8192}
-    monkeypatch.setattr(bench_command, "load_model", lambda *a, **k: fake_lm(positions["n"]))
+    monkeypatch.setattr(bench_passkey, "load_model", lambda *a, **k: fake_lm(positions["n"]))
+    monkeypatch.setattr(bench_retention, "load_model", lambda *a, **k: fake_lm(positions["n"]))
     monkeypatch.setattr(ppl_command, "load_model", lambda *a, **k: fake_lm(positions["n"]))
     return positions
 
@@ -145,8 +146,8 @@ def test_bad_options_exit_with_one_line(tiny, args, code, needle):
 
 def test_quick_shrinks_only_the_grid_options_left_at_their_defaults(tiny, monkeypatch):
     seen = []
-    real = bench_command.pk.make_sample
-    monkeypatch.setattr(bench_command.pk, "make_sample", lambda *a, **k: seen.append(a[2:6]) or real(*a, **k))
+    real = bench_passkey.pk.make_sample
+    monkeypatch.setattr(bench_passkey.pk, "make_sample", lambda *a, **k: seen.append(a[2:6]) or real(*a, **k))
     result = invoke(["bench", "passkey", "--quick", "--lengths", "450", "--policy", "sink", *CACHE])
     assert result.exit_code == 0, result.output
     assert seen == [(450, 0.5, 0, "last")]  # --lengths as given, the rest from --quick
@@ -155,8 +156,8 @@ def test_quick_shrinks_only_the_grid_options_left_at_their_defaults(tiny, monkey
 def test_without_quick_the_default_grid_runs(tiny, monkeypatch):
     """Regression: the quick grid once replaced the defaults even without --quick."""
     seen = []
-    real = bench_command.pk.make_sample
-    monkeypatch.setattr(bench_command.pk, "make_sample", lambda *a, **k: seen.append(a[2:6]) or real(*a, **k))
+    real = bench_passkey.pk.make_sample
+    monkeypatch.setattr(bench_passkey.pk, "make_sample", lambda *a, **k: seen.append(a[2:6]) or real(*a, **k))
     result = invoke(["bench", "passkey", "--lengths", "450", "--policy", "sink", *CACHE])
     assert result.exit_code == 0, result.output
     assert sorted(seen) == sorted((450, d, 0, p) for d in (0.1, 0.5, 0.9) for p in ("first", "last"))
