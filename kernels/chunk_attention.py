@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._blocks import _online_softmax, _store_forward
 from ._triton import LOG2E, tl, triton
 from ._triton import jit as _jit
 from .decode_attention import _decode_triton
@@ -79,13 +80,10 @@ def _chunk_attn_fwd_kernel(
         cols = start_n + offs_n
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
         s = tl.dot(q, kt) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
+        # v after the statistics, not before as `_softmax_step` takes it: loading it earlier changes the schedule
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
     # the diagonal: chunk key j is seen by query m iff j <= n_c + m
     hi = tl.minimum(n_k, n_c + m_start + BLOCK_M)
     for start_n in range(hi_free, hi, BLOCK_N):
@@ -94,20 +92,11 @@ def _chunk_attn_fwd_kernel(
         s = tl.dot(q, kt) * qk_scale
         visible = (cols[None, :] <= offs_m[:, None] + n_c) & (cols[None, :] < n_k)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < n_k, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    row_ok = offs_m < n_q
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    if WITH_SCORES:
-        w = tl.load(EMA + offs_m, mask=row_ok, other=1.0)
-        tl.store(BIAS + pid_bh.to(tl.int64) * n_q + offs_m, tl.log2(w) - (m_i + tl.log2(l_i)), mask=row_ok)
+    _store_forward(OUT, BIAS, EMA, b, h, pid_bh, offs_m, offs_d, n_q, stride_ob, stride_oh, stride_om, m_i, l_i, acc,
+                   WITH_SCORES)
 
 
 @_jit

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ._blocks import _key_sources, _online_softmax
 from ._triton import jit as _jit
 from ._triton import tl, triton
 from .rope import _load_either, _load_rotated_either
@@ -20,6 +21,27 @@ DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4)
 # The paged split kernel also holds fp32 key halves and cos/sin tiles: at BLOCK_N 128 ptxas (sm_90) reports
 # 1244 bytes of spills, at 32 none. Untimed; bench/prefill_latency.py --tune times the candidates.
 PAGED_DECODE_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=4, PROGRAMS_PER_SM=4)
+
+
+@_jit
+def _split_step(s, cols, c_ok, row, g_ok, LOGITS, n_k, m_i, l_i, WITH_SCORES: tl.constexpr):
+    """The online-softmax statistics of one key block of a split (`_online_softmax`), keys past the split
+    masked off; for the scores, first the raw logits of the GROUP heads at LOGITS[row, cols]. The caller then
+    loads v and accumulates: loading v here, before the statistics, changes the compiled schedule."""
+    s = tl.where(c_ok[None, :], s, float("-inf"))
+    if WITH_SCORES:
+        tl.store(LOGITS + row[:, None] * n_k + cols[None, :], s, mask=g_ok[:, None] & c_ok[None, :])
+    m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i)
+    return m_new, l_i, p, alpha
+
+
+@_jit
+def _store_partials(PART_M, PART_L, PART_O, part, g_ok, offs_d, m_i, l_i, acc, HEAD_DIM: tl.constexpr):
+    """A split's partial softmax of the GROUP heads (rows `part` = (b·Hq + h)·n_splits + split): its max, sum
+    and unnormalised output, merged by `_decode_merge_kernel`."""
+    tl.store(PART_M + part, m_i, mask=g_ok)
+    tl.store(PART_L + part, l_i, mask=g_ok)
+    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
 
 
 @_jit
@@ -57,20 +79,10 @@ def _decode_split_kernel(
         c_ok = cols < end
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=c_ok[None, :], other=0.0)
         s = tl.dot(q, kt) * qk_scale
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        if WITH_SCORES:
-            tl.store(LOGITS + row[:, None] * n_k + cols[None, :], s, mask=g_ok[:, None] & c_ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, p, alpha = _split_step(s, cols, c_ok, row, g_ok, LOGITS, n_k, m_i, l_i, WITH_SCORES)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    part = row * n_splits + pid_s
-    tl.store(PART_M + part, m_i, mask=g_ok)
-    tl.store(PART_L + part, l_i, mask=g_ok)
-    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+    _store_partials(PART_M, PART_L, PART_O, row * n_splits + pid_s, g_ok, offs_d, m_i, l_i, acc, HEAD_DIM)
 
 
 @_jit
@@ -115,31 +127,18 @@ def _decode_split_paged_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        c_ok = cols < end
-        in_c = cols < n_past
-        is_new = c_ok & (cols == n_past)
-        slot = tl.load(ORDER + cols, mask=in_c, other=0).to(tl.int64)
+        c_ok, in_c, is_new, slot = _key_sources(ORDER, cols, n_past, end, True)
         new_row = cols - n_past  # 0 for the step's key; the other lanes are masked off
         k1t, k2t = _load_rotated_either(  # [D/2, BLOCK_N]
             kc_base + slot[None, :] * stride_kcn + offs_h[:, None], kn_base + new_row[None, :] * stride_knn + offs_h[:, None],
             COS + cols[None, :] * stride_cs + offs_h[:, None], SIN + cols[None, :] * stride_cs + offs_h[:, None],
             in_c[None, :], is_new[None, :], HALF)
         s = tl.dot(q2, k2t, tl.dot(q1, k1t)) * qk_scale
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        if WITH_SCORES:
-            tl.store(LOGITS + row[:, None] * n_k + cols[None, :], s, mask=g_ok[:, None] & c_ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, p, alpha = _split_step(s, cols, c_ok, row, g_ok, LOGITS, n_k, m_i, l_i, WITH_SCORES)
         v = _load_either(vc_base + slot[:, None] * stride_vcn + offs_d[None, :],
                          vn_base + new_row[:, None] * stride_vnn + offs_d[None, :], in_c[:, None], is_new[:, None])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    part = row * n_splits + pid_s
-    tl.store(PART_M + part, m_i, mask=g_ok)
-    tl.store(PART_L + part, l_i, mask=g_ok)
-    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+    _store_partials(PART_M, PART_L, PART_O, row * n_splits + pid_s, g_ok, offs_d, m_i, l_i, acc, HEAD_DIM)
 
 
 @_jit

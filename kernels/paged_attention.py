@@ -30,6 +30,7 @@ import os
 import torch
 from torch import Tensor
 
+from ._blocks import _key_sources, _softmax_step, _store_forward
 from ._triton import LOG2E, tl, triton
 from ._triton import jit as _jit
 from .chunk_attention import (
@@ -61,17 +62,6 @@ def chunk_attention_paged_ref(
 
 
 # ---- Triton kernels (logits in the log2 domain, as in kernels/chunk_attention.py)
-
-
-@_jit
-def _softmax_step(s, v, m_i, l_i, acc):
-    """One block of the online softmax: s [M, N] base-2 logits (masked ones -inf), v [N, D]."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return m_new, l_i, acc
 
 
 @_jit
@@ -167,13 +157,8 @@ def _paged_fwd_kernel(
         m_i, l_i, acc = _attend_chunk(q1, q2, kn_base, vn_base, COS, SIN, start_n + offs_n, offs_m, offs_h, offs_d,
                                       n_q, n_past, stride_knn, stride_vnn, stride_cs, qk_scale, m_i, l_i, acc,
                                       HALF, True)
-    acc = acc / l_i[:, None]
-    row_ok = offs_m < n_q
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    if WITH_SCORES:
-        w = tl.load(EMA + offs_m, mask=row_ok, other=1.0)
-        tl.store(BIAS + pid_bh.to(tl.int64) * n_q + offs_m, tl.log2(w) - (m_i + tl.log2(l_i)), mask=row_ok)
+    _store_forward(OUT, BIAS, EMA, b, h, pid_bh, offs_m, offs_d, n_q, stride_ob, stride_oh, stride_om, m_i, l_i, acc,
+                   WITH_SCORES)
 
 
 @_jit
@@ -214,10 +199,7 @@ def _paged_scores_kernel(
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_h = tl.arange(0, HALF)
-    c_ok = cols < n_k
-    in_c = cols < n_past
-    is_new = c_ok & (cols >= n_past)
-    slot = tl.load(ORDER + cols, mask=in_c, other=0).to(tl.int64)
+    c_ok, in_c, is_new, slot = _key_sources(ORDER, cols, n_past, n_k, False)
     k1, k2 = _load_rotated_either(  # [BLOCK_N, D/2], reused for every query block
         KC + b * stride_kcb + kvh * stride_kch + slot[:, None] * stride_kcn + offs_h[None, :],
         KN + b * stride_knb + kvh * stride_knh + (cols - n_past)[:, None] * stride_knn + offs_h[None, :],
@@ -269,10 +251,7 @@ def _gather_rotate_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, HEAD_DIM)
-    c_ok = cols < n_k
-    in_c = cols < n_past
-    is_new = c_ok & (cols >= n_past)
-    slot = tl.load(ORDER + cols, mask=in_c, other=0).to(tl.int64)
+    c_ok, in_c, is_new, slot = _key_sources(ORDER, cols, n_past, n_k, False)
     k1, k2 = _load_rotated_either(
         KC + b * stride_kcb + kvh * stride_kch + slot[:, None] * stride_kcn + offs_h[None, :],
         KN + b * stride_knb + kvh * stride_knh + (cols - n_past)[:, None] * stride_knn + offs_h[None, :],
