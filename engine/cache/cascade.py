@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,7 +27,8 @@ from .base import CacheShape, KVCache, empty_buffers
 class RingPlan:
     """What one chunk does to sub-cache i; candidates are [open base slot?] + incoming items.
 
-    The index fields are lists of ints while planning, then views into one device tensor (see `_bind`)."""
+    The index fields are lists of ints while planning, numpy arrays after `_finish`, then views into one device
+    tensor (see `_bind`)."""
 
     base_slot: int | None  # physical slot whose occupant competes with the first incoming items
     cand_seg: list[int]  # segment of every candidate (non-decreasing)
@@ -38,20 +40,27 @@ class RingPlan:
     next_state: tuple[int, int]  # (start, count) after the chunk
     # derived by `_finish` for the device: candidates of each segment latest first, padded to `depth` by
     # repeating the segment's first candidate (empty when every segment is a single candidate)
-    seg_table: list[int] | Tensor = ()
+    seg_table: np.ndarray | Tensor = ()
     depth: int = 1
-    pick: list[int] | Tensor = ()  # write_seg then out_seg: the segments whose winner is used
-    write_col: list[int] | Tensor = ()  # score columns of write_slot / out_old (slot - sinks)
-    out_old_col: list[int] | Tensor = ()
+    pick: np.ndarray | Tensor = ()  # write_seg then out_seg: the segments whose winner is used
+    write_col: np.ndarray | Tensor = ()  # score columns of write_slot / out_old (slot - sinks)
+    out_old_col: np.ndarray | Tensor = ()
 
 
 def _plan_ring(
-    i: int, times: list[int], start: int, count: int, width: int, n_sinks: int, eager_until: int
+    i: int, times: list[int], start: int, count: int, width: int, n_sinks: int, eager_until: int,
+    fast: bool = True,
 ) -> tuple[RingPlan, list[int]]:
     """Simulate sub-cache `i` on references instead of data; returns its plan and the times pushed on.
 
     Work is O(len(times)), not O(width): the ring's old occupants are never listed, only counted. Old occupant
     of age rank k sits in slot (start + k) % width, and evictions always take the oldest."""
+    t = np.asarray(times, dtype=np.int64)
+    accept = (t <= eager_until) | ((t - n_sinks) % (1 << i) == 0)
+    n_acc = int(accept.sum())
+    if fast and 0 < count == width and n_acc <= count:  # the steady state, in numpy: the same plan as the loop below
+        return _plan_full_ring(t, accept, n_acc, start, width)
+    times = t.tolist()
     first, n_old = start, count
     gone = 0  # old occupants pushed out so far
     fresh: deque = deque()  # (segment, slot) opened by this chunk and still in the ring, oldest first
@@ -61,8 +70,7 @@ def _plan_ring(
     out_seg: list[int] = []
     out_times: list[int] = []
     n_seg = 0
-    for t in times:
-        accept = t <= eager_until or (t - n_sinks) % (1 << i) == 0
+    for t, accept in zip(times, accept.tolist()):
         if accept or count == 0:
             if accept and count == width:  # push the oldest on: old occupants first, then this chunk's
                 if gone < n_old:
@@ -105,21 +113,51 @@ def _plan_ring(
     return plan, out_times
 
 
+def _plan_full_ring(t: np.ndarray, accept: np.ndarray, n_acc: int, start: int, width: int
+                    ) -> tuple[RingPlan, np.ndarray]:
+    """`_plan_ring` for a full ring that takes no more items than it holds (every chunk after the fill, unless
+    the chunk is longer than a sub-cache): the j-th accepted item pushes old occupant j on and takes its slot;
+    refused items join the segment before them; a refused first item competes for the newest old slot."""
+    has_base = int(not accept[0])
+    seg = np.cumsum(accept) - 1 + has_base  # each incoming item's segment (0 is the base's before any accept)
+    slots = (start + np.arange(n_acc)) % width
+    acc_seg = np.arange(has_base, has_base + n_acc)
+    base_slot = (start + width - 1) % width if has_base else None
+    if has_base and n_acc == width:  # the last push takes the base slot's occupant: its segment's winner leaves
+        out_old, out_seg = slots[:-1], np.zeros(1, dtype=np.int64)
+    else:
+        out_old, out_seg = slots, np.zeros(0, dtype=np.int64)
+    write_seg, write_slot = acc_seg, slots
+    if has_base and n_acc < width:
+        write_seg, write_slot = np.append(acc_seg, 0), np.append(slots, base_slot)
+    plan = RingPlan(base_slot=base_slot, cand_seg=np.concatenate([np.zeros(has_base, dtype=np.int64), seg]),
+                    n_seg=n_acc + has_base, write_seg=write_seg, write_slot=write_slot, out_old=out_old,
+                    out_seg=out_seg, next_state=((start + n_acc) % width, width))
+    return plan, t[accept]
+
+
+def _ints(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
 def _finish(plan: RingPlan, offset: int, n_sinks: int) -> RingPlan:
-    """Ring-local slots to physical slots, and the derived index lists the device side uses."""
-    plan.write_slot = [slot + offset for slot in plan.write_slot]
-    plan.out_old = [slot + offset for slot in plan.out_old]
+    """Ring-local slots to physical slots, and the derived index arrays the device side uses (numpy: this runs
+    on the host for every chunk, beside the GPU's work, so it must stay cheap)."""
+    plan.write_slot = _ints(plan.write_slot) + offset
+    plan.out_old = _ints(plan.out_old) + offset
     if plan.base_slot is not None:
         plan.base_slot += offset
-    members: list[list[int]] = [[] for _ in range(plan.n_seg)]
-    for pos, seg in enumerate(plan.cand_seg):
-        members[seg].append(pos)
-    plan.depth = max(map(len, members), default=1)
-    if plan.depth > 1:  # latest first, so that arg-max's first maximum is the segment's last one
-        plan.seg_table = [p for m in members for p in m[::-1] + m[:1] * (plan.depth - len(m))]
-    plan.pick = plan.write_seg + plan.out_seg
-    plan.write_col = [slot - n_sinks for slot in plan.write_slot]
-    plan.out_old_col = [slot - n_sinks for slot in plan.out_old]
+    lens = np.bincount(_ints(plan.cand_seg), minlength=plan.n_seg)
+    plan.depth = int(lens.max()) if lens.size else 1
+    if plan.depth > 1:  # latest first, so that arg-max's first maximum is the segment's last one; pad with the first
+        first = (np.cumsum(lens) - lens)[:, None]
+        back = np.arange(plan.depth)[None, :]
+        plan.seg_table = np.maximum(first + lens[:, None] - 1 - back, first).reshape(-1)
+    else:
+        plan.seg_table = _ints(())
+    plan.pick = np.concatenate([_ints(plan.write_seg), _ints(plan.out_seg)])
+    plan.write_col = plan.write_slot - n_sinks
+    plan.out_old_col = plan.out_old - n_sinks
     return plan
 
 
@@ -189,15 +227,14 @@ class CascadeCache(KVCache):
         eager_until = self.cache_size + self.n_sinks
         plans = []
         for i in range(self.cascades):
-            if not times:
+            if len(times) == 0:
                 break
             plan, times = _plan_ring(i, times, self.start[i], self.count[i], self.width, self.n_sinks, eager_until)
             plans.append(_finish(plan, self.n_sinks + i * self.width, self.n_sinks))
         self._plans = plans
         # every ring's index lists and the written slots, sent to each device in one copy
-        flat = [x for plan in plans for name in _INDEX_FIELDS for x in getattr(plan, name)]
-        flat += [slot for plan in plans for slot in plan.write_slot]
-        packed = torch.tensor(flat, dtype=torch.long)
+        flat = [getattr(plan, name) for plan in plans for name in _INDEX_FIELDS]
+        packed = torch.from_numpy(np.concatenate(flat + [plan.write_slot for plan in plans] + [_ints(())]))
         if dev.type == "cuda":  # one pinned, asynchronous copy instead of a synchronising one per list
             packed = packed.pin_memory()
         self._chunk = self._chunk_on(dev, n_new, packed)

@@ -100,3 +100,23 @@ def test_cascade_reaches_exponentially_far_back():
     # slot holds whichever token of its group scored highest (checked over 300 seeds: reach >= 108 of 120 here)
     assert (total - 1 - oldest >= width * (2**cascades - 1) - 2**cascades).all()
     assert cache.n_past == 4 + width * cascades
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_full_ring_fast_path_equals_the_loop(seed):
+    """The numpy plan of a full ring (every chunk after the fill) equals the general per-item loop."""
+    from engine.cache.cascade import _plan_ring
+
+    rng = random.Random(seed)
+    for _ in range(400):
+        i, width, n_sinks = rng.randint(0, 4), rng.randint(1, 9), rng.choice([0, 1, 4])
+        t0 = rng.randint(n_sinks, 200)
+        times = sorted(rng.sample(range(t0, t0 + 80), rng.randint(1, 40)))
+        args = (i, times, rng.randrange(width), width, width, n_sinks, rng.choice([0, t0 + 5, 10**6]))
+        fast, fast_out = _plan_ring(*args)
+        slow, slow_out = _plan_ring(*args, fast=False)
+        assert list(fast_out) == list(slow_out)
+        for name in ("base_slot", "n_seg", "next_state"):
+            assert getattr(fast, name) == getattr(slow, name), name
+        for name in ("cand_seg", "write_seg", "write_slot", "out_old", "out_seg"):
+            assert list(getattr(fast, name)) == list(getattr(slow, name)), name
