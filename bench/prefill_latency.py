@@ -525,7 +525,8 @@ def main() -> None:
                   f"{r['cascade_gpu_s']:8.3f} {r['cascade_host_plan_s']:7.3f} {r['window_s']:8.3f} {r['window_triton_s']:8.3f} "
                   f"{r.get('speedup_vs_flash_wall', float('nan')):7.2f} {r.get('speedup_vs_flash_gpu', float('nan')):6.2f} "
                   f"{100 * r['overhead_vs_window_wall']:6.0f}% {100 * r['overhead_vs_window_gpu']:5.0f}% "
-                  f"{100 * r['inkernel_overhead_vs_window_gpu']:11.0f}% {100 * r['gather_overhead_vs_window_gpu']:9.0f}%")
+                  f"{100 * r.get('inkernel_overhead_vs_window_gpu', float('nan')):11.0f}% "
+                  f"{100 * r.get('gather_overhead_vs_window_gpu', float('nan')):9.0f}%")
     print("(cascade = the engine's path: one gather + rotate pass, then the unpaged kernels; inkernel = keys rotated "
           "inside the paged kernels; gather = the old torch gather + RoPE; +% over window SDPA, GPU time)")
 
