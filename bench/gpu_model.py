@@ -187,19 +187,22 @@ def ms_per_token(step, n: int, dev: str) -> float:
     return 1000 * (time.perf_counter() - t0) / n
 
 
-def kernel_time(step, n: int, dev: str) -> tuple[float, float] | tuple[None, None]:
-    """GPU kernels' own durations summed per token (profiler), and device events per token: the device's work
-    without launch gaps, and how many launches it took."""
+def kernel_time(step, n: int, dev: str) -> tuple:
+    """GPU kernels' own durations summed per token (profiler), device events per token, and the 12 costliest
+    kernels: the device's work without launch gaps, how many launches it took, and where it goes."""
     if dev != "cuda":
-        return None, None
+        return None, None, []
     from torch.profiler import ProfilerActivity, profile
     sync(dev)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(n)
         sync(dev)
     device_events = [e for e in prof.key_averages() if (getattr(e, "self_device_time_total", 0) or 0) > 0]
+    top = sorted(device_events, key=lambda e: -e.self_device_time_total)[:12]
+    kernels = [{"name": e.key[:90], "ms_per_token": round(e.self_device_time_total / 1000 / n, 3),
+                "calls_per_token": e.count / n} for e in top]
     return (sum(e.self_device_time_total for e in device_events) / 1000 / n,
-            sum(e.count for e in device_events) / n)
+            sum(e.count for e in device_events) / n, kernels)
 
 
 def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
@@ -217,8 +220,8 @@ def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
         rounds = []
         for _ in range(args.decode_rounds):
             rounds.append((ms_per_token(cascade, args.decode_steps, dev), ms_per_token(dense, args.decode_steps, dev)))
-        k_cascade, n_cascade = kernel_time(cascade, 8, dev)
-        k_dense, n_dense = kernel_time(dense, 8, dev)
+        k_cascade, n_cascade, top_cascade = kernel_time(cascade, 8, dev)
+        k_dense, n_dense, top_dense = kernel_time(dense, 8, dev)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     c_ms, d_ms = med([c for c, _ in rounds]), med([d for _, d in rounds])
     row = {"part": "decode_compare", "rounds": args.decode_rounds, "steps_per_round": args.decode_steps,
@@ -229,7 +232,8 @@ def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
            "rounds_ms": [[round(c, 3), round(d, 3)] for c, d in rounds],
            "cascade_kernel_ms_per_token": None if k_cascade is None else round(k_cascade, 3),
            "dense_kernel_ms_per_token": None if k_dense is None else round(k_dense, 3),
-           "cascade_kernels_per_token": n_cascade, "dense_kernels_per_token": n_dense}
+           "cascade_kernels_per_token": n_cascade, "dense_kernels_per_token": n_dense,
+           "cascade_top_kernels": top_cascade, "dense_top_kernels": top_dense}
     if k_cascade and k_dense:
         row["kernel_ratio"] = round(k_cascade / k_dense, 4)
     if dev == "cuda":
