@@ -19,8 +19,10 @@ from .rope import _load_either, _load_rotated_either
 # PROGRAMS_PER_SM sets the key splits (split-K) so that batch 1 fills the GPU.
 DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4)
 # The paged split kernel also holds fp32 key halves and cos/sin tiles: at BLOCK_N 128 ptxas (sm_90) reports
-# 1244 bytes of spills, at 32 none. Untimed; bench/prefill_latency.py --tune times the candidates.
-PAGED_DECODE_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=4, PROGRAMS_PER_SM=4)
+# 1244 bytes of spills, at 32 none. The fastest of the candidates `bench/prefill_latency.py --tune` timed on an
+# H200 (one query over 65,601 keys, 32 heads / 8 KV heads, D 128, with scores, as a CUDA graph): 183.1 µs, against
+# 214.3 µs for the earlier untimed choice (num_stages 4, 4 programs per SM); docs/BENCHMARKS.md, session 4.
+PAGED_DECODE_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=3, PROGRAMS_PER_SM=2)
 
 
 @_jit
