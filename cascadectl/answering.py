@@ -31,7 +31,7 @@ from engine.snapshot import config_of, load_snapshot, save_snapshot
 from engine.tokens import rechunk
 
 from . import checkpoints as ck
-from .common import ChunkInterrupts, check_output_path, peak_rss_bytes, require_text, versions
+from .common import AnswerInterrupts, ChunkInterrupts, check_output_path, peak_rss_bytes, require_text, versions
 from .console import Say, TokenProgress, console, fill_text, human_bytes
 from .inputs import InputReport, iter_segments, total_bytes_estimate
 
@@ -255,12 +255,15 @@ class Session:
         def on_token(_: int) -> None:
             self.stats.generated_tokens += 1
         try:
-            for piece in answer(runner, self.lm.tokenizer, suffix_ids, self.max_tokens, temperature, seed,
-                                stop_ids(self.lm.tokenizer), on_token):
-                text.append(piece)
-                if echo:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+            with AnswerInterrupts() as interrupts:
+                for piece in answer(runner, self.lm.tokenizer, suffix_ids, self.max_tokens, temperature, seed,
+                                    stop_ids(self.lm.tokenizer), on_token):
+                    interrupts.check()
+                    text.append(piece)
+                    if echo:
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                interrupts.check()
         finally:
             self.stats.seconds_generate = time.perf_counter() - start + seconds_before
             if echo:

@@ -221,6 +221,37 @@ class ChunkInterrupts:
         Say.warn("stopping after this chunk (Ctrl-C again to stop at once)")
 
 
+class AnswerInterrupts:
+    """While an answer is generated, Ctrl-C stops at once, and also at the next token if it got lost.
+
+    Python raises KeyboardInterrupt in whatever frame runs when the signal is handled; if that frame is a
+    finaliser run by the garbage collector (torch and other libraries have some), the exception is reported as
+    "ignored" and the loop would go on. So the handler also records the request, and the generation loop calls
+    `check()` after every token. Installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "AnswerInterrupts":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def resolve_sources(sources: list[str] | None) -> list[str]:
     """Sources as given; none given and stdin piped means stdin."""
     if sources:

@@ -5,6 +5,7 @@ import os
 import random
 import signal
 import stat
+import time
 
 import pytest
 import torch
@@ -244,10 +245,17 @@ def test_ctrl_c_while_answering_resumes_straight_to_the_answer(tmp_path, text_fi
         m.setattr(Runner, "step", lambda self, ids: calls.__setitem__(0, calls[0] + 1) or step(self, ids))
         expected = json.loads(invoke(args).stdout)
     ckpt = str(tmp_path / "s.ckpt")
+    decode_steps = [0]
+
+    def ctrl_c_on_second_decode_step(self, ids):  # one-token steps are decode steps here (910 % stride != 1)
+        decode_steps[0] += ids.shape[1] == 1
+        if decode_steps[0] == 2 and ids.shape[1] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # no chunk boundary to wait for: Ctrl-C acts at once
+        return step(self, ids)
     with monkeypatch.context() as m:
-        ctrl_c_after(m, calls[0] - 2)  # a decode step: no chunk boundary to wait for, Ctrl-C acts at once
+        m.setattr(Runner, "step", ctrl_c_on_second_decode_step)
         stopped = invoke([*args, "--checkpoint", ckpt])
-    assert stopped.exit_code == 130 and stopped.stdout == ""
+    assert stopped.exit_code == 130 and stopped.stdout == "", (calls, decode_steps, stopped.stderr[-2000:])
     assert snapshot.read_snapshot(ckpt)[0]["extra"]["tokens_done"] == len(TEXT)
     resumed = invoke([*args, "--checkpoint", ckpt, "--resume"])
     assert resumed.exit_code == 0, resumed.output
@@ -260,3 +268,23 @@ def test_interrupted_summarize_prints_partial_stats(tmp_path, text_file, monkeyp
     result = invoke(["summarize", text_file, *SMALL, *GEN, "--checkpoint", ckpt])
     assert result.exit_code == 130 and result.stdout == ""
     assert "read " in result.stderr and "--resume" in result.stderr and os.path.exists(ckpt)
+
+
+def test_ctrl_c_caught_by_a_finaliser_still_stops_the_answer(text_file, monkeypatch):
+    """A Ctrl-C handled while a finaliser runs (the garbage collector's, torch's) raises inside it, and Python
+    reports that KeyboardInterrupt as "ignored"; the answer loop must still stop, at the next token, with 130."""
+    step, decode_steps = Runner.step, [0]
+
+    class SignalsInItsFinaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, inside __del__, and its exception is swallowed
+
+    def step_then_finalise(self, ids):
+        decode_steps[0] += ids.shape[1] == 1
+        if decode_steps[0] == 2 and ids.shape[1] == 1:
+            SignalsInItsFinaliser()  # dropped at once: __del__ runs now
+        return step(self, ids)
+    monkeypatch.setattr(Runner, "step", step_then_finalise)
+    result = invoke(["summarize", text_file, *SMALL, *GEN, "--json"])
+    assert result.exit_code == 130 and result.stdout == ""
