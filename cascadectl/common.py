@@ -192,19 +192,15 @@ def check_output_path(path: str, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: the directory {directory} is not writable; choose another path")
 
 
-class ChunkInterrupts:
-    """During an ingest, the first Ctrl-C asks to stop at the next chunk boundary; a second one stops at once.
-
-    A KeyboardInterrupt in the middle of a chunk would leave the cache half-updated across layers, so nothing
-    could be saved from it. With this context the SIGINT handler only sets `requested`; the ingest's per-chunk
-    callback checks it, writes a checkpoint if one was asked for, prints partial statistics and raises
-    KeyboardInterrupt (exit 130). Installed only in the main thread (the only one that receives signals)."""
+class _SigintScope:
+    """Our own SIGINT handler for the length of a `with` block (main thread only: the one that receives
+    signals); `requested` records that Ctrl-C was pressed. Subclasses say what the handler does."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> "ChunkInterrupts":
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         return self
@@ -215,33 +211,31 @@ class ChunkInterrupts:
             self._previous = None
 
     def _on_sigint(self, signum, frame) -> None:
+        raise NotImplementedError
+
+
+class ChunkInterrupts(_SigintScope):
+    """During an ingest, the first Ctrl-C asks to stop at the next chunk boundary; a second one stops at once.
+
+    A KeyboardInterrupt in the middle of a chunk would leave the cache half-updated across layers, so nothing
+    could be saved from it. With this context the SIGINT handler only sets `requested`; the ingest's per-chunk
+    callback checks it, writes a checkpoint if one was asked for, prints partial statistics and raises
+    KeyboardInterrupt (exit 130)."""
+
+    def _on_sigint(self, signum, frame) -> None:
         if self.requested:  # second Ctrl-C: stop now, whatever the cache's state (nothing is saved from it)
             raise KeyboardInterrupt
         self.requested = True
         Say.warn("stopping after this chunk (Ctrl-C again to stop at once)")
 
 
-class AnswerInterrupts:
+class AnswerInterrupts(_SigintScope):
     """While an answer is generated, Ctrl-C stops at once, and also at the next token if it got lost.
 
     Python raises KeyboardInterrupt in whatever frame runs when the signal is handled; if that frame is a
     finaliser run by the garbage collector (torch and other libraries have some), the exception is reported as
     "ignored" and the loop would go on. So the handler also records the request, and the generation loop calls
-    `check()` after every token. Installed only in the main thread."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> "AnswerInterrupts":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+    `check()` after every token."""
 
     def _on_sigint(self, signum, frame) -> None:
         self.requested = True
