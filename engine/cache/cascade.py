@@ -327,10 +327,10 @@ class CascadeCache(KVCache):
         new_pos, old_pos = (src - capacity).clamp_(min=0), src.clamp(max=capacity - 1)
         heads = torch.arange(b * h, device=src.device).view(b, h, 1)
         old_rows = (heads * capacity + old_pos).view(-1)
+        new_rows = (heads * kv[0][1].shape[2] + new_pos).view(-1)  # keys and values of the chunk: same shape
         pick_new = from_new.view(-1, 1)
         for buf, new in kv:
             d = buf.shape[-1]
-            new_rows = (heads * new.shape[2] + new_pos).view(-1)
             rows = torch.where(pick_new, new.reshape(-1, d).index_select(0, new_rows),
                                buf.view(-1, d).index_select(0, old_rows))
             buf.index_copy_(2, dest, rows.view(b, h, -1, d))
