@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kernels.cache_push import push_token
+
 from .base import CacheShape, KVCache, empty_buffers
 
 
@@ -161,6 +163,12 @@ def _finish(plan: RingPlan, offset: int, n_sinks: int) -> RingPlan:
     return plan
 
 
+def _chain(plans: list[RingPlan]) -> np.ndarray:
+    """A single token's plans as `kernels.cache_push` codes: per ring reached, the slot it takes (its occupant
+    moves on when the ring was full), or -slot-1 where a refusing ring's newest slot is competed for."""
+    return _ints([-plan.base_slot - 1 if plan.base_slot is not None else int(plan.write_slot[0]) for plan in plans])
+
+
 _INDEX_FIELDS = ("seg_table", "pick", "write_col", "out_old", "out_old_col")
 
 
@@ -187,6 +195,7 @@ class _Chunk:
     new_src: Tensor  # [B, Hkv, n_new - to_sinks] source ids of the chunk's non-sink tokens: capacity + j
     dest: Tensor  # every ring's written slots, in ring order
     rings: list[RingPlan]
+    chain: Tensor | None  # a single token past the sinks: its slots as `kernels.cache_push` codes
 
 
 class CascadeCache(KVCache):
@@ -232,26 +241,28 @@ class CascadeCache(KVCache):
             plan, times = _plan_ring(i, times, self.start[i], self.count[i], self.width, self.n_sinks, eager_until)
             plans.append(_finish(plan, self.n_sinks + i * self.width, self.n_sinks))
         self._plans = plans
-        # every ring's index lists and the written slots, sent to each device in one copy
+        chain = _chain(plans) if n_new == 1 and not to_sinks and plans else _ints(())
+        # every ring's index lists, the written slots and the chain, sent to each device in one copy
         flat = [getattr(plan, name) for plan in plans for name in _INDEX_FIELDS]
-        packed = torch.from_numpy(np.concatenate(flat + [plan.write_slot for plan in plans] + [_ints(())]))
+        packed = torch.from_numpy(np.concatenate(flat + [plan.write_slot for plan in plans] + [chain]))
         if dev.type == "cuda":  # one pinned, asynchronous copy instead of a synchronising one per list
             packed = packed.pin_memory()
-        self._chunk = self._chunk_on(dev, n_new, packed)
+        self._chunk = self._chunk_on(dev, n_new, packed, len(chain))
         self._remote = None
         if self.shape.layer_devices is not None:  # the same indices on every other device that holds layers
-            self._remote = {d: self._chunk_on(d, n_new, packed) for d in self.shape.devices[1:]}
+            self._remote = {d: self._chunk_on(d, n_new, packed, len(chain)) for d in self.shape.devices[1:]}
 
-    def _chunk_on(self, dev: torch.device, n_new: int, packed: Tensor) -> _Chunk:
+    def _chunk_on(self, dev: torch.device, n_new: int, packed: Tensor, n_chain: int) -> _Chunk:
         packed = packed.to(dev, non_blocking=True)
         n_dest = sum(len(plan.write_slot) for plan in self._plans)
+        end = packed.numel() - n_chain
         order = self._age_order(dev)
         b, h = self.shape.batch, self.shape.n_kv_heads
         new_index = torch.arange(self.seen, self.seen + n_new, device=dev).expand(b, h, n_new)
         capacity = self.n_sinks + self.cache_size
         new_src = torch.arange(capacity, capacity + n_new - self._to_sinks, device=dev).expand(b, h, -1)
         return _Chunk(order, order[self.n_sinks_filled :] - self.n_sinks, new_index, new_src,
-                      packed[packed.numel() - n_dest :], _bind(self._plans, packed))
+                      packed[end - n_dest : end], _bind(self._plans, packed), packed[end:] if n_chain else None)
 
     def _indices(self, layer: int) -> _Chunk:
         """The chunk's index tensors on `layer`'s device."""
@@ -278,11 +289,16 @@ class CascadeCache(KVCache):
         n_cached, n_new, s = ch.cached.numel(), k.shape[2], self._to_sinks
         assert score.shape[2] == n_cached + n_new, (score.shape, n_cached, n_new)
         if n_cached:  # EMA over the chunk's queries: decay once per query, then add this chunk's share
-            sb[:, :, ch.cached] = sb[:, :, ch.cached] * self.beta**n_new + score[:, :, :n_cached]
+            # Decaying every column (also the empty slots, whose scores are overwritten when filled) and adding
+            # through the age order rounds exactly like gather, multiply, add and scatter, in two kernels not four.
+            sb.mul_(self.beta**n_new).index_add_(2, ch.cached, score[:, :, :n_cached])
         if s:
             dst = slice(self.n_sinks_filled, self.n_sinks_filled + s)
             kb[:, :, dst], vb[:, :, dst], ib[:, :, dst] = k[:, :, :s], v[:, :, :s], ch.new_index[:, :, :s]
         if not ch.rings:
+            return
+        if ch.chain is not None:  # one decoded token: the chain of pushes in one kernel
+            push_token(kb, vb, sb, ib, k, v, score[:, :, n_cached], ch.chain, self.seen, self.n_sinks)
             return
         items = (score[:, :, n_cached + s :], ch.new_src)
         written = []

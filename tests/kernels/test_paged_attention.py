@@ -10,16 +10,12 @@ bf16, so it runs fp32 and fp16; bf16 is covered on CUDA: `python -m pytest -m gp
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
-import kernels
 import kernels.chunk_attention as ca
 import kernels.paged_attention as pa
 from engine import attention
@@ -29,6 +25,7 @@ from kernels.chunk_attention import chunk_attention_ref, ema_weights
 from kernels.paged_attention import chunk_attention_paged, chunk_attention_paged_ref, materialise
 from kernels.rope import apply_rope
 from tests.engine.tiny import tiny_model
+from tests.kernels.interpreter import PACKAGE, interpreted
 
 # (B, Hq, Hkv, L, P, capacity, D, sinks, head_reduce): P keys visible in a cache of `capacity` slots
 SHAPES = [
@@ -120,49 +117,11 @@ def test_materialise_rotates_key_j_at_position_j():
 # ---- Triton kernels in the interpreter (CPU)
 
 
-def _load_interpreted():
-    """The kernels package imported again as `_kernels_interpreted`, its kernels decorated in interpreter mode."""
-    name = "_kernels_interpreted"
-    if name not in sys.modules:
-        folder = Path(kernels.__file__).parent
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[name] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"{name}.paged_attention")
-
-
-def _interpret_triton_language(monkeypatch) -> None:
-    """Triton's own jit'd helpers (tl.max, tl.sum, tl.zeros, ...) were decorated when triton was first imported,
-    without TRITON_INTERPRET; the interpreter can only call interpreted ones, so swap them in for this test."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    tl = ca.tl
-    for module in {tl, tl.standard, tl.core, getattr(tl, "math", tl)}:
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):
-                monkeypatch.setattr(module, attr, InterpretedFunction(value.fn))
-
-
 @pytest.fixture
 def interp(monkeypatch):
     """The interpreted paged_attention module, usable for this test; skips where it cannot run."""
-    if ca.triton is None:
-        pytest.skip("triton is not installed")
-    if torch.cuda.is_available():
-        pytest.skip("interpreter tests run on CPU-only machines; CUDA runs the compiled kernels (-m gpu)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton checks it while the interpreter runs, too
-    _interpret_triton_language(monkeypatch)
-    module = _load_interpreted()
-    try:  # e.g. triton < 3.6's interpreter cannot take loop bounds from program ids under numpy >= 2.4
-        x = paged_inputs((1, 2, 2, 1, 3, 4, 64, 0, "max"), torch.float32)
-        module.chunk_attention_paged_triton(**x)
-    except Exception as exc:  # noqa: BLE001 - any failure here means this triton cannot interpret on this machine
-        pytest.skip(f"Triton's interpreter does not run here ({type(exc).__name__}: {str(exc)[:80]}); "
-                    f"triton >= 3.6 works")
-    return module
+    x = paged_inputs((1, 2, 2, 1, 3, 4, 64, 0, "max"), torch.float32)
+    return interpreted(monkeypatch, "paged_attention", lambda module: module.chunk_attention_paged_triton(**x))
 
 
 @pytest.mark.parametrize("dtype", list(INTERP_TOL), ids=str)
@@ -197,7 +156,7 @@ def test_interpreted_materialise_and_prerotate(interp, shape):
 
 def test_interpreted_kernels_agree_with_the_unpaged_kernels(interp):
     """The paged kernels on the cache equal the existing kernels on the materialised, rotated keys."""
-    unpaged = sys.modules["_kernels_interpreted.chunk_attention"]
+    unpaged = sys.modules[f"{PACKAGE}.chunk_attention"]
     for shape in SHAPES[1], SHAPES[3]:
         x = paged_inputs(shape, torch.float32)
         k_all, v_all = materialise(x["k_cache"], x["v_cache"], x["order"], x["k_new"], x["v_new"], x["cos"], x["sin"])

@@ -1,0 +1,117 @@
+"""push_token: a decoded token's chain of pushes through the cascade's rings, in one kernel.
+
+The Triton kernel must equal `push_token_ref` exactly (it only moves data). The reference itself is checked
+against the per-token cascading rule through the engine (tests/engine/test_cascade_rule.py: chunks of one token
+take this path). Chains cover pushes through every ring, a place into a ring with room, a compete won, lost and
+tied per head, and a compete straight away; slots are given as int32 and int64; the new token's score is a
+strided column view, as the engine passes it.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import kernels._triton as kt
+from kernels.cache_push import push_token, push_token_ref
+from tests.kernels.interpreter import interpreted
+
+B, HKV, SINKS, WIDTH, RINGS = 2, 3, 3, 5, 3
+CAPACITY = SINKS + WIDTH * RINGS
+
+
+def _slot(ring: int, k: int) -> int:
+    return SINKS + ring * WIDTH + k
+
+
+# (name, chain codes): >= 0 take the slot and carry its occupant on; < 0 compete for slot -code-1
+CHAINS = [
+    ("place", [_slot(0, 2)]),
+    ("push-push-compete", [_slot(0, 1), _slot(1, 4), -_slot(2, 0) - 1]),
+    ("push-through-all", [_slot(0, 0), _slot(1, 0), _slot(2, 3)]),
+    ("compete-first", [-_slot(0, 4) - 1]),
+    ("push-place", [_slot(0, 3), _slot(1, 2)]),
+]
+
+
+def inputs(name: str, d: int, dtype: torch.dtype, device="cpu", index_dtype=torch.int64) -> dict:
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}{d}{dtype}".encode()))
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    chain = dict(CHAINS)[name]
+    score = torch.rand(B, HKV, WIDTH * RINGS, generator=gen)
+    step_scores = torch.rand(B, HKV, 7, generator=gen)  # the engine passes one column of the step's scores
+    # ties and clear wins/losses per head for the compete: carried scores are the pushed occupants' (or new's)
+    if chain[-1] < 0:
+        carried = step_scores[:, :, 4] if len(chain) == 1 else score[:, :, chain[-2] - SINKS]
+        target = -chain[-1] - 1 - SINKS
+        score[:, :, target] = carried + torch.tensor([0.0, 0.1, -0.1]).view(1, HKV)  # tie, loss, win
+    return dict(k_buf=rand(B, HKV, CAPACITY, d), v_buf=rand(B, HKV, CAPACITY, d), score_buf=score.to(device),
+                idx_buf=torch.randint(0, 10**6, (B, HKV, CAPACITY), generator=gen).to(device),
+                k_new=rand(B, HKV, 1, d), v_new=rand(B, HKV, 1, d), s_new=step_scores.to(device)[:, :, 4],
+                chain=torch.tensor(chain, dtype=index_dtype, device=device), t=2**33 + 5, n_sinks=SINKS)
+
+
+def run(fn, x: dict) -> dict:
+    x = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    fn(**x)
+    return {k: x[k] for k in ("k_buf", "v_buf", "score_buf", "idx_buf")}
+
+
+def assert_same(got: dict, want: dict) -> None:
+    for name in want:
+        assert torch.equal(got[name].cpu(), want[name].cpu()), name
+
+
+def test_reference_moves_the_chain():
+    """Spelled out on one chain: the new token lands in ring 0, ring 0's and ring 1's occupants move on, and the
+    compete in ring 2 goes to the newcomer on a tie and a win, to the occupant on a loss."""
+    x = inputs("push-push-compete", 64, torch.float32)
+    got = run(push_token_ref, x)
+    s0, s1, s2 = _slot(0, 1), _slot(1, 4), _slot(2, 0)
+    assert torch.equal(got["k_buf"][:, :, s0], x["k_new"][:, :, 0])
+    assert (got["idx_buf"][:, :, s0] == x["t"]).all()
+    assert torch.equal(got["v_buf"][:, :, s1], x["v_buf"][:, :, s0])
+    assert torch.equal(got["score_buf"][:, :, s1 - SINKS], x["score_buf"][:, :, s0 - SINKS])
+    won = torch.tensor([True, False, True]).expand(B, HKV)
+    want_k = torch.where(won[..., None], x["k_buf"][:, :, s1], x["k_buf"][:, :, s2])
+    assert torch.equal(got["k_buf"][:, :, s2], want_k)
+    assert torch.equal(got["idx_buf"][:, :, s2], torch.where(won, x["idx_buf"][:, :, s1], x["idx_buf"][:, :, s2]))
+    untouched = [s for s in range(CAPACITY) if s not in (s0, s1, s2)]
+    assert torch.equal(got["k_buf"][:, :, untouched], x["k_buf"][:, :, untouched])
+
+
+def test_dispatcher_on_cpu_is_the_reference():
+    x = inputs("push-through-all", 128, torch.bfloat16)
+    assert_same(run(push_token, x), run(push_token_ref, x))
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    x = inputs("place", 64, torch.float32)
+    return interpreted(monkeypatch, "cache_push", lambda module: run(module.push_token_triton, x))
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name", [name for name, _ in CHAINS])
+def test_interpreted_kernel_equals_reference(interp, name, d, dtype, index_dtype):
+    x = inputs(name, d, dtype, index_dtype=index_dtype)
+    assert_same(run(interp.push_token_triton, x), run(push_token_ref, x))
+
+
+needs_cuda = pytest.mark.skipif(kt.triton is None or not torch.cuda.is_available(), reason="needs triton and CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name", [name for name, _ in CHAINS])
+def test_cuda_kernel_equals_reference(name, d, dtype):
+    x = inputs(name, d, dtype, device="cuda")
+    assert_same(run(push_token, x), run(push_token_ref, x))
