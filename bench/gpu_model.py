@@ -205,6 +205,11 @@ def kernel_time(step, n: int, dev: str) -> tuple:
             sum(e.count for e in device_events) / n, kernels)
 
 
+def _decode_config() -> dict:
+    import kernels.decode_attention as da
+    return {**da.LAUNCH_DEFAULTS, **da.PAGED_DECODE_CONFIG}
+
+
 def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
     """Cascade decode at the runner's cache vs dense SDPA decode over --dense-past tokens, interleaved: rounds of
     --decode-steps steps of each, alternating, so that host noise (both loops are launch-bound at batch 1) falls on
@@ -233,7 +238,8 @@ def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
            "cascade_kernel_ms_per_token": None if k_cascade is None else round(k_cascade, 3),
            "dense_kernel_ms_per_token": None if k_dense is None else round(k_dense, 3),
            "cascade_kernels_per_token": n_cascade, "dense_kernels_per_token": n_dense,
-           "cascade_top_kernels": top_cascade, "dense_top_kernels": top_dense}
+           "cascade_top_kernels": top_cascade, "dense_top_kernels": top_dense,
+           "paged_decode_config": {**_decode_config()}}
     if k_cascade and k_dense:
         row["kernel_ratio"] = round(k_cascade / k_dense, 4)
     if dev == "cuda":
@@ -256,8 +262,16 @@ def main() -> None:
     ap.add_argument("--dense-past", type=int, default=65536)
     ap.add_argument("--budget", type=float, default=420.0, help="total wall seconds for this script")
     ap.add_argument("--tiny", action="store_true", help="tiny fp32 model on CPU: checks the logic only")
+    ap.add_argument("--decode-config", default="",
+                    help="JSON of the paged decode config and launch options to use (e.g. bench/decode_kernels.py's best)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.decode_config:
+        import kernels.decode_attention as da
+        cfg = json.loads(args.decode_config)
+        launch = {k: cfg.pop(k) for k in list(cfg) if k in da.LAUNCH_DEFAULTS}
+        da.LAUNCH_DEFAULTS = {**da.LAUNCH_DEFAULTS, **launch}
+        da.PAGED_DECODE_CONFIG = {**da.PAGED_DECODE_CONFIG, **cfg}
     if args.tiny:
         args.tokens = "1024,4096" if args.tokens == ap.get_default("tokens") else args.tokens
         args.cache_size, args.stride, args.cascades, args.sinks = 512, 128, 4, 16

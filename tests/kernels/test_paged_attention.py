@@ -133,10 +133,13 @@ def test_interpreted_kernels_match_ref(interp, shape, dtype):
     check(interp.chunk_attention_paged_triton(**x), chunk_attention_paged_ref(**x), INTERP_TOL[dtype])
 
 
+@pytest.mark.parametrize("launch", [{}, dict(HEADS_FASTEST=True, MERGE_BLOCK_N=16)], ids=["default", "heads-first"])
 @pytest.mark.parametrize("shape", SMALL_BLOCK_SHAPES, ids=str)
-def test_interpreted_kernels_small_blocks(interp, shape):
+def test_interpreted_kernels_small_blocks(interp, shape, launch):
+    """Several blocks and decode splits; the decode's launch options (program order, merge block) too."""
     x = paged_inputs(shape, torch.float16, temperature=3.0)  # peaked softmax
-    check(interp.chunk_attention_paged_triton(**x, **SMALL_BLOCKS), chunk_attention_paged_ref(**x),
+    blocks = {**SMALL_BLOCKS, "decode_config": {**SMALL_BLOCKS["decode_config"], **launch}}
+    check(interp.chunk_attention_paged_triton(**x, **blocks), chunk_attention_paged_ref(**x),
           INTERP_TOL[torch.float16])
 
 
