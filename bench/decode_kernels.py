@@ -64,10 +64,8 @@ def candidates(grid: bool) -> list[dict]:
     if not grid:
         return [base]
     out = [base]
-    for bn, w, st, ps, heads, merge in itertools.product((32, 64), (4,), (3, 4), (1, 2, 4), (False, True),
-                                                         (256, 1024)):
-        cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, PROGRAMS_PER_SM=ps, HEADS_FASTEST=heads,
-                   MERGE_BLOCK_N=merge)
+    for bn, w, st, ps, merge in itertools.product((32, 64), (4,), (3, 4), (1, 2, 4), (256, 1024, 2048)):
+        cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, PROGRAMS_PER_SM=ps, MERGE_BLOCK_N=merge)
         if cfg != base:
             out.append(cfg)
     return out

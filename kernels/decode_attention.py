@@ -23,10 +23,11 @@ DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4)
 # H200 (one query over 65,601 keys, 32 heads / 8 KV heads, D 128, with scores, as a CUDA graph): 183.1 µs, against
 # 214.3 µs for the earlier untimed choice (num_stages 4, 4 programs per SM); docs/BENCHMARKS.md, session 4.
 PAGED_DECODE_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=3, PROGRAMS_PER_SM=2)
-# Launch options beside the kernel configs (bench/decode_kernels.py times them): HEADS_FASTEST numbers the paged
-# split programs head-first, so that the programs of one key range (the same cos/sin rows) run side by side and
-# share L2; MERGE_BLOCK_N is the number of keys per merge program.
-LAUNCH_DEFAULTS = dict(HEADS_FASTEST=False, MERGE_BLOCK_N=256)
+# Keys per merge program, beside the split kernel's config. On an H200 (bench/decode_kernels.py, the paged decode
+# over 65,601 keys as a CUDA graph) 1024 took split + merge from 182 to 171 µs against 256; numbering the split
+# programs head-first instead (so that one key range's cos/sin rows are shared in L2) changed nothing measurable
+# (171.1 vs 171.2 µs) and was dropped. docs/BENCHMARKS.md, session 5.
+LAUNCH_DEFAULTS = dict(MERGE_BLOCK_N=1024)
 
 
 @_jit
@@ -102,17 +103,12 @@ def _decode_split_paged_kernel(
     stride_cs,
     n_past, n_kv_heads, n_splits, split_len, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    WITH_SCORES: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    WITH_SCORES: tl.constexpr,
 ):
     """`_decode_split_kernel` straight from the cache (kernels/paged_attention.py): key j < n_past is the cache's
-    slot ORDER[j], key n_past is the step's own (KN, VN); every key is rotated at its position j on load.
-    With HEADS_FASTEST the grid is (B·Hkv, splits) instead of (splits, B·Hkv)."""
-    if HEADS_FASTEST:
-        pid_bh = tl.program_id(0)
-        pid_s = tl.program_id(1)
-    else:
-        pid_s = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+    slot ORDER[j], key n_past is the step's own (KN, VN); every key is rotated at its position j on load."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)
     kvh = (pid_bh % n_kv_heads).to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -254,7 +250,6 @@ def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config=N
     hkv, n_k = k.shape[1], k.shape[2]
     g = hq // hkv
     n_splits, split_len, cfg = _split(q, hkv, n_k, decode_config)
-    cfg.pop("HEADS_FASTEST")
     merge_block = cfg.pop("MERGE_BLOCK_N")
     parts = _partials(q, n_splits, n_k, ema is not None)
     _decode_split_kernel[(n_splits, b * hkv)](
@@ -276,11 +271,9 @@ def _decode_paged_triton(q, k_cache, v_cache, order, n_past, k_new, v_new, cos, 
     hkv = k_cache.shape[1]
     g, n_k = hq // hkv, n_past + 1
     n_splits, split_len, cfg = _split(q, hkv, n_k, decode_config or PAGED_DECODE_CONFIG)
-    heads_fastest = cfg.pop("HEADS_FASTEST")
     merge_block = cfg.pop("MERGE_BLOCK_N")
     parts = _partials(q, n_splits, n_k, ema is not None)
-    grid = (b * hkv, n_splits) if heads_fastest else (n_splits, b * hkv)
-    _decode_split_paged_kernel[grid](
+    _decode_split_paged_kernel[(n_splits, b * hkv)](
         q, k_cache, v_cache, order, k_new, v_new, cos, sin, parts[3], *parts[:3],
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -289,7 +282,6 @@ def _decode_paged_triton(q, k_cache, v_cache, order, n_past, k_new, v_new, cos, 
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
         cos.stride(0),
         n_past, hkv, n_splits, split_len, qk_scale,
-        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=ema is not None,
-        HEADS_FASTEST=heads_fastest, **cfg,
+        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=ema is not None, **cfg,
     )
     return _merge(q, parts, hkv, n_k, n_splits, ema, n_sinks, head_reduce, merge_block)
