@@ -102,6 +102,12 @@ def push_token_triton(k_buf: Tensor, v_buf: Tensor, score_buf: Tensor, idx_buf: 
     b, hkv, _, d = k_buf.shape
     assert k_buf.stride(-1) == v_buf.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1
     assert d == triton.next_power_of_2(d), d
+    with torch.cuda.device(k_buf.device):  # Triton launches on the current device; a layer may live on another
+        _launch(k_buf, v_buf, score_buf, idx_buf, k_new, v_new, s_new, chain, t, n_sinks)
+
+
+def _launch(k_buf, v_buf, score_buf, idx_buf, k_new, v_new, s_new, chain, t, n_sinks) -> None:
+    b, hkv, _, d = k_buf.shape
     _push_kernel[(b * hkv,)](
         k_buf, v_buf, score_buf, idx_buf, k_new, v_new, s_new, chain,
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),

@@ -114,8 +114,8 @@ def test_bad_device_map_names_the_flag():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol", [("fp32", 1e-4), ("bf16", 5e-2)])
 def test_two_gpus_match_one(model_dir, dtype, atol):
-    """Cascade logits with layers split over cuda:0 and cuda:1 equal the single-GPU run, and the split adds no
-    host synchronisation (counted with torch's sync debug mode)."""
+    """Cascade logits with layers split over cuda:0 and cuda:1 equal the single-GPU run, over strided chunks and
+    single-token steps, and the split adds no host synchronisation (counted with torch's sync debug mode)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
     one = models.load_model(str(model_dir), "cuda:0", dtype)
@@ -135,7 +135,9 @@ def test_two_gpus_match_one(model_dir, dtype, atol):
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     out = [runner.step(torch.tensor([ids[i : i + config.stride]], device=lm.device))
-                           for i in range(16, len(ids), config.stride)]
+                           for i in range(16, 360, config.stride)]
+                    # then single tokens, as decoding feeds them (the cache's one-token push on each layer's card)
+                    out += [runner.step(torch.tensor([ids[i : i + 1]], device=lm.device)) for i in range(360, 400)]
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             syncs.append(sum("synchroniz" in str(w.message) for w in caught))
