@@ -27,6 +27,7 @@ one program per (b, KV head), a D-wide vector per step.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -102,7 +103,8 @@ def push_token_triton(k_buf: Tensor, v_buf: Tensor, score_buf: Tensor, idx_buf: 
     b, hkv, _, d = k_buf.shape
     assert k_buf.stride(-1) == v_buf.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1
     assert d == triton.next_power_of_2(d), d
-    with torch.cuda.device(k_buf.device):  # Triton launches on the current device; a layer may live on another
+    # Triton launches on the current device, and a layer may live on another (the interpreter runs on the CPU)
+    with torch.cuda.device(k_buf.device) if k_buf.is_cuda else nullcontext():
         _launch(k_buf, v_buf, score_buf, idx_buf, k_new, v_new, s_new, chain, t, n_sinks)
 
 
