@@ -30,7 +30,7 @@ import kernels.chunk_attention as ca  # noqa: E402
 import kernels.decode_attention as da  # noqa: E402
 import kernels.paged_attention as pa  # noqa: E402
 from bench.common import provenance  # noqa: E402
-from bench.prefill_latency import graph_time  # noqa: E402
+from bench.prefill_latency import graph_time, rotary  # noqa: E402 - the same shapes: D 128, bf16, CUDA
 from engine.cache.base import CacheShape  # noqa: E402
 from engine.cache.cascade import CascadeCache  # noqa: E402
 
@@ -50,13 +50,6 @@ def full_cache(args) -> CascadeCache:
                                                           + args.fill_stride, device=DEV))
         cache.end()
     return cache
-
-
-def rotary(n: int, base: float = 500000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / base ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
-    ang = torch.outer(torch.arange(n, device=DEV, dtype=torch.float32), inv)
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().to(DT), ang.sin().to(DT)
 
 
 def candidates(grid: bool) -> list[dict]:
