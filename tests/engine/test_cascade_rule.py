@@ -120,3 +120,26 @@ def test_full_ring_fast_path_equals_the_loop(seed):
             assert getattr(fast, name) == getattr(slow, name), name
         for name in ("cand_seg", "write_seg", "write_slot", "out_old", "out_seg"):
             assert list(getattr(fast, name)) == list(getattr(slow, name)), name
+
+
+@pytest.mark.parametrize("start", [100, 101, 102, 103, 117])
+def test_a_run_of_consecutive_tokens_is_thinned_past_the_first_sub_cache(start):
+    """Why exact passkey retrieval fails beyond the first sub-cache (docs/RESULTS.md): of two consecutive tokens
+    pushed out of sub-cache i-1, sub-cache i keeps one, so even a 5-token run that wins every compete (its
+    scores far above the rest) keeps at most 3 tokens once it has left sub-cache 0 (W tokens later) and at most
+    2 once it is past sub-cache 1 (3W later). Fed one token at a time, as decoding and the per-token rule do."""
+    width, cascades, n_sinks = 8, 4, 4
+    cache = CascadeCache(_shape(), n_sinks, width * cascades, cascades, beta=0.5)
+    cache.beta = 1.0
+    run = set(range(start, start + 5))
+    gen = torch.Generator().manual_seed(start)
+    worst = {0: 0, 1: 0, 2: 0}  # most run tokens kept: while in sub-cache 0, after W, after 3W
+    for t in range(start + 8 * width):
+        score = torch.full((1, HEADS, 1), 1e3) if t in run else torch.rand(1, HEADS, 1, generator=gen)
+        _feed(cache, [t], score, [1])
+        age = t - (start + 4)
+        if age >= 0:
+            kept = max(len(run & set(row)) for row in cache.token_index(0)[0].tolist())
+            bucket = 0 if age < width else 1 if age < 3 * width else 2
+            worst[bucket] = max(worst[bucket], kept)
+    assert worst == {0: 5, 1: 3, 2: 2}, worst
