@@ -10,6 +10,8 @@ Because acceptance never depends on data, a whole chunk is planned on the host f
 Each layer then runs the sub-caches on scores and source ids only (a padded per-segment arg-max and a few
 gathers each), and moves every written slot's key, value and token index once at the end. The result equals
 pushing the chunk's tokens one by one with the chunk's scores frozen (tests/engine/test_cascade_rule.py).
+A single token (a decode step) touches at most one slot per ring; its plan becomes a chain of slots that
+`kernels.cache_push.push_token` walks in one kernel on CUDA (its torch reference elsewhere).
 """
 from __future__ import annotations
 
