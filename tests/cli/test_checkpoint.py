@@ -270,6 +270,8 @@ def test_interrupted_summarize_prints_partial_stats(tmp_path, text_file, monkeyp
     assert "read " in result.stderr and "--resume" in result.stderr and os.path.exists(ckpt)
 
 
+# Python reports the KeyboardInterrupt raised inside the finaliser as "ignored": that is the situation under test
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_ctrl_c_caught_by_a_finaliser_still_stops_the_answer(text_file, monkeypatch):
     """A Ctrl-C handled while a finaliser runs (the garbage collector's, torch's) raises inside it, and Python
     reports that KeyboardInterrupt as "ignored"; the answer loop must still stop, at the next token, with 130."""
