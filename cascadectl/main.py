@@ -1,6 +1,9 @@
 """The `cascadectl` command: one Typer app, one module per command."""
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from .commands import ask, bench, ppl, summarize
@@ -25,4 +28,32 @@ def main() -> None:
 
 
 def run() -> None:
-    app()
+    if not _is_worker():
+        app()
+        return
+    # A worker of --nproc or torchrun ends with os._exit once its command is done and its output flushed. Its
+    # process group is destroyed by then, but gloo's threads can still abort the interpreter's normal shutdown
+    # ("terminate called without an active exception", SIGABRT) after the results are written, which the
+    # launcher must report as a crash. Nothing is left to clean up: output files are written atomically and
+    # closed, and the only output still buffered is flushed here.
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away (exit 141 was already decided)
+            pass
+    os._exit(code)
+
+
+def _is_worker() -> bool:
+    """A rank of a multi-process world (WORLD_SIZE > 1, as --nproc and torchrun set it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False  # the command itself reports the malformed environment
