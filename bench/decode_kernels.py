@@ -4,7 +4,8 @@ Llama-3.1-8B layer shapes (32 query heads, 8 KV heads, D 128, bf16), cache 65,53
 through the engine's own update so that the slot order is the real age order (mostly contiguous runs):
 
   paged       the engine's decode: split kernel over the cache's buffers (keys rotated on load) + merge with
-              the exact scores; every candidate of the paged config grid (`--grid`), launch options included
+              the exact scores; with `--grid`, every candidate of a config grid (block, stages, programs per
+              SM, keys per merge program)
   unpaged     the same split + merge on an already rotated, contiguous copy (what rotating on load costs)
   sdpa        torch SDPA (flash) of the query over the same number of contiguous keys, no scores: the floor a
               dense decode reaches for the attention alone
