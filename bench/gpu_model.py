@@ -156,16 +156,23 @@ def twin(model):
 
 
 def dense_stepper(model, args, dev: str):
-    """The HF model (its own SDPA attention) over a DynamicCache pre-filled with --dense-past random K/V tokens per
-    layer; each step appends one token, as a dense decode does. Returns (step, cache)."""
-    from transformers import DynamicCache
+    """The HF model (its own SDPA attention) over a transformers cache pre-filled with --dense-past random K/V
+    tokens per layer; each step appends one token, as a dense decode does. --dense-cache dynamic (DynamicCache:
+    grows by concatenation every step) or static (StaticCache: preallocated for every step this script takes,
+    written in place; SDPA then reads the whole preallocated length under a mask). Returns (step, cache)."""
+    from transformers import DynamicCache, StaticCache
     cfg = model.config
     p = next(model.parameters())
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cache = DynamicCache(config=cfg) if "config" in DynamicCache.__init__.__code__.co_varnames else DynamicCache()
+    if args.dense_cache == "static":
+        steps = 2 * (args.decode_warm + args.decode_rounds * args.decode_steps + 8)  # both loops' calls, and spare
+        cache = StaticCache(config=cfg, max_cache_len=args.dense_past + steps)
+    else:
+        cache = DynamicCache(config=cfg) if "config" in DynamicCache.__init__.__code__.co_varnames else DynamicCache()
     for i in range(cfg.num_hidden_layers):
         k = torch.randn(1, cfg.num_key_value_heads, args.dense_past, hd, dtype=p.dtype, device=dev)
-        cache.update(k, torch.randn_like(k), i)
+        # older transformers' StaticCache writes at cache_kwargs["cache_position"]; newer ones count by themselves
+        cache.update(k, torch.randn_like(k), i, {"cache_position": torch.arange(args.dense_past, device=dev)})
     state = {"tok": torch.randint(0, cfg.vocab_size, (1, 1)).to(dev), "pos": args.dense_past}
 
     @torch.inference_mode()
@@ -231,6 +238,7 @@ def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
     c_ms, d_ms = med([c for c, _ in rounds]), med([d for _, d in rounds])
     row = {"part": "decode_compare", "rounds": args.decode_rounds, "steps_per_round": args.decode_steps,
            "tokens_ingested": runner.cache.seen, "n_past": runner.cache.n_past, "dense_past": args.dense_past,
+           "dense_cache": args.dense_cache,
            "cascade_ms_per_token": round(c_ms, 3), "dense_ms_per_token": round(d_ms, 3),
            "ratio_of_medians": round(c_ms / d_ms, 4),
            "round_ratios": [round(c / d, 4) for c, d in rounds],
@@ -260,6 +268,8 @@ def main() -> None:
     ap.add_argument("--decode-rounds", type=int, default=8)
     ap.add_argument("--decode-warm", type=int, default=4)
     ap.add_argument("--dense-past", type=int, default=65536)
+    ap.add_argument("--dense-cache", choices=("dynamic", "static"), default="dynamic",
+                    help="the dense baseline's transformers cache (see dense_stepper)")
     ap.add_argument("--budget", type=float, default=420.0, help="total wall seconds for this script")
     ap.add_argument("--tiny", action="store_true", help="tiny fp32 model on CPU: checks the logic only")
     ap.add_argument("--decode-config", default="",
