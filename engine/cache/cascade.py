@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kernels.cache_push import push_token
 
-from .base import CacheShape, KVCache, empty_buffers
+from .base import CacheShape, KVCache, empty_buffers, gather_past
 
 
 @dataclass
@@ -276,7 +276,7 @@ class CascadeCache(KVCache):
 
     def past(self, layer: int) -> tuple[Tensor, Tensor]:
         order = self._indices(layer).order
-        return self.k[layer].index_select(2, order), self.v[layer].index_select(2, order)
+        return gather_past(self.k[layer], self.v[layer], order)
 
     def past_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         return self.k[layer], self.v[layer], self._indices(layer).order

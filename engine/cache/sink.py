@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import CacheShape, KVCache, empty_buffers
+from .base import CacheShape, KVCache, empty_buffers, gather_past
 
 
 class SinkWindowCache(KVCache):
@@ -58,7 +58,7 @@ class SinkWindowCache(KVCache):
 
     def past(self, layer: int) -> tuple[Tensor, Tensor]:
         order = self._indices(layer)[2]
-        return self.k[layer].index_select(2, order), self.v[layer].index_select(2, order)
+        return gather_past(self.k[layer], self.v[layer], order)
 
     def past_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         return self.k[layer], self.v[layer], self._indices(layer)[2]
