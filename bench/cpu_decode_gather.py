@@ -2,12 +2,15 @@
 
 Prefills 3,000 random tokens (cascade, cache 4096, 4 cascades, stride 1024, bf16), then alternates rounds of 10
 greedy decode steps with each implementation of `engine.cache.base.gather_past` (the same values either way),
-6 rounds each; prints the median and every round's ms/token, with the provenance.
+6 rounds each; prints the median and every round's ms/token, with the provenance. First it times the gather
+alone on a buffer of the embedded model's shape (3 KV heads × 4,160 slots × 64, bf16; 4,000 rows in random order). `--profile` then prints
+torch's CPU profiler table (self time per op) over 5 more steps with the engine's gather: where a step goes.
 
-    python bench/cpu_decode_gather.py
+    python bench/cpu_decode_gather.py [--profile]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -29,7 +32,24 @@ def index_select_dim2(k, v, order):
     return k.index_select(2, order), v.index_select(2, order)
 
 
+def gather_alone(reps: int = 200) -> dict:
+    torch.manual_seed(0)
+    k = torch.randn(1, 3, 4160, 64).bfloat16()
+    order = torch.randperm(4160)[:4000]
+    out = {}
+    for name, fn in (("index_select_dim2", index_select_dim2), ("flat_rows", base.gather_past)):
+        fn(k, k, order)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn(k, k, order)
+        out[name] = round((time.perf_counter() - t0) / reps / 2 * 1e6, 1)  # per tensor gathered
+    return out
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", action="store_true", help="also print the CPU profiler's table of 5 steps")
+    args = ap.parse_args()
     torch.manual_seed(0)
     model = models.load_model(None, "cpu", "bf16").model
     config = CacheConfig(policy="cascade", cache_size=4096, cascades=4, sinks=64, stride=1024)
@@ -50,7 +70,13 @@ def main() -> None:
                     tok = runner.logits(runner.step(tok)[:, -1:]).argmax(-1)
                 rounds[name].append(round((time.perf_counter() - t0) / 10 * 1000, 2))
         cascade.gather_past = base.gather_past
-    row = {"bench": "cpu_decode_gather", "tokens_before_decode": 3000,
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    tok = runner.logits(runner.step(tok)[:, -1:]).argmax(-1)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
+    row = {"bench": "cpu_decode_gather", "gather_alone_us": gather_alone(), "tokens_before_decode": 3000,
            "median_ms_per_token": {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}, "rounds_ms": rounds,
            **provenance()}
     print(json.dumps(row))
