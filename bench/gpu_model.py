@@ -247,7 +247,7 @@ def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
            "dense_kernel_ms_per_token": None if k_dense is None else round(k_dense, 3),
            "cascade_kernels_per_token": n_cascade, "dense_kernels_per_token": n_dense,
            "cascade_top_kernels": top_cascade, "dense_top_kernels": top_dense,
-           "paged_decode_config": {**_decode_config()}}
+           "paged_decode_config": _decode_config()}
     if k_cascade and k_dense:
         row["kernel_ratio"] = round(k_cascade / k_dense, 4)
     if dev == "cuda":
@@ -278,10 +278,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.decode_config:
         import kernels.decode_attention as da
-        cfg = json.loads(args.decode_config)
-        launch = {k: cfg.pop(k) for k in list(cfg) if k in da.LAUNCH_DEFAULTS}
-        da.LAUNCH_DEFAULTS = {**da.LAUNCH_DEFAULTS, **launch}
-        da.PAGED_DECODE_CONFIG = {**da.PAGED_DECODE_CONFIG, **cfg}
+        # launch options (MERGE_BLOCK_N) may sit in the config too: the kernels' _split lets them override LAUNCH_DEFAULTS
+        da.PAGED_DECODE_CONFIG = {**da.PAGED_DECODE_CONFIG, **json.loads(args.decode_config)}
     if args.tiny:
         args.tokens = "1024,4096" if args.tokens == ap.get_default("tokens") else args.tokens
         args.cache_size, args.stride, args.cascades, args.sinks = 512, 128, 4, 16
