@@ -485,7 +485,13 @@ def main() -> None:
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-sequence", action="store_true")
     ap.add_argument("--out", default="", help="append JSON rows to this file")
+    ap.add_argument("--fwd-config", default="", help="JSON merged into the forward's config, e.g. '{\"EXP16_SHIFT\": 15}'")
+    ap.add_argument("--scores-config", default="", help="JSON merged into the scores pass's config")
     args = ap.parse_args()
+    if args.fwd_config:
+        ca.FWD_CONFIG[D] = {**ca.FWD_CONFIG[D], **json.loads(args.fwd_config)}
+    if args.scores_config:
+        ca.SCORES_CONFIG[D] = {**ca.SCORES_CONFIG[D], **json.loads(args.scores_config)}
     torch.manual_seed(0)
     prov = provenance()
     print(json.dumps(prov), flush=True)
@@ -500,7 +506,8 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
 
     ceiling = matmul_ceiling()
-    emit(dict(section="ceiling", what="bf16 matmul 8192^3", tflops=ceiling))
+    emit(dict(section="ceiling", what="bf16 matmul 8192^3", tflops=ceiling, fwd_config=ca.FWD_CONFIG[D],
+              scores_config=ca.SCORES_CONFIG[D]))
     if not args.skip_kernel:
         kernel_section(args, emit)
     tokens = [int(x) for x in args.tokens.split(",") if x and not args.skip_sequence]
