@@ -37,19 +37,6 @@ def _exp2_half(x):
 
 
 @_jit
-def _online_softmax_half(s, m_i, l_i, SHIFT: tl.constexpr):
-    """`_online_softmax` with the probabilities from `_exp2_half`, scaled by 2^SHIFT: the running max is kept as
-    max - SHIFT, so p = 2^(s - m_i) <= 2^SHIFT, l carries the same factor, and lse2 = m_i + log2(l_i) and
-    acc / l come out unchanged. The largest p then sit where fp16 has SHIFT more binades below them before its
-    normal range ends. Returns p in fp16."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) - SHIFT)
-    p = _exp2_half(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-    return m_new, l_i, p, alpha
-
-
-@_jit
 def _softmax_step(s, v, m_i, l_i, acc):
     """One block of the online softmax: s [M, N] base-2 logits (masked ones -inf), v [N, D]."""
     m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._blocks import _exp2_half, _online_softmax, _online_softmax_half, _store_forward
+from ._blocks import _exp2_half, _online_softmax, _store_forward
 from ._triton import LOG2E, tl, triton
 from ._triton import jit as _jit
 from .decode_attention import _decode_triton
@@ -54,11 +54,9 @@ def _chunk_attn_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     n_q, n_k, n_heads, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_SCORES: tl.constexpr,
-    EXP16_SHIFT: tl.constexpr,
 ):
     """Pass 1: flash forward of BLOCK_M queries of one query head over its KV head's keys.
-    Writes out and, for the scores, BIAS[b, h, m] = log2(w_m) - lse2_m (lse2: base-2 log-sum-exp).
-    EXP16_SHIFT > 0: the probabilities come from `_online_softmax_half` with that shift (0: fp32 exp2)."""
+    Writes out and, for the scores, BIAS[b, h, m] = log2(w_m) - lse2_m (lse2: base-2 log-sum-exp)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)  # int64 offsets: h·stride overflows int32 past 2^31 elements
@@ -82,10 +80,7 @@ def _chunk_attn_fwd_kernel(
         cols = start_n + offs_n
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
         s = tl.dot(q, kt) * qk_scale
-        if EXP16_SHIFT > 0:
-            m_i, l_i, p, alpha = _online_softmax_half(s, m_i, l_i, EXP16_SHIFT)
-        else:
-            m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
+        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
         # v after the statistics, not before as `_softmax_step` takes it: loading it earlier changes the schedule
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -97,10 +92,7 @@ def _chunk_attn_fwd_kernel(
         s = tl.dot(q, kt) * qk_scale
         visible = (cols[None, :] <= offs_m[:, None] + n_c) & (cols[None, :] < n_k)
         s = tl.where(visible, s, float("-inf"))
-        if EXP16_SHIFT > 0:
-            m_i, l_i, p, alpha = _online_softmax_half(s, m_i, l_i, EXP16_SHIFT)
-        else:
-            m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
+        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < n_k, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     _store_forward(OUT, BIAS, EMA, b, h, pid_bh, offs_m, offs_d, n_q, stride_ob, stride_oh, stride_om, m_i, l_i, acc,
@@ -324,7 +316,7 @@ def chunk_attention_triton(
     qk_scale = scale * LOG2E
     if n_q == 1:
         return _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config)
-    fc = _with_exp16(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]), q)
+    fc = dict(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]))
     fc["BLOCK_M"] = _fit_rows(fc["BLOCK_M"], n_q)
     out = torch.empty_like(q)
     with_scores = ema is not None

@@ -105,13 +105,12 @@ def test_triton_matches_ref(shape, dtype):
 @pytest.mark.parametrize("dtype", list(GPU_TOL))
 @pytest.mark.parametrize("shape", [s for s in GPU_SHAPES if s[3] > 1], ids=str)
 def test_triton_half_exponentials_match_ref(shape, dtype, shift):
-    """EXP16_SHIFT: the forward's and the scores pass's exponentials in fp16, two per instruction, within the
-    fp32-exp kernels' tolerances; with the engine's EMA weights, weights 1000x larger and weights in random order
+    """EXP16_SHIFT: the scores pass's exponentials in fp16, two per instruction, within the fp32-exp kernels'
+    tolerances; with the engine's EMA weights, weights 1000x larger and weights in random order
     (the scores pass scales by the largest weight, wherever it is)."""
     b, hq, hkv, n_q, n_k, d, n_sinks, reduce = shape
     torch.manual_seed(zlib.crc32(repr(shape).encode()))
-    configs = dict(fwd_config={**ca.FWD_CONFIG[d], "EXP16_SHIFT": shift},
-                   scores_config={**ca.SCORES_CONFIG[d], "EXP16_SHIFT": shift})
+    configs = dict(scores_config={**ca.SCORES_CONFIG[d], "EXP16_SHIFT": shift})
     atol, rtol, s_rtol = GPU_TOL[dtype]
     emas = (ema_weights(n_q, 0.999, "cuda"), ema_weights(n_q, 0.9, "cuda") * 1000,
             ema_weights(n_q, 0.99, "cuda")[torch.randperm(n_q, device="cuda")])
@@ -127,11 +126,11 @@ def test_triton_half_exponentials_match_ref(shape, dtype, shift):
 @gpu
 @needs_triton
 def test_half_exponential_error_bound():
-    """`_exp2_half` on x in [-14, 16), where fp16 is normal: relative error within 2^-8·ln 2 (x rounded to fp16)
+    """`_exp2_half` on x in [-14, 15), where fp16 is normal: relative error within 2^-8·ln 2 (x rounded to fp16)
     plus the instruction's own; -inf gives 0, as masked logits need."""
     from tests.kernels.half_exp import exp2_half
 
-    x = torch.arange(-14 * 512, 16 * 512, device="cuda", dtype=torch.float32) / 512
+    x = torch.arange(-14 * 512, 15 * 512, device="cuda", dtype=torch.float32) / 512  # 2^16 overflows fp16
     rel = ((exp2_half(x).double() - torch.exp2(x.double())) / torch.exp2(x.double())).abs()
     assert rel.max().item() < 2**-8 * 0.6931 + 2**-10
     assert exp2_half(torch.tensor([float("-inf")], device="cuda")).item() == 0.0
