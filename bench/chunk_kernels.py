@@ -9,10 +9,10 @@ scores, the difference being the scores pass. Every row carries its errors again
 Why the scores pass is the thing to tune: it does one exp2 per (query, key) pair beside a q·k product of 2·D FLOPs.
 On an H100/H200 the special-function unit does 16 fp32 exp2 per clock per SM and the tensor cores about 4,096 bf16
 FLOPs, so at D = 128 both take 1/16 clock per pair; and each program streams every query of its KV group past
-its BLOCK_N keys, 2·D bytes per query, so BLOCK_N sets the L2 traffic per pair. EXP16_SHIFT > 0 computes the
-exponentials in fp16, two per instruction (kernels/_blocks.py::_exp2_half); --probe measures that function's error.
+its BLOCK_N keys, 2·D bytes per query, so BLOCK_N sets the L2 traffic per pair. The switches FTZ (one-instruction
+exp2) and PIPELINE (the scores pass's next q·k issued before this block's exponentials) are kernel constexprs.
 
-    python bench/chunk_kernels.py --probe --scores '[{}, {"EXP16_SHIFT": 15}, {"BLOCK_N": 256, "num_warps": 8}]'
+    python bench/chunk_kernels.py --fwd '[{}, {"FTZ": true}]' --scores '[{}, {"PIPELINE": true, "FTZ": true}]'
 
 Prints a table and one JSON row per measurement (card, versions, git, command)."""
 from __future__ import annotations
@@ -28,18 +28,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kernels.chunk_attention as ca  # noqa: E402
 from bench.prefill_latency import D, DEV, DT, HKV, HQ, chunk_flops, gpu_time, provenance  # noqa: E402
-from tests.kernels.half_exp import exp2_half  # noqa: E402
-
-
-def probe(emit) -> None:
-    x = torch.arange(-30 * 256, 16 * 256, device=DEV, dtype=torch.float32) / 256  # steps of 2^-8
-    y = exp2_half(x)
-    want = torch.exp2(x.double())
-    rel = ((y.double() - want) / want).abs()
-    for lo, hi in ((-1, 1), (-8, 8), (-14, 16), (-24, -14), (-30, -24)):
-        sel = (x >= lo) & (x < hi)
-        emit(dict(section="probe", x_from=lo, x_to=hi, max_rel_err=rel[sel].max().item(),
-                  mean_rel_err=rel[sel].mean().item(), zeros=int((y[sel] == 0).sum()), n=int(sel.sum())))
 
 
 def errors(out, scores, ref_out, ref_scores) -> dict:
@@ -99,9 +87,9 @@ def chunk(args, emit) -> None:
     best_sc = None
     for sc in _configs(args.scores, ca.SCORES_CONFIG[D]):
         row = run(fwd, sc, "scores")
-        if row and not sc.get("EXP16_SHIFT") and (best_sc is None or row["scores_ms"] < best_sc["scores_ms"]):
+        if row and (best_sc is None or row["scores_ms"] < best_sc["scores_ms"]):
             best_sc = row
-    if args.best_out:  # the fastest forward and fp32-exp scores pass, for a following prefill_latency run
+    if args.best_out:  # the fastest forward and scores pass, for a following prefill_latency run
         with open(args.best_out, "w") as f:
             json.dump(dict(fwd=fwd, scores=best_sc["scores_config"] if best_sc else ca.SCORES_CONFIG[D]), f)
 
@@ -111,7 +99,6 @@ def main() -> None:
     ap.add_argument("--fwd", default="", help='JSON list of forward configs merged into the default, e.g. '
                     '\'[{}, {"BLOCK_M": 256, "num_warps": 8}]\'; the fastest is used for the scores rows')
     ap.add_argument("--scores", default="", help="JSON list of scores-pass configs merged into the default")
-    ap.add_argument("--probe", action="store_true", help="also probe _exp2_half against float64")
     ap.add_argument("--stride", type=int, default=4096)
     ap.add_argument("--cache-size", type=int, default=65536)
     ap.add_argument("--sinks", type=int, default=64)
@@ -132,14 +119,8 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    if args.probe:
-        probe(emit)
     chunk(args, emit)
     print(f"\n{prov['gpu']}  torch {prov['torch']}  triton {prov['triton']}")
-    for r in rows:
-        if r["section"] == "probe":
-            print(f"  exp2_half x in [{r['x_from']}, {r['x_to']}): max rel err {r['max_rel_err']:.2e}, "
-                  f"mean {r['mean_rel_err']:.2e}, zeros {r['zeros']}/{r['n']}")
     print(f"\n{'pass':<6} {'config':<70} {'fwd ms':>7} {'TFLOP/s':>7} {'scores ms':>9} {'all TFLOP/s':>11} "
           f"{'out rel':>8} {'sc err/max':>10} {'sc err/max t4':>13} {'flips t4':>8}")
     for r in rows:

@@ -14,32 +14,32 @@ from ._triton import tl
 
 
 @_jit
-def _online_softmax(s, m_i, l_i):
+def _exp2(x, FTZ: tl.constexpr):
+    """2^x in fp32. FTZ: PTX's ex2.approx.ftz.f32, one special-function instruction; without it Triton's exp2
+    also scales inputs and outputs around the subnormal range (2^x < 2^-126, far below anything a softmax sums)."""
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@_jit
+def _online_softmax(s, m_i, l_i, FTZ: tl.constexpr):
     """The statistics of one block of the online softmax, s [M, N] base-2 logits (masked ones -inf): the new
     running max and sum, the block's probabilities p and the factor alpha that rescales what came before.
     The caller finishes with acc = dot(p, v, acc · alpha) (see `_softmax_step`)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+    p = _exp2(s - m_new[:, None], FTZ)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     return m_new, l_i, p, alpha
 
 
 @_jit
-def _exp2_half(x):
-    """2^x for fp32 x, in fp16, two elements per instruction of the special-function unit (PTX ex2.approx.f16x2),
-    whose fp32 exp2 is the softmax's bottleneck beside the tensor cores: twice the throughput. x is rounded to
-    fp16 first, so the result's relative error grows with |x|: at most 2^-8·ln 2 ≈ 0.27% for |x| < 16, near the
-    bf16 rounding (2^-9) that P gets before P·V anyway. The caller keeps x < 16 (fp16's largest is 65504) and
-    shifts it so that the values it needs stay above 2^-14, fp16's smallest normal number."""
-    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-                                     is_pure=True, pack=2)
-
-
-@_jit
 def _softmax_step(s, v, m_i, l_i, acc):
     """One block of the online softmax: s [M, N] base-2 logits (masked ones -inf), v [N, D]."""
-    m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i)
+    m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i, False)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._blocks import _exp2_half, _online_softmax, _store_forward
+from ._blocks import _exp2, _online_softmax, _store_forward
 from ._triton import LOG2E, tl, triton
 from ._triton import jit as _jit
 from .decode_attention import _decode_triton
@@ -54,6 +54,7 @@ def _chunk_attn_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     n_q, n_k, n_heads, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_SCORES: tl.constexpr,
+    FTZ: tl.constexpr,
 ):
     """Pass 1: flash forward of BLOCK_M queries of one query head over its KV head's keys.
     Writes out and, for the scores, BIAS[b, h, m] = log2(w_m) - lse2_m (lse2: base-2 log-sum-exp)."""
@@ -80,7 +81,7 @@ def _chunk_attn_fwd_kernel(
         cols = start_n + offs_n
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
         s = tl.dot(q, kt) * qk_scale
-        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
+        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i, FTZ)
         # v after the statistics, not before as `_softmax_step` takes it: loading it earlier changes the schedule
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -92,7 +93,7 @@ def _chunk_attn_fwd_kernel(
         s = tl.dot(q, kt) * qk_scale
         visible = (cols[None, :] <= offs_m[:, None] + n_c) & (cols[None, :] < n_k)
         s = tl.where(visible, s, float("-inf"))
-        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
+        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i, FTZ)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < n_k, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     _store_forward(OUT, BIAS, EMA, b, h, pid_bh, offs_m, offs_d, n_q, stride_ob, stride_oh, stride_om, m_i, l_i, acc,
@@ -101,17 +102,17 @@ def _chunk_attn_fwd_kernel(
 
 @_jit
 def _chunk_attn_scores_kernel(
-    Q, K, BIAS, SCORES, W_MAX,
+    Q, K, BIAS, SCORES,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     n_q, n_k, n_kv_heads, n_sinks, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    REDUCE_MAX: tl.constexpr, EXP16_SHIFT: tl.constexpr,
+    REDUCE_MAX: tl.constexpr, FTZ: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """Pass 2: one program owns BLOCK_N keys of one KV head and walks the queries of each of its GROUP query
     heads, summing w_m p(m, j) = exp2(s2 + BIAS_m) per key (no atomics); then max or mean over the heads.
-    EXP16_SHIFT > 0: the terms come from `_exp2_half`, as w_m p(m, j) · 2^EXP16_SHIFT / W_MAX[0] (at most
-    2^EXP16_SHIFT, since p <= 1 and w_m <= W_MAX[0] = max_m w_m), and the sums are scaled back at the end."""
+    PIPELINE: past the diagonal, the next query block's q·k is issued before this block's exponentials, so that
+    the tensor cores and the special-function unit can work at the same time. FTZ: see `_exp2`."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)
@@ -126,9 +127,6 @@ def _chunk_attn_scores_kernel(
     # query blocks that straddle the diagonal need the causal mask; earlier ones see none of these keys
     m_begin = (tl.maximum(start_n - n_c, 0) // BLOCK_M) * BLOCK_M
     m_diag = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - n_c, 0), n_q), BLOCK_M) * BLOCK_M
-    shift = 0.0
-    if EXP16_SHIFT > 0:
-        shift = EXP16_SHIFT - tl.log2(tl.load(W_MAX))
     result = tl.zeros([BLOCK_N], tl.float32)  # column sums are >= 0, so 0 is the identity of max too
     for g in range(GROUP):
         h = kvh * GROUP + g
@@ -139,19 +137,29 @@ def _chunk_attn_scores_kernel(
             rows = m0 + offs_m
             qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q, other=0.0)
             bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))
-            if EXP16_SHIFT > 0:
-                e = _exp2_half(tl.dot(k, qt) * qk_scale + (bias + shift)[None, :]).to(tl.float32)
-            else:
-                e = tl.exp2(tl.dot(k, qt) * qk_scale + bias[None, :])  # [BLOCK_N, BLOCK_M]
-            acc += tl.where(cols[:, None] <= rows[None, :] + n_c, e, 0.0)
-        for m0 in range(m_diag, n_q, BLOCK_M):
-            rows = m0 + offs_m
+            s = tl.dot(k, qt) * qk_scale + bias[None, :]  # [BLOCK_N, BLOCK_M]
+            acc += tl.where(cols[:, None] <= rows[None, :] + n_c, _exp2(s, FTZ), 0.0)
+        if PIPELINE:  # rows past n_q (none left) load as q = 0, bias = -inf: exp2 -> 0
+            rows = m_diag + offs_m
             qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q, other=0.0)
-            bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))  # padding rows: exp2 -> 0
-            if EXP16_SHIFT > 0:
-                acc += _exp2_half(tl.dot(k, qt) * qk_scale + (bias + shift)[None, :]).to(tl.float32)
-            else:
-                acc += tl.exp2(tl.dot(k, qt) * qk_scale + bias[None, :])
+            bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))
+            s = tl.dot(k, qt)
+            for m0 in range(m_diag + BLOCK_M, n_q, BLOCK_M):
+                rows = m0 + offs_m
+                qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q,
+                             other=0.0)
+                bias_next = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))
+                s_next = tl.dot(k, qt)
+                acc += _exp2(s * qk_scale + bias[None, :], FTZ)
+                s, bias = s_next, bias_next
+            acc += _exp2(s * qk_scale + bias[None, :], FTZ)
+        else:
+            for m0 in range(m_diag, n_q, BLOCK_M):
+                rows = m0 + offs_m
+                qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q,
+                             other=0.0)
+                bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))  # padding rows: exp2 -> 0
+                acc += _exp2(tl.dot(k, qt) * qk_scale + bias[None, :], FTZ)
         col = tl.sum(acc, 1)
         if REDUCE_MAX:
             result = tl.maximum(result, col)
@@ -159,8 +167,6 @@ def _chunk_attn_scores_kernel(
             result += col
     if not REDUCE_MAX:
         result = result / GROUP
-    if EXP16_SHIFT > 0:
-        result = result * tl.exp2(-shift)
     n_out = n_k - n_sinks
     tl.store(SCORES + pid_bh.to(tl.int64) * n_out + (cols - n_sinks), result, mask=cols < n_k)
 
@@ -279,12 +285,12 @@ SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
                  64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)}
 
 
-def _with_exp16(config: dict, q: Tensor) -> dict:
-    """A copy of a kernel config with EXP16_SHIFT set: the config's (default 0, fp32 exp2) for 16-bit inputs on a
-    GPU; 0 for fp32 inputs, which keep fp32 precision, and in Triton's CPU interpreter, which has no inline PTX."""
-    config = dict(config)
-    half = q.dtype in (torch.float16, torch.bfloat16) and os.environ.get("TRITON_INTERPRET") != "1"
-    config["EXP16_SHIFT"] = config.get("EXP16_SHIFT", 0) if half else 0
+def _launch_config(config: dict) -> dict:
+    """A copy of a kernel config with the switches the kernels take as constexprs filled in (off by default).
+    Triton's CPU interpreter has no inline PTX, so FTZ is off there."""
+    config = {"FTZ": False, "PIPELINE": False, **config}
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        config["FTZ"] = False
     return config
 
 
@@ -316,7 +322,8 @@ def chunk_attention_triton(
     qk_scale = scale * LOG2E
     if n_q == 1:
         return _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config)
-    fc = dict(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]))
+    fc = _launch_config(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]))
+    fc.pop("PIPELINE")
     fc["BLOCK_M"] = _fit_rows(fc["BLOCK_M"], n_q)
     out = torch.empty_like(q)
     with_scores = ema is not None
@@ -334,13 +341,12 @@ def chunk_attention_triton(
     )
     if not with_scores:
         return out, None
-    sc = _with_exp16(scores_config or SCORES_CONFIG.get(d, SCORES_CONFIG[128]), q)
+    sc = _launch_config(scores_config or SCORES_CONFIG.get(d, SCORES_CONFIG[128]))
     sc["BLOCK_M"] = _fit_rows(sc["BLOCK_M"], n_q)
     scores = torch.empty(b, hkv, n_k - n_sinks, dtype=torch.float32, device=q.device)
-    w_max = ema_f.amax().reshape(1) if sc["EXP16_SHIFT"] else ema_f  # a device scalar: no host sync
     grid = (triton.cdiv(n_k - n_sinks, sc["BLOCK_N"]), b * hkv)
     _chunk_attn_scores_kernel[grid](
-        q, k, bias, scores, w_max,
+        q, k, bias, scores,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         n_q, n_k, hkv, n_sinks, qk_scale,
