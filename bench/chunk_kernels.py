@@ -9,10 +9,10 @@ scores, the difference being the scores pass. Every row carries its errors again
 Why the scores pass is the thing to tune: it does one exp2 per (query, key) pair beside a q·k product of 2·D FLOPs.
 On an H100/H200 the special-function unit does 16 fp32 exp2 per clock per SM and the tensor cores about 4,096 bf16
 FLOPs, so at D = 128 both take 1/16 clock per pair; and each program streams every query of its KV group past
-its BLOCK_N keys, 2·D bytes per query, so BLOCK_N sets the L2 traffic per pair. The switches FTZ (one-instruction
-exp2) and PIPELINE (the scores pass's next q·k issued before this block's exponentials) are kernel constexprs.
+its BLOCK_N keys, 2·D bytes per query, so BLOCK_N sets the L2 traffic per pair. Any constexpr the kernels take
+can be swept the same way.
 
-    python bench/chunk_kernels.py --fwd '[{}, {"FTZ": true}]' --scores '[{}, {"PIPELINE": true, "FTZ": true}]'
+    python bench/chunk_kernels.py --fwd '[{}, {"BLOCK_N": 128, "num_stages": 3}]' --scores '[{}, {"BLOCK_N": 256, "num_warps": 8}]'
 
 Prints a table and one JSON row per measurement (card, versions, git, command)."""
 from __future__ import annotations

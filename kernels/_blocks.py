@@ -14,23 +14,12 @@ from ._triton import tl
 
 
 @_jit
-def _exp2(x, FTZ: tl.constexpr):
-    """2^x in fp32. FTZ: PTX's ex2.approx.ftz.f32, one special-function instruction; without it Triton's exp2
-    also scales inputs and outputs around the subnormal range (2^x < 2^-126, far below anything a softmax sums)."""
-    if FTZ:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.exp2(x)
-
-
-@_jit
-def _online_softmax(s, m_i, l_i, FTZ: tl.constexpr):
+def _online_softmax(s, m_i, l_i):
     """The statistics of one block of the online softmax, s [M, N] base-2 logits (masked ones -inf): the new
     running max and sum, the block's probabilities p and the factor alpha that rescales what came before.
     The caller finishes with acc = dot(p, v, acc · alpha) (see `_softmax_step`)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = _exp2(s - m_new[:, None], FTZ)
+    p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     return m_new, l_i, p, alpha
@@ -39,7 +28,7 @@ def _online_softmax(s, m_i, l_i, FTZ: tl.constexpr):
 @_jit
 def _softmax_step(s, v, m_i, l_i, acc):
     """One block of the online softmax: s [M, N] base-2 logits (masked ones -inf), v [N, D]."""
-    m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i, False)
+    m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._blocks import _exp2, _online_softmax, _store_forward
+from ._blocks import _online_softmax, _store_forward
 from ._triton import LOG2E, tl, triton
 from ._triton import jit as _jit
 from .decode_attention import _decode_triton
@@ -54,7 +54,6 @@ def _chunk_attn_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     n_q, n_k, n_heads, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_SCORES: tl.constexpr,
-    FTZ: tl.constexpr,
 ):
     """Pass 1: flash forward of BLOCK_M queries of one query head over its KV head's keys.
     Writes out and, for the scores, BIAS[b, h, m] = log2(w_m) - lse2_m (lse2: base-2 log-sum-exp)."""
@@ -81,7 +80,7 @@ def _chunk_attn_fwd_kernel(
         cols = start_n + offs_n
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])  # [D, BLOCK_N]
         s = tl.dot(q, kt) * qk_scale
-        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i, FTZ)
+        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
         # v after the statistics, not before as `_softmax_step` takes it: loading it earlier changes the schedule
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -93,7 +92,7 @@ def _chunk_attn_fwd_kernel(
         s = tl.dot(q, kt) * qk_scale
         visible = (cols[None, :] <= offs_m[:, None] + n_c) & (cols[None, :] < n_k)
         s = tl.where(visible, s, float("-inf"))
-        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i, FTZ)
+        m_i, l_i, p, alpha = _online_softmax(s, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < n_k, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     _store_forward(OUT, BIAS, EMA, b, h, pid_bh, offs_m, offs_d, n_q, stride_ob, stride_oh, stride_om, m_i, l_i, acc,
@@ -107,12 +106,10 @@ def _chunk_attn_scores_kernel(
     stride_kb, stride_kh, stride_kn,
     n_q, n_k, n_kv_heads, n_sinks, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    REDUCE_MAX: tl.constexpr, FTZ: tl.constexpr, PIPELINE: tl.constexpr,
+    REDUCE_MAX: tl.constexpr,
 ):
     """Pass 2: one program owns BLOCK_N keys of one KV head and walks the queries of each of its GROUP query
-    heads, summing w_m p(m, j) = exp2(s2 + BIAS_m) per key (no atomics); then max or mean over the heads.
-    PIPELINE: past the diagonal, the next query block's q·k is issued before this block's exponentials, so that
-    the tensor cores and the special-function unit can work at the same time. FTZ: see `_exp2`."""
+    heads, summing w_m p(m, j) = exp2(s2 + BIAS_m) per key (no atomics); then max or mean over the heads."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)
@@ -138,28 +135,12 @@ def _chunk_attn_scores_kernel(
             qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q, other=0.0)
             bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))
             s = tl.dot(k, qt) * qk_scale + bias[None, :]  # [BLOCK_N, BLOCK_M]
-            acc += tl.where(cols[:, None] <= rows[None, :] + n_c, _exp2(s, FTZ), 0.0)
-        if PIPELINE:  # rows past n_q (none left) load as q = 0, bias = -inf: exp2 -> 0
-            rows = m_diag + offs_m
+            acc += tl.where(cols[:, None] <= rows[None, :] + n_c, tl.exp2(s), 0.0)
+        for m0 in range(m_diag, n_q, BLOCK_M):
+            rows = m0 + offs_m
             qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q, other=0.0)
-            bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))
-            s = tl.dot(k, qt)
-            for m0 in range(m_diag + BLOCK_M, n_q, BLOCK_M):
-                rows = m0 + offs_m
-                qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q,
-                             other=0.0)
-                bias_next = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))
-                s_next = tl.dot(k, qt)
-                acc += _exp2(s * qk_scale + bias[None, :], FTZ)
-                s, bias = s_next, bias_next
-            acc += _exp2(s * qk_scale + bias[None, :], FTZ)
-        else:
-            for m0 in range(m_diag, n_q, BLOCK_M):
-                rows = m0 + offs_m
-                qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None], mask=rows[None, :] < n_q,
-                             other=0.0)
-                bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))  # padding rows: exp2 -> 0
-                acc += _exp2(tl.dot(k, qt) * qk_scale + bias[None, :], FTZ)
+            bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))  # padding rows: exp2 -> 0
+            acc += tl.exp2(tl.dot(k, qt) * qk_scale + bias[None, :])
         col = tl.sum(acc, 1)
         if REDUCE_MAX:
             result = tl.maximum(result, col)
@@ -278,20 +259,13 @@ def chunk_attention_cpu(
 
 
 # Block shapes per head dim, the fastest of bench/prefill_latency.py --tune on an H100 (docs/BENCHMARKS_GPU.md);
-# D 64 is untuned. Decode's DECODE_CONFIG lives in kernels/decode_attention.py.
-FWD_CONFIG = {128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+# D 64 is untuned. The forward's 128 x 128 tiles at 3 stages: bench/chunk_kernels.py on an H200, three runs,
+# 9.10-9.19 ms per chunk of 4,096 over 65,600 keys against 9.25-9.35 for 128 x 64 at 4 (docs/BENCHMARKS.md,
+# session 6). Decode's DECODE_CONFIG lives in kernels/decode_attention.py.
+FWD_CONFIG = {128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
               64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)}
 SCORES_CONFIG = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
                  64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)}
-
-
-def _launch_config(config: dict) -> dict:
-    """A copy of a kernel config with the switches the kernels take as constexprs filled in (off by default).
-    Triton's CPU interpreter has no inline PTX, so FTZ is off there."""
-    config = {"FTZ": False, "PIPELINE": False, **config}
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        config["FTZ"] = False
-    return config
 
 
 def _fit_rows(block: int, n_q: int) -> int:
@@ -322,8 +296,7 @@ def chunk_attention_triton(
     qk_scale = scale * LOG2E
     if n_q == 1:
         return _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config)
-    fc = _launch_config(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]))
-    fc.pop("PIPELINE")
+    fc = dict(fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]))
     fc["BLOCK_M"] = _fit_rows(fc["BLOCK_M"], n_q)
     out = torch.empty_like(q)
     with_scores = ema is not None
@@ -341,7 +314,7 @@ def chunk_attention_triton(
     )
     if not with_scores:
         return out, None
-    sc = _launch_config(scores_config or SCORES_CONFIG.get(d, SCORES_CONFIG[128]))
+    sc = dict(scores_config or SCORES_CONFIG.get(d, SCORES_CONFIG[128]))
     sc["BLOCK_M"] = _fit_rows(sc["BLOCK_M"], n_q)
     scores = torch.empty(b, hkv, n_k - n_sinks, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n_k - n_sinks, sc["BLOCK_N"]), b * hkv)

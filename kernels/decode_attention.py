@@ -38,7 +38,7 @@ def _split_step(s, cols, c_ok, row, g_ok, LOGITS, n_k, m_i, l_i, WITH_SCORES: tl
     s = tl.where(c_ok[None, :], s, float("-inf"))
     if WITH_SCORES:
         tl.store(LOGITS + row[:, None] * n_k + cols[None, :], s, mask=g_ok[:, None] & c_ok[None, :])
-    m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i, False)
+    m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i)
     return m_new, l_i, p, alpha
 
 
