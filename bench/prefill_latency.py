@@ -46,6 +46,7 @@ import kernels.chunk_attention as ca  # noqa: E402
 import kernels.decode_attention as da  # noqa: E402
 import kernels.paged_attention as pa  # noqa: E402
 from engine.attention import apply_rope  # noqa: E402
+from kernels.rope import rotate_queries  # noqa: E402
 from engine.cache.base import CacheShape  # noqa: E402
 from engine.cache.cascade import CascadeCache  # noqa: E402
 
@@ -134,7 +135,7 @@ def run_cascade(q, k, v, args, cos, sin, emas, mode: str = "engine") -> dict:
         e[0].record()
         p = cache.n_past
         k_new, v_new = k[:, :, s0 : s0 + n], v[:, :, s0 : s0 + n]
-        q_rot = apply_rope(q[:, :, s0 : s0 + n], cos[p : p + n], sin[p : p + n])
+        q_rot = rotate_queries(q[:, :, s0 : s0 + n], cos[p : p + n], sin[p : p + n])  # as the engine does
         if mode == "gather":
             k_past, v_past = cache.past(0)
             k_all = apply_rope(torch.cat([k_past, k_new], dim=2), cos[: p + n], sin[: p + n])

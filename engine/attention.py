@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kernels.chunk_attention import chunk_attention
 from kernels.paged_attention import chunk_attention_paged, paged_supported
-from kernels.rope import apply_rope, rotate_half  # noqa: F401 - part of this module's interface (retention, bench)
+from kernels.rope import apply_rope, rotate_half, rotate_queries  # noqa: F401 - re-exported (retention, bench)
 
 from .cache.base import KVCache
 from .errors import UnsupportedModelError
@@ -84,7 +84,7 @@ def _forward(attn: nn.Module, ctx_ref: list[StepContext | None]) -> Callable:
         if ctx.query_hook is not None:
             ctx.query_hook(layer, q)
         cos, sin, ema = ctx.tables(layer)
-        q_rot = apply_rope(q, cos[-n_new:], sin[-n_new:])
+        q_rot = rotate_queries(q, cos[-n_new:], sin[-n_new:])
         n_sinks = ctx.cache.n_sinks_filled
         # Triton launches on the current CUDA device, not the tensors': make it this layer's when layers are spread
         on_layer = torch.cuda.device(q.device) if ctx.per_device is not None and q.is_cuda else nullcontext()
