@@ -66,8 +66,21 @@ def test_triton_rounds_once(shape, dtype):
     torch.manual_seed(t)
     x = queries(b, h, t, d, dtype, "cuda", transposed)
     cos, sin = tables(p + t, d, dtype, "cuda")
-    got = rotate_queries(x, cos[p:], sin[p:])
+    got = rope.rope_triton(x, cos[p:], sin[p:])
     want = apply_rope(x.float(), cos[p:].float(), sin[p:].float())
     err = (got.float() - want).abs()
     assert (err <= torch.finfo(dtype).eps * want.abs() + 1e-5).all()  # an ulp is eps/2 to eps of |x|
     assert err.max() <= (apply_rope(x, cos[p:], sin[p:]).float() - want).abs().max()
+
+
+@gpu
+@needs_triton
+def test_dispatcher_choices(monkeypatch):
+    """CUDA, 16-bit, head dim 32-256: the kernel; head dim 16, fp32 or CASCADECTL_KERNELS=ref: `apply_rope`."""
+    cos, sin = tables(40, 128, torch.bfloat16, "cuda")
+    x = queries(1, 8, 40, 128, torch.bfloat16, "cuda")
+    assert torch.equal(rotate_queries(x, cos, sin), rope.rope_triton(x, cos, sin))
+    for args in ((x.float(), cos.float(), sin.float()), (x[..., :16], cos[:, :16], sin[:, :16])):
+        assert torch.equal(rotate_queries(*args), apply_rope(*args))
+    monkeypatch.setenv("CASCADECTL_KERNELS", "ref")
+    assert torch.equal(rotate_queries(x, cos, sin), apply_rope(x, cos, sin))
