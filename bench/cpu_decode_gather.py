@@ -7,6 +7,9 @@ alone on a buffer of the embedded model's shape (3 KV heads × 4,160 slots × 64
 torch's CPU profiler table (self time per op) over 5 more steps with the engine's gather: where a step goes.
 
     python bench/cpu_decode_gather.py [--profile]
+
+`--rope` alternates the two forms of `kernels.rope.apply_rope` instead, which rotates every cached key on every
+CPU step: x·cos + rotate_half(x)·sin as written (five passes) and the fused form the engine uses (three).
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import engine.attention as attention  # noqa: E402
 import engine.cache.base as base  # noqa: E402
 import engine.cache.cascade as cascade  # noqa: E402
+import kernels.rope as rope  # noqa: E402
 from bench.common import provenance  # noqa: E402
 from engine import models  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402
@@ -30,6 +35,18 @@ from engine.runner import Runner  # noqa: E402
 
 def index_select_dim2(k, v, order):
     return k.index_select(2, order), v.index_select(2, order)
+
+
+def rope_as_written(x, cos, sin):
+    return x * cos + rope.rotate_half(x) * sin
+
+
+def set_gather(fn) -> None:
+    cascade.gather_past = fn
+
+
+def set_rope(fn) -> None:
+    attention.apply_rope = fn
 
 
 def gather_alone(reps: int = 200) -> dict:
@@ -49,12 +66,16 @@ def gather_alone(reps: int = 200) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", action="store_true", help="also print the CPU profiler's table of 5 steps")
+    ap.add_argument("--rope", action="store_true", help="alternate the two RoPE forms instead of the gathers")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = models.load_model(None, "cpu", "bf16").model
     config = CacheConfig(policy="cascade", cache_size=4096, cascades=4, sinks=64, stride=1024)
     ids = torch.randint(0, 1000, (1, 3000))
-    ways = {"index_select_dim2": index_select_dim2, "flat_rows": base.gather_past}
+    if args.rope:
+        ways, swap = {"rope_as_written": rope_as_written, "rope_fused": rope.apply_rope}, set_rope
+    else:
+        ways, swap = {"index_select_dim2": index_select_dim2, "flat_rows": base.gather_past}, set_gather
     rounds = {name: [] for name in ways}
     with Runner(model, config) as runner:
         for i in range(0, ids.shape[1], config.stride):
@@ -64,19 +85,21 @@ def main() -> None:
             tok = runner.logits(runner.step(tok)[:, -1:]).argmax(-1)
         for _ in range(6):
             for name, fn in ways.items():
-                cascade.gather_past = fn
+                swap(fn)
                 t0 = time.perf_counter()
                 for _ in range(10):
                     tok = runner.logits(runner.step(tok)[:, -1:]).argmax(-1)
                 rounds[name].append(round((time.perf_counter() - t0) / 10 * 1000, 2))
-        cascade.gather_past = base.gather_past
+        set_gather(base.gather_past)
+        set_rope(rope.apply_rope)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(5):
                     tok = runner.logits(runner.step(tok)[:, -1:]).argmax(-1)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
-    row = {"bench": "cpu_decode_gather", "gather_alone_us": gather_alone(), "tokens_before_decode": 3000,
+    alone = {} if args.rope else {"gather_alone_us": gather_alone()}
+    row = {"bench": "cpu_decode_rope" if args.rope else "cpu_decode_gather", **alone, "tokens_before_decode": 3000,
            "median_ms_per_token": {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}, "rounds_ms": rounds,
            **provenance()}
     print(json.dumps(row))

@@ -26,8 +26,14 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D] rotated by cos/sin [T, D] (the HF convention: halves, not interleaved pairs)."""
-    return x * cos + rotate_half(x) * sin
+    """x [B, H, T, D] rotated by cos/sin [T, D] (the HF convention: halves, not interleaved pairs):
+    x·cos + rotate_half(x)·sin, as x·cos and then one fused multiply-add into each half. That is three passes over
+    x instead of five (rotate_half alone negates and concatenates a copy), and one rounding fewer per element."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 @_jit

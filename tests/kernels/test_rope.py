@@ -70,7 +70,7 @@ def test_triton_rounds_once(shape, dtype):
     want = apply_rope(x.float(), cos[p:].float(), sin[p:].float())
     err = (got.float() - want).abs()
     assert (err <= torch.finfo(dtype).eps * want.abs() + 1e-5).all()  # an ulp is eps/2 to eps of |x|
-    assert err.max() <= (apply_rope(x, cos[p:], sin[p:]).float() - want).abs().max()
+    assert err.max() <= (apply_rope(x, cos[p:], sin[p:]).float() - want).abs().max() + 1e-6  # ties: fp32 noise
 
 
 @gpu
