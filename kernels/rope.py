@@ -2,8 +2,8 @@
 pairs), applied with the model's own cos/sin tables so that any RoPE scaling is honoured.
 
 `apply_rope` is the torch form. `rotate_queries` is what the engine calls for a chunk's queries: on CUDA one Triton
-kernel (`_rope_kernel`: one read and one write of x, against torch's five elementwise passes and launches), the torch
-form elsewhere. The Triton device functions below also rotate key tiles inside the attention kernels
+kernel (`_rope_kernel`: one read and one write of x, against three elementwise passes and launches in torch), the
+torch form elsewhere. The Triton device functions below also rotate key tiles inside the attention kernels
 (kernels/paged_attention.py, kernels/decode_attention.py): a key is loaded as its two halves k1 = k[:D/2] and
 k2 = k[D/2:], rotated in fp32 as (k1·c1 − k2·s1, k2·c2 + k1·s2) and rounded back to the input dtype, so that
 q·k = q1·k1' + q2·k2' is two dots over D/2 and the rotated key is never written to memory.
