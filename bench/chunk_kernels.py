@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import kernels.chunk_attention as ca  # noqa: E402
-from bench.prefill_latency import D, DEV, DT, HKV, HQ, chunk_flops, gpu_time, provenance  # noqa: E402
+from bench.prefill_latency import DEV, DT, HKV, HQ, D, chunk_flops, emitter, gpu_time, provenance  # noqa: E402
 
 
 def errors(out, scores, ref_out, ref_scores) -> dict:
@@ -110,14 +110,7 @@ def main() -> None:
     prov = provenance()
     print(json.dumps(prov), flush=True)
     rows = []
-
-    def emit(row: dict) -> None:
-        row = dict(prov, **row)
-        rows.append(row)
-        print("JSON " + json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    emit = emitter(prov, args.out, rows)
 
     chunk(args, emit)
     print(f"\n{prov['gpu']}  torch {prov['torch']}  triton {prov['triton']}")

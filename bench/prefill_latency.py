@@ -36,6 +36,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +47,9 @@ import kernels.chunk_attention as ca  # noqa: E402
 import kernels.decode_attention as da  # noqa: E402
 import kernels.paged_attention as pa  # noqa: E402
 from engine.attention import apply_rope  # noqa: E402
-from kernels.rope import rotate_queries  # noqa: E402
 from engine.cache.base import CacheShape  # noqa: E402
 from engine.cache.cascade import CascadeCache  # noqa: E402
+from kernels.rope import rotate_queries  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DEV = "cuda"
@@ -66,6 +67,19 @@ def provenance() -> dict:
         "git": sha,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def emitter(prov: dict, out: str, rows: list) -> Callable[[dict], None]:
+    """emit(row): the row with the provenance, kept in `rows`, printed as a `JSON {...}` line and appended to `out`
+    (when given) as it is measured, so that a run cut short keeps what it had."""
+    def emit(row: dict) -> None:
+        row = dict(prov, **row)
+        rows.append(row)
+        print("JSON " + json.dumps(row), flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return emit
 
 
 def gpu_time(fn, reps: int = 10, warm: int = 2) -> float:
@@ -497,14 +511,7 @@ def main() -> None:
     prov = provenance()
     print(json.dumps(prov), flush=True)
     rows = []
-
-    def emit(row: dict) -> None:
-        row = dict(prov, **row)
-        rows.append(row)
-        print("JSON " + json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    emit = emitter(prov, args.out, rows)
 
     ceiling = matmul_ceiling()
     emit(dict(section="ceiling", what="bf16 matmul 8192^3", tflops=ceiling, fwd_config=ca.FWD_CONFIG[D],
