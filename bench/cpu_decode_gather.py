@@ -10,6 +10,8 @@ torch's CPU profiler table (self time per op) over 5 more steps with the engine'
 
 `--rope` alternates the two forms of `kernels.rope.apply_rope` instead, which rotates every cached key on every
 CPU step: x·cos + rotate_half(x)·sin as written (five passes) and the fused form the engine uses (three).
+`--few` alternates the decode step's attention: `chunk_attention_ref` (every cached value converted to float32
+for P·V) and `chunk_attention_few` (P·V in bf16), which the engine uses.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import engine.attention as attention  # noqa: E402
 import engine.cache.base as base  # noqa: E402
 import engine.cache.cascade as cascade  # noqa: E402
+import kernels.chunk_attention as ca  # noqa: E402
 import kernels.rope as rope  # noqa: E402
 from bench.common import provenance  # noqa: E402
 from engine import models  # noqa: E402
@@ -39,6 +42,13 @@ def index_select_dim2(k, v, order):
 
 def rope_as_written(x, cos, sin):
     return x * cos + rope.rotate_half(x) * sin
+
+
+FEW = ca.chunk_attention_few
+
+
+def set_few(fn) -> None:
+    ca.chunk_attention_few = fn
 
 
 def set_gather(fn) -> None:
@@ -67,12 +77,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", action="store_true", help="also print the CPU profiler's table of 5 steps")
     ap.add_argument("--rope", action="store_true", help="alternate the two RoPE forms instead of the gathers")
+    ap.add_argument("--few", action="store_true", help="alternate the two decode attentions instead")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = models.load_model(None, "cpu", "bf16").model
     config = CacheConfig(policy="cascade", cache_size=4096, cascades=4, sinks=64, stride=1024)
     ids = torch.randint(0, 1000, (1, 3000))
-    if args.rope:
+    if args.few:
+        ways, swap = {"attention_ref": ca.chunk_attention_ref, "attention_few": FEW}, set_few
+    elif args.rope:
         ways, swap = {"rope_as_written": rope_as_written, "rope_fused": rope.apply_rope}, set_rope
     else:
         ways, swap = {"index_select_dim2": index_select_dim2, "flat_rows": base.gather_past}, set_gather
@@ -92,14 +105,16 @@ def main() -> None:
                 rounds[name].append(round((time.perf_counter() - t0) / 10 * 1000, 2))
         set_gather(base.gather_past)
         set_rope(rope.apply_rope)
+        set_few(FEW)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(5):
                     tok = runner.logits(runner.step(tok)[:, -1:]).argmax(-1)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
-    alone = {} if args.rope else {"gather_alone_us": gather_alone()}
-    row = {"bench": "cpu_decode_rope" if args.rope else "cpu_decode_gather", **alone, "tokens_before_decode": 3000,
+    alone = {} if args.rope or args.few else {"gather_alone_us": gather_alone()}
+    name = "cpu_decode_few" if args.few else "cpu_decode_rope" if args.rope else "cpu_decode_gather"
+    row = {"bench": name, **alone, "tokens_before_decode": 3000,
            "median_ms_per_token": {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}, "rounds_ms": rounds,
            **provenance()}
     print(json.dumps(row))

@@ -206,7 +206,37 @@ def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tens
     return out, lse
 
 
-FEW_QUERIES = 16  # up to this many queries, the plain reference is faster than the fused CPU kernel
+FEW_QUERIES = 16  # up to this many queries, one plain block (`chunk_attention_few`) beats the fused CPU kernel
+
+
+def chunk_attention_few(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    ema: Tensor | None = None,
+    n_sinks: int = 0,
+    head_reduce: str = "max",
+) -> tuple[Tensor, Tensor | None]:
+    """Same contract as `chunk_attention_ref`, for a few queries (decode steps) on the CPU: one block, logits and
+    softmax in float32 as the reference, but P·V in the values' dtype (P rounded to bf16/fp16 before the product,
+    as the fused prefill kernels do) instead of converting every cached value to float32 first. The scores come
+    from the float32 probabilities, as the reference's."""
+    b, hq, n_q, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g * n_q, d).float()  # query heads of one KV group side by side, rows (g, m)
+    s = (qg @ k.float().transpose(-1, -2)).mul_(scale).view(b, hkv, g, n_q, n_k)
+    if n_q > 1:
+        s.masked_fill_(~causal_mask(n_q, n_k, q.device), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = p.view(b, hkv, g * n_q, n_k).to(v.dtype) @ v  # [B, Hkv, G·L, D]
+    out = o.view(b, hkv, g, n_q, d).reshape(b, hq, n_q, d).to(q.dtype)
+    if ema is None:
+        return out, None
+    col = torch.einsum("m,bhgmk->bhgk", ema.to(p.device, torch.float32), p)
+    scores = col.amax(dim=2) if head_reduce == "max" else col.mean(dim=2)
+    return out, scores[:, :, n_sinks:]
 
 
 def chunk_attention_cpu(
@@ -229,7 +259,7 @@ def chunk_attention_cpu(
     hkv, n_k = k.shape[1], k.shape[2]
     g, n_c = hq // hkv, n_k - n_q
     if n_q <= FEW_QUERIES:  # decode steps: the fused kernel's per-call overhead dwarfs a [G, K] softmax
-        return chunk_attention_ref(q, k, v, scale, ema, n_sinks, head_reduce)
+        return chunk_attention_few(q, k, v, scale, ema, n_sinks, head_reduce)
     kq, vq = _groups(k, g), _groups(v, g)
     o2, l2 = _flash_cpu(q, kq[:, :, n_c:], vq[:, :, n_c:], 0.0, True, scale=scale)
     if n_c:

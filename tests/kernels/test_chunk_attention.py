@@ -14,8 +14,10 @@ from tests.kernels.interpreter import interpreted
 
 # (B, Hq, Hkv, L, K, D, sinks, head_reduce)
 CPU_SHAPES = [
-    (1, 4, 4, 1, 1, 64, 0, "max"),  # one query, one key (few queries: the plain reference path)
+    (1, 4, 4, 1, 1, 64, 0, "max"),  # one query, one key (few queries: `chunk_attention_few`)
     (1, 8, 2, 1, 100, 64, 3, "mean"),  # decode over a cache
+    (1, 9, 3, 5, 5 + 300, 64, 4, "max"),  # a few queries over a cache, causal among themselves, G = 3
+    (2, 4, 4, 16, 16, 32, 0, "mean"),  # the most queries that take the few-queries path, no cache
     (2, 6, 2, 17, 17, 32, 0, "max"),  # no cache, G = 3, just past the few-queries threshold
     (1, 6, 2, 33, 130, 80, 3, "max"),  # D not a power of two
     (1, 8, 1, 64, 200, 64, 64, "mean"),  # G = 8, the reference's 64 sinks
