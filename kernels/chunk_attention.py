@@ -152,6 +152,13 @@ def _chunk_attn_scores_kernel(
     tl.store(SCORES + pid_bh.to(tl.int64) * n_out + (cols - n_sinks), result, mask=cols < n_k)
 
 
+def _reduce_heads(col: Tensor, head_reduce: str, n_sinks: int) -> Tensor:
+    """EMA column sums per query head [B, Hkv, G, K] -> scores [B, Hkv, K - sinks]: max or mean over each KV
+    group's G heads, the sink columns dropped."""
+    scores = col.amax(dim=2) if head_reduce == "max" else col.mean(dim=2)
+    return scores[:, :, n_sinks:]
+
+
 def chunk_attention_ref(
     q: Tensor,
     k: Tensor,
@@ -186,8 +193,7 @@ def chunk_attention_ref(
             col += torch.einsum("m,bhgmk->bhgk", ema[m0:m1], p)
     if col is None:
         return out, None
-    scores = col.amax(dim=2) if head_reduce == "max" else col.mean(dim=2)
-    return out, scores[:, :, n_sinks:]
+    return out, _reduce_heads(col, head_reduce, n_sinks)
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -235,8 +241,7 @@ def chunk_attention_few(
     if ema is None:
         return out, None
     col = torch.einsum("m,bhgmk->bhgk", ema.to(p.device, torch.float32), p)
-    scores = col.amax(dim=2) if head_reduce == "max" else col.mean(dim=2)
-    return out, scores[:, :, n_sinks:]
+    return out, _reduce_heads(col, head_reduce, n_sinks)
 
 
 def chunk_attention_cpu(
@@ -284,8 +289,7 @@ def chunk_attention_cpu(
     rev = _flash_cpu(k_aug[:, :, n_c:].flip(2), q_aug.flip(2), zeros, 0.0, True, scale=scale)[1]
     col[:, :, n_c:] = rev.flip(2)
     col = torch.exp(col).view(b, hkv, g, n_k)
-    scores = col.amax(dim=2) if head_reduce == "max" else col.mean(dim=2)
-    return out, scores[:, :, n_sinks:]
+    return out, _reduce_heads(col, head_reduce, n_sinks)
 
 
 # Block shapes per head dim, the fastest of bench/prefill_latency.py --tune on an H100 (docs/BENCHMARKS_GPU.md);
