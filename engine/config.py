@@ -4,7 +4,7 @@ CLI options map one-to-one onto these fields, so the defaults live here and nowh
 Error messages name the CLI flag to change."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import CapacityError, ConfigError
 
@@ -21,6 +21,8 @@ class CacheConfig:
     stride: int = 1024  # L: prefill chunk length; queries of a chunk see the cache as it was at its start
     beta: float = 0.999  # EMA decay of the attention scores, per query
     head_reduce: str = "max"  # how the query heads of one KV group are combined into one score
+    # slots of cache_size set aside for whole spans that the question chose (engine/evidence.py); cascade only
+    evidence: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -39,12 +41,34 @@ class CacheConfig:
             raise ConfigError(f"--cache-size must be >= 1 (got {self.cache_size})")
         if self.cascades < 1:
             raise ConfigError(f"--cascades must be >= 1 (got {self.cascades})")
-        if self.policy == "cascade" and self.cache_size % self.cascades:
+        if self.policy == "cascade" and not self.evidence and self.cache_size % self.cascades:
             raise ConfigError(
                 f"--cache-size ({self.cache_size}) must be a multiple of --cascades ({self.cascades})"
             )
         if self.stride > self.cache_size:
             raise ConfigError(f"--stride ({self.stride}) must be <= --cache-size ({self.cache_size})")
+        if self.evidence < 0:
+            raise ConfigError(f"--evidence must be >= 0 (got {self.evidence})")
+        if self.evidence:
+            if self.policy != "cascade":
+                raise ConfigError(f"--evidence needs --policy cascade (got {self.policy}); use --evidence 0")
+            rest = self.cache_size - self.evidence
+            if rest < self.cascades or rest % self.cascades:
+                raise ConfigError(
+                    f"--cache-size ({self.cache_size}) - --evidence ({self.evidence}) = {rest} must be a positive "
+                    f"multiple of --cascades ({self.cascades})")
+            if self.stride > rest // self.cascades:
+                raise ConfigError(
+                    f"--stride ({self.stride}) must be <= one sub-cache ({rest // self.cascades} slots) with "
+                    f"--evidence, so that a chosen span is still whole when it is taken")
+
+    def with_evidence(self, slots: int) -> "CacheConfig":
+        """This config with `slots` evidence slots, the stride clipped to one sub-cache of what is left (the
+        evidence store takes a span from sub-cache 0, engine/cache/evidence.py). Plain `cascade` only."""
+        if self.policy != "cascade" or slots <= 0:
+            return replace(self, evidence=0)
+        width = (self.cache_size - slots) // self.cascades
+        return replace(self, evidence=slots, stride=max(1, min(self.stride, width)))
 
     @property
     def n_cascades(self) -> int:

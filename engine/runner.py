@@ -20,11 +20,12 @@ from .attention import StepContext, patched_attention
 from .cache import CacheShape, KVCache, make_cache
 from .config import CacheConfig
 from .errors import CapacityError
+from .families import kv_geometry, output_logits, rotary_tables
 
 
 def layer_devices(model: nn.Module) -> list[torch.device]:
     """The device of every decoder layer's attention weights, in layer order."""
-    return [layer.self_attn.q_proj.weight.device for layer in model.model.layers]
+    return [layer.self_attn.o_proj.weight.device for layer in model.model.layers]  # phi3 has no q_proj
 
 
 def cache_shape(model: nn.Module, batch: int = 1, devices: list[torch.device] | None = None) -> CacheShape:
@@ -33,10 +34,10 @@ def cache_shape(model: nn.Module, batch: int = 1, devices: list[torch.device] | 
     `devices` overrides the detected per-layer devices (tests use it to exercise the multi-device path on CPU)."""
     cfg = model.config
     p = next(model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_kv_heads, head_dim = kv_geometry(model)  # read from the attention modules, the same for every family
     devices = layer_devices(model) if devices is None else [torch.device(d) for d in devices]
     spread = tuple(devices) if any(d != p.device for d in devices) else None
-    return CacheShape(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, head_dim, p.dtype, p.device, spread)
+    return CacheShape(cfg.num_hidden_layers, batch, n_kv_heads, head_dim, p.dtype, p.device, spread)
 
 
 class Runner:
@@ -50,6 +51,8 @@ class Runner:
         self.cache: KVCache = make_cache(config, shape, self.n_sinks, expected_tokens)
         self.score_hook = None  # set by question-guided retention
         self.query_hook = None  # idem, while the question is read
+        self.key_hook = None  # set by the evidence store (engine/evidence.py): scores each chunk's keys
+        self.after_step = None  # idem: called with the step's ids [B, L] after its cache commit
         self._stack = ExitStack()
         self._ctx_ref = self._stack.enter_context(patched_attention(model))
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}  # device -> cos, sin [size, D]
@@ -74,9 +77,8 @@ class Runner:
         if cached is None or cached[0].shape[0] < n:
             size = max(n, self.n_sinks + self.config.cache_size + self.config.stride)
             p = next(self.model.parameters())
-            pos = torch.arange(size, device=p.device).unsqueeze(0)
-            cos, sin = self.model.model.rotary_emb(p.new_zeros(1), pos)
-            self._tables = {home: (cos[0].to(home), sin[0].to(home))}
+            cos, sin = rotary_tables(self.model, torch.arange(size, device=p.device), p.new_zeros(1))
+            self._tables = {home: (cos.to(home), sin.to(home))}
         if device not in self._tables:
             cos, sin = self._tables[home]
             self._tables[device] = (cos.to(device), sin.to(device))
@@ -97,7 +99,8 @@ class Runner:
         cos, sin = self._rotary(past + n_new)
         ema = ema_weights(n_new, self.config.beta, ids.device) if self.cache.needs_scores else None
         self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
-                                       self.query_hook, self._other_devices(past + n_new, n_new))
+                                       self.query_hook, key_hook=self.key_hook,
+                                       per_device=self._other_devices(past + n_new, n_new))
         try:
             # Our attention takes positions and masking from the cache (ctx cos/sin, causal chunk), so the model is
             # handed a ready-made 4D mask that transformers passes through untouched: otherwise its mask builder
@@ -107,6 +110,8 @@ class Runner:
         finally:
             self._ctx_ref[0] = None
         self.cache.end()
+        if self.after_step is not None:
+            self.after_step(ids)
         return hidden
 
     def _no_mask(self, device: torch.device) -> Tensor:
@@ -128,5 +133,6 @@ class Runner:
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head in float32 for hidden [B, T, hidden] -> [B, T, V], on the device of the input ids."""
-        logits = self.model.lm_head(hidden).float()
+        # what the model's LM wrapper adds after the head: gemma's final capping, granite's scaling
+        logits = output_logits(self.model.config, self.model.lm_head(hidden).float())
         return logits if self.cache.shape.layer_devices is None else logits.to(self.cache.shape.device)

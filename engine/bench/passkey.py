@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 from ..config import CacheConfig
 from ..errors import ConfigError
 from ..prompt import build_prompt
+from ..evidence import EvidenceSelector
 from ..retention import QuestionGuide
 from ..runner import Runner
 from ..session import answer, check_room, ingest, stop_ids
@@ -140,15 +141,24 @@ def is_guided(config: CacheConfig, sample: PasskeySample, question_weight: float
 
 
 def run_sample(model, tokenizer, config: CacheConfig, sample: PasskeySample, max_tokens: int = 12,
-               question_weight: float = 1.0, on_chunk: Callable[[int], None] | None = None) -> PasskeyResult:
-    """Read the sample through a fresh runner of `config`, decode greedily, score. `on_chunk(doc tokens done)`."""
+               question_weight: float = 1.0, on_chunk: Callable[[int], None] | None = None,
+               evidence_layers: dict[int, float] | None = None) -> PasskeyResult:
+    """Read the sample through a fresh runner of `config`, decode greedily, score. `on_chunk(doc tokens done)`.
+
+    With `config.evidence` slots and the question first, an evidence store keeps spans chosen by the question
+    (engine/evidence.py) from the layers in `evidence_layers` (engine.evidence.retrieval_layers)."""
     start = time.perf_counter()
     n_sinks = max(config.sinks, len(sample.prefix_ids))
     expected = sample.n_tokens + max_tokens if config.policy == "full" else 0
+    if config.evidence and (sample.question_span is None or not evidence_layers):
+        config = config.with_evidence(0)
     with Runner(model, config, n_sinks=n_sinks, expected_tokens=expected) as runner:
-        guide = (QuestionGuide(runner, sample.question_span, question_weight)
-                 if is_guided(config, sample, question_weight) else contextlib.nullcontext())
-        with guide:
+        guided = is_guided(config, sample, question_weight)
+        guide = (QuestionGuide(runner, sample.question_span, question_weight if guided else 0.0)
+                 if guided or config.evidence else contextlib.nullcontext())
+        keep = (EvidenceSelector(runner, guide, evidence_layers, len(sample.prefix_ids))
+                if config.evidence else contextlib.nullcontext())
+        with guide, keep:
             ingest(runner, sample.prefix_ids, [sample.doc_ids], on_chunk)
         text = "".join(answer(runner, tokenizer, sample.suffix_ids, max_tokens, stop=stop_ids(tokenizer)))
     parsed, exact, digits = score_answer(sample.key, text)

@@ -66,6 +66,12 @@ class KVCache(ABC):
     def n_sinks_filled(self) -> int:
         return min(self.seen, self.n_sinks)
 
+    @property
+    def n_unscored(self) -> int:
+        """Leading visible tokens that attention sees but gives no score: the sinks (and, with an evidence store,
+        the kept spans, which `engine/cache/cascade.py` places right after them)."""
+        return self.n_sinks_filled
+
     def begin(self, n_new: int) -> None:
         """Plan the insertion of the next `n_new` tokens."""
         self.n_new = n_new

@@ -49,6 +49,9 @@ class RingPlan:
     pick: np.ndarray | Tensor = ()  # write_seg then out_seg: the segments whose winner is used
     write_col: np.ndarray | Tensor = ()  # score columns of write_slot / out_old (slot - sinks)
     out_old_col: np.ndarray | Tensor = ()
+    # positions of the pushed items that go on to the next ring, when some are dropped on the way (an evidence
+    # store took them: engine/cache/evidence.py); empty = all go on
+    keep: np.ndarray | Tensor = ()
 
 
 def _plan_ring(
@@ -162,6 +165,7 @@ def _finish(plan: RingPlan, offset: int, n_sinks: int) -> RingPlan:
     plan.pick = np.concatenate([_ints(plan.write_seg), _ints(plan.out_seg)])
     plan.write_col = plan.write_slot - n_sinks
     plan.out_old_col = plan.out_old - n_sinks
+    plan.keep = _ints(plan.keep)
     return plan
 
 
@@ -171,7 +175,7 @@ def _chain(plans: list[RingPlan]) -> np.ndarray:
     return _ints([-plan.base_slot - 1 if plan.base_slot is not None else int(plan.write_slot[0]) for plan in plans])
 
 
-_INDEX_FIELDS = ("seg_table", "pick", "write_col", "out_old", "out_old_col")
+_INDEX_FIELDS = ("seg_table", "pick", "write_col", "out_old", "out_old_col", "keep")
 
 
 def _bind(plans: list[RingPlan], packed: Tensor) -> list[RingPlan]:
@@ -203,14 +207,17 @@ class _Chunk:
 class CascadeCache(KVCache):
     needs_scores = True
 
-    def __init__(self, shape: CacheShape, n_sinks: int, cache_size: int, cascades: int, beta: float):
+    def __init__(self, shape: CacheShape, n_sinks: int, cache_size: int, cascades: int, beta: float,
+                 extra_slots: int = 0):
+        """`extra_slots` past the last sub-cache belong to a subclass (the evidence store, cache/evidence.py)."""
         super().__init__(shape, n_sinks)
         assert cache_size % cascades == 0, (cache_size, cascades)
         self.cascades, self.width, self.beta = cascades, cache_size // cascades, beta
         self.cache_size = cache_size
-        self.k, self.v, self.idx = empty_buffers(shape, n_sinks + cache_size)
+        self.k, self.v, self.idx = empty_buffers(shape, n_sinks + cache_size + extra_slots)
         b, h = shape.batch, shape.n_kv_heads
-        self.score = [torch.zeros(b, h, cache_size, dtype=torch.float32, device=k.device) for k in self.k]
+        self.score = [torch.zeros(b, h, cache_size + extra_slots, dtype=torch.float32, device=k.device)
+                      for k in self.k]
         self.start = [0] * cascades
         self.count = [0] * cascades
         self._plans: list[RingPlan] = []
@@ -242,6 +249,7 @@ class CascadeCache(KVCache):
                 break
             plan, times = _plan_ring(i, times, self.start[i], self.count[i], self.width, self.n_sinks, eager_until)
             plans.append(_finish(plan, self.n_sinks + i * self.width, self.n_sinks))
+            times = self._passed_on(plans[-1], times)
         self._plans = plans
         chain = _chain(plans) if n_new == 1 and not to_sinks and plans else _ints(())
         # every ring's index lists, the written slots and the chain, sent to each device in one copy
@@ -254,6 +262,11 @@ class CascadeCache(KVCache):
         if self.shape.layer_devices is not None:  # the same indices on every other device that holds layers
             self._remote = {d: self._chunk_on(d, n_new, packed, len(chain)) for d in self.shape.devices[1:]}
 
+    def _passed_on(self, plan: RingPlan, times):
+        """The arrival times of the items that `plan` pushes on to the next ring (all of them here; an evidence
+        store drops the ones it took, engine/cache/evidence.py)."""
+        return times
+
     def _chunk_on(self, dev: torch.device, n_new: int, packed: Tensor, n_chain: int) -> _Chunk:
         packed = packed.to(dev, non_blocking=True)
         n_dest = sum(len(plan.write_slot) for plan in self._plans)
@@ -261,9 +274,9 @@ class CascadeCache(KVCache):
         order = self._age_order(dev)
         b, h = self.shape.batch, self.shape.n_kv_heads
         new_index = torch.arange(self.seen, self.seen + n_new, device=dev).expand(b, h, n_new)
-        capacity = self.n_sinks + self.cache_size
+        capacity = self.k[0].shape[2]
         new_src = torch.arange(capacity, capacity + n_new - self._to_sinks, device=dev).expand(b, h, -1)
-        return _Chunk(order, order[self.n_sinks_filled :] - self.n_sinks, new_index, new_src,
+        return _Chunk(order, order[self.n_unscored :] - self.n_sinks, new_index, new_src,
                       packed[end - n_dest : end], _bind(self._plans, packed), packed[end:] if n_chain else None)
 
     def _indices(self, layer: int) -> _Chunk:
@@ -307,6 +320,8 @@ class CascadeCache(KVCache):
         for plan in ch.rings:
             items, src = self._compete(plan, items, sb)
             written.append(src)
+            if plan.keep.numel():  # some pushed items are dropped on the way to the next ring
+                items = (items[0].index_select(2, plan.keep), items[1].index_select(2, plan.keep))
         if ch.dest.numel():
             self._move(torch.cat(written, dim=2), ch.dest, (kb, k[:, :, s:]), (vb, v[:, :, s:]), ib=ib,
                        first_index=self.seen + s)

@@ -34,3 +34,52 @@ class PerTokenCascade:
     def visible(self) -> list[int]:
         """Sinks, then the rings from the oldest (last) to the newest (first), each oldest first."""
         return self.sinks + [tok for ring in reversed(self.rings) for tok, _ in ring]
+
+
+class PerTokenEvidenceCascade(PerTokenCascade):
+    """The cascade beside an evidence store (engine/cache/evidence.py), one head, per token.
+
+    `take(t)` between chunks moves token t out of the cascade into the store when it sits where every head has it:
+    anywhere while nothing was evicted (one FIFO), else in sub-cache 0. A taken token is *dead* in the cascade:
+    invisible, it loses any compete, and a ring that pushes it out drops it."""
+
+    def __init__(self, n_sinks: int, width: int, cascades: int):
+        super().__init__(n_sinks, width, cascades)
+        self.store: list[int] = []
+        self.dead: set[int] = set()
+        self.evicted = False
+
+    def take(self, token: int) -> bool:
+        rings = self.rings if not self.evicted else self.rings[:1]
+        if token in self.dead or not any(tok == token for ring in rings for tok, _ in ring):
+            return False
+        self.dead.add(token)
+        self.store.append(token)
+        return True
+
+    def push(self, token: int, score: float) -> None:
+        t, self.t = self.t, self.t + 1
+        if len(self.sinks) < self.n_sinks:
+            self.sinks.append(token)
+            return
+        eager = t <= self.width * self.cascades + self.n_sinks
+        self.evicted |= not eager
+        carry = (token, score)
+        for i, ring in enumerate(self.rings):
+            if eager or (t - self.n_sinks) % 2**i == 0:
+                ring.append(carry)
+                if len(ring) <= self.width:
+                    return
+                carry = ring.pop(0)
+                if carry[0] in self.dead:  # its copy lives in the store: dropped, not passed on
+                    return
+                continue
+            if not ring:
+                ring.append(carry)
+            elif ring[-1][0] in self.dead or carry[1] >= ring[-1][1]:
+                ring[-1] = carry
+            return
+
+    def visible(self) -> list[int]:
+        return self.sinks + sorted(self.store) + [tok for ring in reversed(self.rings) for tok, _ in ring
+                                                  if tok not in self.dead]

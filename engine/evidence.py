@@ -1,0 +1,278 @@
+"""Evidence spans for `ask`: while the input streams, keep whole passages that the question points at.
+
+The cascade cannot keep a fact stated once far back (it thins every run of consecutive tokens past sub-cache 0),
+so when the question is known before the input, a selector picks spans of consecutive tokens and an evidence
+store (engine/cache/evidence.py) keeps them whole, inside the cache's memory.
+
+Which tokens the question points at. Position is taken out: each layer's *pre-RoPE* question queries
+(captured by engine.retention.QuestionGuide) meet the chunk's *pre-RoPE* keys, the softmax runs over the chunk's
+own keys, is averaged over the question's tokens and maximised over heads:
+
+    rel_l(t) = max_h mean_q softmax_t(q_l,h,q · k_l(t) · scale) · L / stride      (t in the chunk, L its length)
+
+and the layers that retrieve are weighed in (`weights`): rel(t) = Σ_l w_l rel_l(t). In early layers this signal
+is near chance; in some middle and late layers it ranks a planted fact first of thousands of tokens. Which
+layers those are is measured on the model itself (`calibrate`, synthetic facts in the bundled filler, cached per
+model file) and never downloaded. The factor L / stride makes a short last chunk comparable with full ones.
+
+Spans. After every chunk, its tokens with the highest rel are peaks; a peak p proposes the span
+[p - BEFORE, p - BEFORE + width) (facts follow what names them: "the code of the vault is 48213"). The store has
+`slots // width` span slots; a proposal takes a free slot, or the weakest span's when it is stronger, and
+never overlaps a span as strong as itself (which it then replaces). Every layer keeps the same spans, so a
+span is a piece of text: `spans()` gives them with their scores for citations."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .cache.evidence import EvidenceCascadeCache
+from .retention import QuestionGuide
+from .runner import Runner
+
+SPAN = 32  # tokens per span (decided by measurement: docs/RESULTS.md, "Evidence spans")
+BEFORE = 8  # of which before the peak
+SHARE = 8  # default budget: cache_size // SHARE slots, rounded down to whole spans
+TOP_LAYERS = 6  # layers weighed in after calibration
+
+
+def default_slots(cache_size: int, cascades: int, width: int = SPAN) -> int:
+    """The default evidence budget for a cache of `cache_size`: about 1/SHARE of it in whole spans, such that
+    what is left for the cascade is a positive multiple of `cascades`."""
+    slots = (cache_size // SHARE) // width * width
+    while slots > 0 and (cache_size - slots < cascades or (cache_size - slots) % cascades):
+        slots -= width
+    return max(slots, 0)
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int  # stream index of the first token
+    end: int  # one past the last
+    score: float
+    peak: int  # the token that proposed it
+    ids: tuple[int, ...]  # the span's token ids, as far as they were read
+
+
+class EvidenceSelector:
+    """Hooks on a Runner whose cache is an EvidenceCascadeCache, as a context manager around the input:
+
+        with guide, EvidenceSelector(runner, guide, weights, input_start=len(prefix_ids)):
+            ingest(runner, prefix_ids, pieces)
+
+    `guide` captures the question's queries (its weight may be 0). The selector's state lives in the cache
+    (`cache.state`), so saving the cache saves it and resuming from a checkpoint goes on where it stopped."""
+
+    def __init__(self, runner: Runner, guide: QuestionGuide, weights: dict[int, float], input_start: int,
+                 width: int = SPAN, before: int = BEFORE):
+        cache = runner.cache
+        assert isinstance(cache, EvidenceCascadeCache), type(cache)
+        assert 0 <= before < width <= cache.evidence, (before, width, cache.evidence)
+        self.runner, self.guide, self.weights = runner, guide, dict(weights)
+        self.input_start, self.width, self.before = input_start, width, before
+        self.n_spans = cache.evidence // width
+        self.scale = [float(layer.self_attn.scaling) for layer in runner.model.model.layers]
+        self._rel: Tensor | None = None
+        state = cache.state
+        state.setdefault("spans", [None] * self.n_spans)  # [start, end, score, peak, ids] per span slot
+        state.setdefault("recent", [0, []])  # [stream index of recent[1][0], the last `before` ids]
+
+    def __enter__(self) -> "EvidenceSelector":
+        self.runner.key_hook, self.runner.after_step = self.score_keys, self.after_step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.key_hook = self.runner.after_step = None
+        cache = self.runner.cache
+        end = cache.seen  # the input ends here: nothing of the request or the answer is evidence
+        for j, span in enumerate(cache.state["spans"]):
+            if span is not None and span[1] > end:
+                span[1] = end
+                for slot in range(j * self.width, (j + 1) * self.width):
+                    want = cache.wanted.get(slot)
+                    if want is not None and want >= end:
+                        cache.release(slot)
+
+    # ---- hooks
+
+    def score_keys(self, layer: int, k: Tensor) -> None:
+        """key_hook: add layer `layer`'s content-only question attention over the chunk's pre-RoPE keys k."""
+        w = self.weights.get(layer)
+        q = self.guide.queries[layer]
+        cache = self.runner.cache
+        if not w or q is None or cache.seen < max(self.guide.end, self.input_start):
+            return
+        b, hq, n_q, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        g = hq // hkv
+        s = q.reshape(b, hkv, g * n_q, d) @ k.float().transpose(-1, -2) * self.scale[layer]  # [B, Hkv, G·Q, L]
+        p = torch.softmax(s, dim=-1).view(b, hkv, g, n_q, n).mean(dim=3).amax(dim=2).amax(dim=1)[0]  # [L]
+        p = p * (w * n / self.runner.config.stride)
+        self._rel = p if self._rel is None else self._rel + p.to(self._rel.device)
+
+    def after_step(self, ids: Tensor) -> None:
+        """after_step: propose spans from the chunk just committed (ids [1, L])."""
+        rel, self._rel = self._rel, None
+        cache = self.runner.cache
+        chunk = ids[0].tolist()
+        t0 = cache.seen - len(chunk)
+        self._extend(t0, chunk)
+        if rel is not None:
+            self._propose(t0, rel.float().cpu().numpy(), chunk)
+        recent_start, recent = cache.state["recent"]
+        recent = (recent + chunk)[-self.before:] if self.before else []
+        cache.state["recent"] = [cache.seen - len(recent), recent]
+
+    # ---- spans
+
+    def _extend(self, t0: int, chunk: list[int]) -> None:
+        """Append this chunk's ids to the spans that reach into it."""
+        for span in self.runner.cache.state["spans"]:
+            if span is None:
+                continue
+            have = span[0] + len(span[4])
+            lo, hi = max(have, t0), min(span[1], t0 + len(chunk))
+            if lo == have and lo < hi:
+                span[4].extend(chunk[lo - t0 : hi - t0])
+
+    def _propose(self, t0: int, rel: np.ndarray, chunk: list[int]) -> None:
+        cache = self.runner.cache
+        spans = cache.state["spans"]
+        oldest = self.input_start if cache.fifo else max(self.input_start, cache.seen - cache.count[0])
+        recent_start, recent = cache.state["recent"]
+        for i in np.argsort(-rel, kind="stable")[: 2 * self.n_spans]:
+            score, peak = float(rel[i]), t0 + int(i)
+            if peak < self.input_start:
+                continue
+            weakest = min(range(self.n_spans), key=lambda j: -1.0 if spans[j] is None else spans[j][2])
+            if spans[weakest] is not None and spans[weakest][2] >= score:
+                break  # sorted: no later peak can win a slot
+            start = max(peak - self.before, oldest)
+            end = start + self.width
+            hit = [j for j, s in enumerate(spans) if s is not None and s[0] < end and start < s[1]]
+            if any(spans[j][2] >= score for j in hit):
+                continue
+            for j in hit:
+                self._drop(j)
+            free = [j for j, s in enumerate(spans) if s is None]
+            j = free[0] if free else weakest
+            if spans[j] is not None:
+                self._drop(j)
+            known = {recent_start + n: x for n, x in enumerate(recent)} | {t0 + n: x for n, x in enumerate(chunk)}
+            ids = []
+            for t in range(start, min(end, t0 + len(chunk))):
+                if t not in known:
+                    break
+                ids.append(known[t])
+            spans[j] = [start, end, score, peak, ids]
+            for n, t in enumerate(range(start, end)):
+                cache.take(j * self.width + n, t)
+
+    def _drop(self, j: int) -> None:
+        cache = self.runner.cache
+        cache.state["spans"][j] = None
+        for slot in range(j * self.width, (j + 1) * self.width):
+            cache.release(slot)
+
+
+def kept_spans(cache: EvidenceCascadeCache) -> list[Span]:
+    """The spans the store holds (at least one token taken or still wanted), strongest first."""
+    held = set(cache.held().tolist())
+    wanted = set(cache.wanted.values())
+    out = []
+    for span in cache.state.get("spans", []):
+        if span is None:
+            continue
+        start, end, score, peak, ids = span
+        kept = [t for t in range(start, end) if t in wanted or t in held]
+        if kept:
+            out.append(Span(int(kept[0]), int(kept[-1]) + 1, float(score), int(peak),
+                            tuple(ids[kept[0] - start : kept[-1] + 1 - start])))
+    return sorted(out, key=lambda s: (-s.score, s.start))
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+CALIBRATION_VERSION = 1
+_FACTS = (  # (statement, question): a value named once, asked for by its name
+    ("The blue lantern is kept in room {n}.", "In which room is the blue lantern kept?"),
+    ("The ferry to the island leaves from pier {n}.", "From which pier does the ferry to the island leave?"),
+    ("Our old teacher was born in the year {n}.", "In which year was our old teacher born?"),
+    ("The locker of the night guard has the number {n}.", "What is the number of the night guard's locker?"),
+)
+
+
+def calibrate(model, tokenizer, tokens: int = 1024, stride: int = 256, seed: int = 0) -> dict[int, float]:
+    """Weights of the layers whose content-only question attention finds a planted fact (ranked best by the
+    median rank of the fact over a few synthetic samples); the TOP_LAYERS best get weight 1."""
+    import random
+
+    from .bench.text import Noise
+    from .config import CacheConfig
+    from .prompt import build_prompt
+    from .session import ingest
+
+    n_layers = len(model.model.layers)
+    filler = Noise(tokenizer)
+    ranks: list[list[int]] = [[] for _ in range(n_layers)]
+    rng = random.Random(f"calibrate:{seed}")
+    for statement, question in _FACTS:
+        fact = list(tokenizer.encode(" " + statement.format(n=rng.randrange(100, 1000)), add_special_tokens=False))
+        frame = build_prompt(tokenizer, "Answer the question using the document.", "Answer.", question,
+                             question_first=True)
+        body = filler.tokens(rng, tokens - len(frame.prefix_ids) - len(fact))
+        at = rng.randrange(len(body) // 8, len(body) * 7 // 8)
+        doc = body[:at] + fact + body[at:]
+        config = CacheConfig(policy="full", stride=stride)
+        rels: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+        with Runner(model, config, n_sinks=len(frame.prefix_ids), expected_tokens=len(frame.prefix_ids) + len(doc)) \
+                as runner:
+            guide = QuestionGuide(runner, frame.question_span, 0.0)
+            scale = [float(layer.self_attn.scaling) for layer in model.model.layers]
+
+            def hook(layer: int, k: Tensor) -> None:
+                q = guide.queries[layer]
+                if q is None or runner.cache.seen < len(frame.prefix_ids):
+                    return
+                b, hq, n_q, d = q.shape
+                hkv, n = k.shape[1], k.shape[2]
+                s = q.reshape(b, hkv, hq // hkv * n_q, d) @ k.float().transpose(-1, -2) * scale[layer]
+                p = torch.softmax(s, -1).view(b, hkv, hq // hkv, n_q, n).mean(3).amax(2).amax(1)[0]
+                rels[layer].append(p.float().cpu().numpy())
+
+            runner.key_hook = hook
+            with guide:
+                ingest(runner, frame.prefix_ids, [doc])
+        for layer in range(n_layers):
+            r = np.concatenate(rels[layer])
+            ranks[layer].append(int((r > r[at : at + len(fact)].max()).sum()) + 1)
+    order = sorted(range(n_layers), key=lambda l: (float(np.median(ranks[l])), max(ranks[l]), l))
+    return {l: 1.0 for l in order[:TOP_LAYERS]}
+
+
+def retrieval_layers(lm, home: str | os.PathLike | None = None) -> dict[int, float]:
+    """`calibrate` for a loaded model (engine.models.LoadedModel), cached in $CASCADECTL_HOME/calibration by
+    the model's file hash: the first `ask` with a model pays a few seconds, later ones read a small file."""
+    root = Path(home or os.environ.get("CASCADECTL_HOME") or Path.home() / ".cache" / "cascadectl") / "calibration"
+    path = root / f"{lm.model_hash[:32]}-{str(lm.dtype).removeprefix('torch.')}-v{CALIBRATION_VERSION}.json"
+    try:
+        data = json.loads(path.read_text())
+        weights = {int(k): float(v) for k, v in data["weights"].items()}
+        if weights and all(0 <= k < len(lm.model.model.layers) for k in weights):
+            return weights
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    weights = calibrate(lm.model, lm.tokenizer)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"model": lm.model_id, "weights": {str(k): v for k, v in weights.items()}}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: calibrate again next time
+    return weights
