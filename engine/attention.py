@@ -1,4 +1,4 @@
-"""Our attention forward for Llama-family decoders (llama, mistral, qwen2, qwen3).
+"""Our attention forward for Llama-like decoders (SUPPORTED_FAMILIES; what differs per family: engine/families.py).
 
 Inside `patched_attention(model)`, every decoder layer's `self_attn.forward` is replaced by one that projects
 q, k, v, keeps the chunk's keys *before* RoPE, rotates the cache's keys at their slot positions (their rank in
@@ -29,8 +29,7 @@ from kernels.rope import apply_rope, rotate_half, rotate_queries  # noqa: F401 -
 
 from .cache.base import KVCache
 from .errors import UnsupportedModelError
-
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from .families import SUPPORTED_FAMILIES, LayerAttention, layer_attentions
 
 
 @dataclass
@@ -47,6 +46,8 @@ class StepContext:
     score_hook: Callable[..., Tensor] | None = None
     # called as hook(layer, q) with the chunk's queries before RoPE [B, Hq, L, D]; retention captures the question's
     query_hook: Callable[..., None] | None = None
+    # called as hook(layer, k) with the chunk's keys before RoPE [B, Hkv, L, D]; the evidence store scores them
+    key_hook: Callable[..., None] | None = None
     # (cos, sin, ema) on every other device that holds layers, when the model is spread over several (device_map)
     per_device: dict[torch.device, tuple[Tensor, Tensor, Tensor | None]] | None = None
 
@@ -67,38 +68,37 @@ def check_family(model: nn.Module) -> None:
         )
 
 
-def _forward(attn: nn.Module, ctx_ref: list[StepContext | None]) -> Callable:
+def _forward(attn: nn.Module, ctx_ref: list[StepContext | None], fam: LayerAttention) -> Callable:
     def forward(hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
         ctx = ctx_ref[0]
         assert ctx is not None, "patched attention called outside a cascadectl step"
         b, n_new, _ = hidden_states.shape
-        d = attn.head_dim
-        q = attn.q_proj(hidden_states).view(b, n_new, -1, d)
-        k = attn.k_proj(hidden_states).view(b, n_new, -1, d)
-        v = attn.v_proj(hidden_states).view(b, n_new, -1, d).transpose(1, 2)  # [B, Hkv, L, D]
-        if getattr(attn, "q_norm", None) is not None:  # qwen3 normalises q and k per head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, L, D]
+        q, k, v = fam.project(hidden_states)  # [B, Hq, L, D], [B, Hkv, L, D] x2, before RoPE
 
         layer = attn.layer_idx
         if ctx.query_hook is not None:
             ctx.query_hook(layer, q)
+        if ctx.key_hook is not None:
+            ctx.key_hook(layer, k)
         cos, sin, ema = ctx.tables(layer)
+        cos, sin = fam.tables(cos, sin)  # this layer's RoPE: the default tables, its layer type's, or none
         q_rot = rotate_queries(q, cos[-n_new:], sin[-n_new:])
-        n_sinks = ctx.cache.n_sinks_filled
+        n_sinks = ctx.cache.n_unscored  # sinks (and evidence spans): attended, never scored
         # Triton launches on the current CUDA device, not the tensors': make it this layer's when layers are spread
         on_layer = torch.cuda.device(q.device) if ctx.per_device is not None and q.is_cuda else nullcontext()
-        if ctx.score_hook is None and paged_supported(q, k):  # keys rotated inside the kernels, no copies
+        # soft-capped layers, and local-window ones with keys beyond their window, take the torch paths
+        if ctx.score_hook is None and fam.plain(cos.shape[0]) and paged_supported(q, k):  # rotated in the kernels
             k_buf, v_buf, order = ctx.cache.past_slots(layer)  # pre-RoPE buffers, slot of each age rank
             with on_layer:
-                out, scores = chunk_attention_paged(q_rot, k_buf, v_buf, order, k, v, cos, sin, attn.scaling, ema,
+                out, scores = chunk_attention_paged(q_rot, k_buf, v_buf, order, k, v, cos, sin, fam.scaling, ema,
                                                     n_sinks, ctx.head_reduce)
         else:
             k_past, v_past = ctx.cache.past(layer)  # pre-RoPE [B, Hkv, P, D], slot order
             k_all = apply_rope(torch.cat([k_past, k], dim=2), cos, sin)
             v_all = torch.cat([v_past, v], dim=2)
             with on_layer:
-                out, scores = chunk_attention(q_rot, k_all, v_all, attn.scaling, ema, n_sinks, ctx.head_reduce)
+                out, scores = chunk_attention(q_rot, k_all, v_all, fam.scaling, ema, n_sinks, ctx.head_reduce,
+                                              softcap=fam.softcap, window=fam.window)
             if ctx.score_hook is not None and scores is not None:
                 scores = ctx.score_hook(layer, k_all, scores)
         ctx.cache.update(layer, k, v, scores)
@@ -115,11 +115,11 @@ def patched_attention(model: nn.Module) -> Iterator[list[StepContext | None]]:
     ctx_ref: list[StepContext | None] = [None]
     patched = []
     try:
-        for layer in model.model.layers:
+        for layer, fam in zip(model.model.layers, layer_attentions(model)):
             attn = layer.self_attn
             had_own = "forward" in attn.__dict__
             patched.append((attn, had_own, attn.__dict__.get("forward")))
-            attn.forward = _forward(attn, ctx_ref)  # instance attribute shadows the class's forward
+            attn.forward = _forward(attn, ctx_ref, fam)  # instance attribute shadows the class's forward
         yield ctx_ref
     finally:
         for attn, had_own, original in patched:

@@ -398,7 +398,7 @@ def load_model(
             config = AutoConfig.from_pretrained(folder, **common)
             tokenizer = AutoTokenizer.from_pretrained(folder, **common)
             model = AutoModelForCausalLM.from_pretrained(
-                folder, config=config, use_safetensors=True, dtype=dt, attn_implementation="sdpa",
+                folder, config=config, use_safetensors=True, dtype=dt, attn_implementation=_attn_implementation(config),
                 **placement, **common,
             )
     except OSError as e:
@@ -420,6 +420,17 @@ def load_model(
         dtype=dt,
         device_map=placed or None,
     )
+
+
+def _attn_implementation(config) -> str:
+    """sdpa, unless the family refuses it or its attention soft-caps the logits, which sdpa cannot do (gemma2;
+    transformers 5.17 runs it on sdpa and silently drops the capping). Our own attention replaces either inside a
+    cascadectl step; this only picks the model's own forward elsewhere."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    sdpa = getattr(model_class, "_supports_sdpa", True) and not getattr(config, "attn_logit_softcapping", None)
+    return "sdpa" if sdpa else "eager"
 
 
 def _check_placement(model, dev: torch.device, label: str) -> dict:

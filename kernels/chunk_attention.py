@@ -8,6 +8,8 @@ Scores (docs/ALGORITHM.md §3): with ema weights w_m = (1 - β) β^(L-1-m), key 
     score_j = Σ_m w_m softmax(q_m · k / sqrt-ish scale)_j
 summed over the chunk's queries per query head, then reduced over the G heads of its KV group (max or mean),
 the first `n_sinks` columns dropped: [B, Hkv, K - n_sinks] float32. The softmax denominator is exact.
+Optional `softcap` (Gemma 2's tanh capping of the logits) and `window` (a sliding-window layer's band) run on
+the torch paths only (`chunk_attention_capped`); without them every path is unchanged.
 
 Cost: 4·B·Hq·L·K·D FLOPs for the output plus 2·B·Hq·L·K·D for the scores; memory traffic is dominated by the
 [L, K] probability blocks, so the reference walks the queries in blocks.
@@ -168,8 +170,14 @@ def chunk_attention_ref(
     n_sinks: int = 0,
     head_reduce: str = "max",
     block: int = 256,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Plain torch, float32 softmax; returns (out [B, Hq, L, D] in q's dtype, scores or None)."""
+    """Plain torch, float32 softmax; returns (out [B, Hq, L, D] in q's dtype, scores or None).
+
+    `softcap` caps the logits as Gemma 2 does, s -> tanh(s / softcap) · softcap after the scale; `window` is a
+    sliding window: key j is hidden from query m when it is `window` or more positions older (its index
+    j <= K - L + m - window), the rule of transformers' sliding-window masks."""
     b, hq, n_q, d = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -185,7 +193,12 @@ def chunk_attention_ref(
         rows = m1 - m0
         qb = qg[:, :, :, m0:m1].float().reshape(b, hkv, g * rows, d)  # [B, Hkv, G·rows, D]
         s = (qb @ kt).view(b, hkv, g, rows, n_k) * scale  # read G·rows·D + D·K, write G·rows·K
-        hidden = keys > (n_k - n_q + torch.arange(m0, m1, device=q.device)).unsqueeze(1)  # [rows, K]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        own = (n_k - n_q + torch.arange(m0, m1, device=q.device)).unsqueeze(1)  # each query's own key index
+        hidden = keys > own  # [rows, K]
+        if window is not None:
+            hidden |= keys <= own - window
         p = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1)
         o = p.view(b, hkv, g * rows, n_k) @ vf  # [B, Hkv, G·rows, D]
         out[:, :, m0:m1] = o.view(b, hkv, g, rows, d).reshape(b, hq, rows, d).to(q.dtype)
@@ -223,6 +236,8 @@ def chunk_attention_few(
     ema: Tensor | None = None,
     n_sinks: int = 0,
     head_reduce: str = "max",
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Same contract as `chunk_attention_ref`, for a few queries (decode steps) on the CPU: one block, logits and
     softmax in float32 as the reference, but P·V in the values' dtype (P rounded to bf16/fp16 before the product,
@@ -233,7 +248,11 @@ def chunk_attention_few(
     g = hq // hkv
     qg = q.reshape(b, hkv, g * n_q, d).float()  # query heads of one KV group side by side, rows (g, m)
     s = (qg @ k.float().transpose(-1, -2)).mul_(scale).view(b, hkv, g, n_q, n_k)
-    if n_q > 1:
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if window is not None and n_k > window:
+        s.masked_fill_(~causal_mask(n_q, n_k, q.device).triu(n_k - n_q - window + 1), float("-inf"))
+    elif n_q > 1:
         s.masked_fill_(~causal_mask(n_q, n_k, q.device), float("-inf"))
     p = torch.softmax(s, dim=-1)
     o = p.view(b, hkv, g * n_q, n_k).to(v.dtype) @ v  # [B, Hkv, G·L, D]
@@ -379,6 +398,34 @@ def attention_no_scores(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+def chunk_attention_capped(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    ema: Tensor | None = None,
+    n_sinks: int = 0,
+    head_reduce: str = "max",
+    softcap: float | None = None,
+    window: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Same contract as `chunk_attention_ref` with its `softcap` and `window` (Gemma's local layers and logit
+    capping). Keys older than every query's window are cut off first (they get score 0), which leaves a decode
+    step with a plain attention over its last `window` keys for the fast paths; what still needs the capped
+    logits or the banded mask runs on the torch paths: the few-queries block on the CPU, else the reference."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    lo = max(0, n_k - n_q - window + 1) if window is not None else 0
+    if lo:  # keys 0 .. lo-1 are hidden from every query
+        out, scores = chunk_attention_capped(q, k[:, :, lo:], v[:, :, lo:], scale, ema, max(n_sinks - lo, 0),
+                                             head_reduce, softcap, window)
+        return out, None if scores is None else F.pad(scores, (max(lo - n_sinks, 0), 0))
+    if softcap is None and (window is None or n_k <= window):
+        return chunk_attention(q, k, v, scale, ema, n_sinks, head_reduce)
+    if q.device.type == "cpu" and n_q <= FEW_QUERIES and os.environ.get("CASCADECTL_KERNELS") != "ref":
+        return chunk_attention_few(q, k, v, scale, ema, n_sinks, head_reduce, softcap, window)
+    return chunk_attention_ref(q, k, v, scale, ema, n_sinks, head_reduce, softcap=softcap, window=window)
+
+
 def chunk_attention(
     q: Tensor,
     k: Tensor,
@@ -387,8 +434,13 @@ def chunk_attention(
     ema: Tensor | None = None,
     n_sinks: int = 0,
     head_reduce: str = "max",
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Dispatcher: the engine calls only this. CASCADECTL_KERNELS=ref forces the reference."""
+    """Dispatcher: the engine calls only this. CASCADECTL_KERNELS=ref forces the reference. A `softcap` or a
+    `window` shorter than the keys goes to `chunk_attention_capped`; without them nothing changes."""
+    if softcap is not None or (window is not None and k.shape[2] > window):
+        return chunk_attention_capped(q, k, v, scale, ema, n_sinks, head_reduce, softcap, window)
     if os.environ.get("CASCADECTL_KERNELS") == "ref":
         return chunk_attention_ref(q, k, v, scale, ema, n_sinks, head_reduce)
     if q.device.type == "cpu":

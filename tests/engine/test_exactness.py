@@ -4,9 +4,10 @@ import torch
 
 from engine.config import CacheConfig
 from engine.runner import Runner
-from tests.engine.tiny import tiny_model
+from engine.families import SUPPORTED_FAMILIES
+from tests.engine.tiny import VARIANTS, tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = list(VARIANTS)  # every supported model_type, and a few second configurations (windows, partial RoPE)
 
 
 def _chunked_logits(model, ids, config: CacheConfig):
@@ -25,6 +26,10 @@ def test_no_eviction_equals_transformers_forward(family, policy, stride):
     got = _chunked_logits(model, ids, CacheConfig(policy=policy, cache_size=128, cascades=4, sinks=4, stride=stride))
     assert (got - expected).abs().max().item() <= 1e-4
     assert "forward" not in model.model.layers[0].self_attn.__dict__  # the patch is gone
+
+
+def test_every_supported_family_is_tested():
+    assert {name.split("-")[0] for name in FAMILIES} == set(SUPPORTED_FAMILIES)
 
 
 def test_patch_removed_after_error():
@@ -107,3 +112,26 @@ def test_embedded_model_no_eviction_equals_its_forward(embedded_fp32, policy, st
     config = CacheConfig(policy=policy, cache_size=512, cascades=4, sinks=8, stride=stride)
     got = _chunked_logits(lm.model, ids, config)
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_matches_the_fp32_forward(family):
+    """On CUDA with D = 64: fp32 (torch paths) within 1e-4 of the forward; bf16 (the Triton kernels on plain
+    layers, the torch paths on capped and windowed ones) no further from the fp32 forward than transformers' own
+    bf16 forward is, up to a bf16 rounding of the logits."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = tiny_model(family, head_dim=64)
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(1))
+    expected = model(ids).logits
+    model, ids = model.cuda(), ids.cuda()
+    for stride in (1, 7, 64, 100):
+        config = CacheConfig(policy="cascade", cache_size=128, cascades=4, sinks=4, stride=stride)
+        assert (_chunked_logits(model, ids, config).cpu() - expected).abs().max().item() <= 1e-4
+    model = model.to(torch.bfloat16)
+    own_error = (model(ids).logits.float().cpu() - expected).abs().max().item()
+    for stride in (1, 7, 64, 100):
+        config = CacheConfig(policy="cascade", cache_size=128, cascades=4, sinks=4, stride=stride)
+        error = (_chunked_logits(model, ids, config).cpu() - expected).abs().max().item()
+        assert error <= 2 * own_error + 1e-2 * expected.abs().max().item(), (stride, error, own_error)

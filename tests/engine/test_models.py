@@ -134,6 +134,25 @@ def test_tiny_llama_loads_from_a_directory(tiny_llama):
         assert lm.model(ids).logits.shape == (1, ids.shape[1], 16)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_other_families_load_and_run_from_a_directory(tmp_path, family):
+    """gemma2 refuses sdpa (no soft-capping there) and loads eager; phi3 has one fused qkv projection."""
+    from engine.config import CacheConfig
+    from engine.runner import Runner
+    from tests.engine.tiny import tiny_model
+
+    tiny_model(family, vocab_size=16).save_pretrained(tmp_path, safe_serialization=True)
+    _tiny_tokenizer(tmp_path)
+    lm = models.load_model(str(tmp_path), device="cpu", dtype="fp32")
+    assert lm.family == family
+    ids = lm.tokenizer("hello world hello", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = lm.model(ids).logits
+    with Runner(lm.model, CacheConfig(cache_size=64, stride=2)) as runner:
+        got = torch.cat([runner.logits(runner.step(ids[:, i : i + 2])) for i in range(0, ids.shape[1], 2)], dim=1)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
 def test_unsupported_architecture_lists_families(tmp_path):
     from transformers import GPT2Config
 

@@ -56,6 +56,68 @@ def test_cpu_matches_ref(shape, dtype):
     _check_scores(scores, ref_scores, s_rtol)
 
 
+def _dense(q, k, v, scale, ema, n_sinks, reduce, softcap, window):
+    """The eager formula of transformers' gemma2 attention: logits, tanh cap, [L, K] sliding-window causal mask."""
+    b, hq, n_q, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    g = hq // hkv
+    kq, vq = k.repeat_interleave(g, dim=1).double(), v.repeat_interleave(g, dim=1).double()
+    s = q.double() @ kq.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    own = torch.arange(n_k - n_q, n_k).unsqueeze(1)
+    keys = torch.arange(n_k)
+    hidden = (keys > own) | ((keys <= own - window) if window is not None else False)
+    p = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1)  # [B, Hq, L, K]
+    col = torch.einsum("m,bhmk->bhk", ema.double(), p).view(b, hkv, g, n_k)
+    scores = col.amax(dim=2) if reduce == "max" else col.mean(dim=2)
+    return (p @ vq).float(), scores[:, :, n_sinks:].float()
+
+
+# (B, Hq, Hkv, L, K, D, sinks, head_reduce, softcap, window)
+CAPPED_SHAPES = [
+    (1, 6, 2, 1, 100, 32, 4, "max", None, 24),  # decode past the window: cut to the last 24 keys, fast path
+    (1, 6, 2, 1, 20, 32, 4, "max", None, 24),  # the window not reached: the plain dispatcher
+    (1, 6, 2, 7, 100, 32, 4, "mean", 2.0, 24),  # a few queries, capped and windowed (few-queries block)
+    (1, 6, 2, 64, 100, 32, 4, "max", None, 24),  # a chunk whose band crosses the cache and the chunk
+    (2, 4, 4, 100, 100, 16, 0, "mean", 3.0, 30),  # no cache, the chunk alone is longer than the window
+    (1, 8, 2, 40, 140, 32, 2, "max", 1.5, None),  # soft-capping only
+    (1, 6, 2, 5, 10, 32, 8, "max", None, 3),  # cut-off keys fewer than the sinks
+]
+
+
+@pytest.mark.parametrize("shape", CAPPED_SHAPES, ids=str)
+def test_softcap_and_window(shape):
+    """The reference against the dense eager formula, and the dispatcher (cut-off keys, few-queries block)
+    against the reference; both in float32 with scores over every column."""
+    b, hq, hkv, n_q, n_k, d, n_sinks, reduce, softcap, window = shape
+    torch.manual_seed(zlib.crc32(repr(shape).encode()))
+    q, k, v = _inputs(b, hq, hkv, n_q, n_k, d, torch.float32, temperature=3.0)
+    ema = ema_weights(n_q, 0.99)
+    want_out, want_scores = _dense(q, k, v, d**-0.5, ema, n_sinks, reduce, softcap, window)
+    ref_out, ref_scores = chunk_attention_ref(q, k, v, d**-0.5, ema, n_sinks, reduce, block=16, softcap=softcap,
+                                              window=window)
+    torch.testing.assert_close(ref_out, want_out, atol=1e-5, rtol=1e-4)
+    _check_scores(ref_scores, want_scores, 1e-4)
+    out, scores = ca.chunk_attention(q, k, v, d**-0.5, ema, n_sinks, reduce, softcap=softcap, window=window)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    _check_scores(scores, ref_scores, 1e-4)
+    out, none = ca.chunk_attention(q, k, v, d**-0.5, None, n_sinks, reduce, softcap=softcap, window=window)
+    assert none is None
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+
+
+def test_no_softcap_no_window_is_bit_identical():
+    """Without them (or with a window the keys do not reach) the dispatcher takes the very same path."""
+    torch.manual_seed(0)
+    q, k, v = _inputs(1, 6, 2, 33, 130, 32, torch.bfloat16)
+    ema = ema_weights(33, 0.99)
+    base = ca.chunk_attention(q, k, v, 32**-0.5, ema, 4, "max")
+    for got in (ca.chunk_attention(q, k, v, 32**-0.5, ema, 4, "max", softcap=None, window=None),
+                ca.chunk_attention(q, k, v, 32**-0.5, ema, 4, "max", window=130)):
+        assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
+
+
 # ---- Triton kernels in the interpreter (CPU; skipped where triton is not installed)
 
 
