@@ -22,6 +22,7 @@ from rich.table import Table
 from engine.checkpoint import ids_sha256
 from engine.config import CacheConfig
 from engine.errors import CascadeError, ConfigError
+from engine.generate import Sampling
 from engine.prompt import Prompt
 from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, iter_mapped_token_ids, retention_report
@@ -37,8 +38,27 @@ from .inputs import InputReport, iter_segments, total_bytes_estimate
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-t", rich_help_panel="Generation",
                                         help="Most tokens to generate per answer.")]
-Temperature = Annotated[float, typer.Option("--temperature", rich_help_panel="Generation",
-                                            help="0 = greedy; higher samples more freely.")]
+# Unset sampling options come from the model's generation_config; the embedded SmolLM2 sets none, so it is greedy.
+Temperature = Annotated[Optional[float], typer.Option(
+    "--temperature", rich_help_panel="Generation", show_default=False,
+    help="0 = greedy (argmax); higher samples more freely. Default: the model's generation_config, which samples "
+         "only when it sets do_sample (the embedded SmolLM2 sets nothing: greedy).")]
+TopP = Annotated[Optional[float], typer.Option(
+    "--top-p", rich_help_panel="Generation", show_default=False,
+    help="Sample among the fewest tokens whose probability reaches P, 0 < P <= 1 (asks for sampling). Default: "
+         "the model's top_p (embedded: off).")]
+TopK = Annotated[Optional[int], typer.Option(
+    "--top-k", rich_help_panel="Generation", show_default=False,
+    help="Sample among the K likeliest tokens, 0 = off (asks for sampling). Default: the model's top_k "
+         "(embedded: off).")]
+MinP = Annotated[Optional[float], typer.Option(
+    "--min-p", rich_help_panel="Generation", show_default=False,
+    help="Drop tokens less likely than P x the likeliest one, 0 <= P <= 1 (asks for sampling). Default: the "
+         "model's min_p (embedded: off).")]
+RepeatPenalty = Annotated[Optional[float], typer.Option(
+    "--repeat-penalty", rich_help_panel="Generation", show_default=False,
+    help="> 1 lowers the logits of tokens already in the answer (greedy too; 1 = off). Default: the model's "
+         "repetition_penalty (embedded: off).")]
 Seed = Annotated[int, typer.Option("--seed", rich_help_panel="Generation", help="Sampling seed.")]
 Report = Annotated[bool, typer.Option("--report", rich_help_panel="Output",
                                       help="Print on stderr how the cached tokens spread over the input.")]
@@ -242,7 +262,7 @@ class Session:
         self.stats.seconds_ingest = time.perf_counter() - start
         self.stats.kv_cache_bytes = cache.nbytes()
 
-    def answer(self, suffix_ids: list[int], temperature: float, seed: int, echo: bool, fork: bool = False) -> str:
+    def answer(self, suffix_ids: list[int], sampling: Sampling, echo: bool, fork: bool = False) -> str:
         """Stream one answer (to stdout when `echo`); `fork` answers from a copy of the cache, kept for the next."""
         runner = self.runner
         base = runner.cache
@@ -256,8 +276,8 @@ class Session:
             self.stats.generated_tokens += 1
         try:
             with AnswerInterrupts() as interrupts:
-                for piece in answer(runner, self.lm.tokenizer, suffix_ids, self.max_tokens, temperature, seed,
-                                    stop_ids(self.lm.tokenizer), on_token):
+                for piece in answer(runner, self.lm.tokenizer, suffix_ids, self.max_tokens, sampling,
+                                    stop_ids(self.lm.tokenizer, self.lm.model), on_token):
                     interrupts.check()
                     text.append(piece)
                     if echo:

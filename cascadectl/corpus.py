@@ -34,6 +34,7 @@ from engine.config import CacheConfig
 from engine.distributed import (World, agree, all_reduce_sums, gather_to_main, process_group, rank_device,
                                 shard_by_size, world_from_env)
 from engine.errors import CascadeError, ConfigError
+from engine.generate import Sampling
 from engine.models import LoadedModel
 from engine.perplexity import PerplexityResult, perplexity
 from engine.prompt import Prompt
@@ -43,6 +44,7 @@ from engine.tokens import iter_token_ids, rechunk
 from .answering import Session
 from .common import EXIT_FAILURE, peak_rss_bytes, require_text, versions
 from .console import Say, TokenProgress
+from .generation import record as generation_record
 from .inputs import SNIFF_BYTES, InputError, InputReport, is_pdf, iter_segments, looks_binary, walk
 
 Each = Annotated[bool, typer.Option(
@@ -359,9 +361,8 @@ class SummaryJob:
 
     prompt_for: Callable[[Any], Prompt]  # tokenizer -> the prompt (instruction pinned, request after the input)
     max_tokens: int
-    temperature: float
-    seed: int
-    generation: dict  # for the index
+    sampling_for: Callable[[LoadedModel], Sampling]  # the options over the model's generation_config
+    generation: dict  # for the index, with the sampling settings added
 
 
 def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, config: CacheConfig, load: Load,
@@ -386,7 +387,7 @@ def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, co
         distributed = world_from_env().distributed
         with Session(lm, config, [path], prompt, job.max_tokens, quiet or distributed) as session:
             session.read(len(prompt.suffix_ids))
-            text = session.answer(prompt.suffix_ids, job.temperature, job.seed, echo=False)
+            text = session.answer(prompt.suffix_ids, job.sampling_for(lm), echo=False)
         # each process writes its own files as they finish: a crash or Ctrl-C keeps every summary done so far
         write_text_atomic(target, text.strip() + "\n")
         stats = session.stats
@@ -414,7 +415,7 @@ def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, co
             "skipped": corpus.skipped,
             "world_size": run.world.size,
             "settings": asdict(config),
-            "generation": job.generation,
+            "generation": {**job.generation, **generation_record(job.sampling_for(run.lm), run.lm)},
             "model": _model_record(run.lm),
             "versions": versions(),
         }

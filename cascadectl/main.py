@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -20,8 +21,30 @@ app.command("ppl")(ppl.ppl)
 app.add_typer(bench.app, name="bench")
 
 
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("cascadectl")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"cascadectl {version()}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main() -> None:
+def main(
+    _version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                           help="Print the version and exit.")] = False,
+) -> None:
     """Summarize, question and measure perplexity over inputs of any length with a bounded-memory cache.
 
     Exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted, 141 stdout closed by its reader."""

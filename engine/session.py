@@ -17,14 +17,17 @@ import torch
 
 from .config import CacheConfig
 from .errors import CapacityError, ConfigError
-from .generate import generate
+from .generate import GREEDY, Sampling, generate
 from .runner import Runner
 from .tokens import rechunk
 
 
-def stop_ids(tokenizer) -> frozenset[int]:
-    """End-of-sequence id plus the chat end-of-turn token `<|im_end|>` when the vocabulary has it."""
+def stop_ids(tokenizer, model=None) -> frozenset[int]:
+    """End-of-sequence id, the chat end-of-turn token `<|im_end|>` when the vocabulary has it, and the eos ids of
+    `model`'s generation_config (its authors' list can hold more than the tokenizer's one)."""
     ids = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else (eos or []))
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     end_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
@@ -139,15 +142,14 @@ def answer(
     tokenizer,
     suffix_ids: list[int],
     max_tokens: int,
-    temperature: float = 0.0,
-    seed: int = 0,
+    sampling: Sampling = GREEDY,
     stop: Iterable[int] = frozenset(),
     on_token: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
     """Append the closing request (in chunks of at most `stride`), then yield the answer's text as it is decoded.
 
-    Greedy at temperature 0; `stop` ids end the answer (not printed); `on_token(id)` sees every generated id.
-    Leading whitespace of the answer is not yielded."""
+    Greedy unless `sampling` says otherwise; `stop` ids end the answer (not printed); `on_token(id)` sees every
+    generated id. Leading whitespace of the answer is not yielded."""
     if not suffix_ids:
         raise ValueError("the closing request is empty; the answer needs at least one token to start from")
     hidden = None
@@ -156,7 +158,7 @@ def answer(
     logits = runner.logits(hidden[:, -1])[0]  # [V]; only the last position is needed
     text = TextStream(tokenizer)
     started = False  # chat models often open with a newline: the answer starts at its first visible character
-    for token in generate(runner, logits, max_tokens, temperature, seed, frozenset(stop)):
+    for token in generate(runner, logits, max_tokens, sampling, frozenset(stop)):
         if on_token is not None:
             on_token(token)
         piece = text.push(token)

@@ -14,6 +14,7 @@ from engine.retention import DEFAULT_WEIGHT
 
 from .. import answering as a
 from .. import checkpoints as ck
+from .. import generation as g
 from .. import options as o
 from ..common import handle_errors, resolve_sources
 from ..console import Say
@@ -52,7 +53,11 @@ def ask(
     question_first: QuestionFirst = True,
     question_weight: QuestionWeight = DEFAULT_WEIGHT,
     max_tokens: a.MaxTokens = a.MAX_TOKENS,
-    temperature: a.Temperature = 0.0,
+    temperature: a.Temperature = None,
+    top_p: a.TopP = None,
+    top_k: a.TopK = None,
+    min_p: a.MinP = None,
+    repeat_penalty: a.RepeatPenalty = None,
     seed: a.Seed = 0,
     json_out: o.Json = False,
     quiet: Quiet = False,
@@ -80,6 +85,7 @@ def ask(
       cascadectl ask --load-cache book.kv "When was it signed?"
     """
     Say.quiet = quiet
+    sampling_for = g.sampling_for(temperature, top_p, top_k, min_p, repeat_penalty, seed)
     resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     a.check_cache_files(save_cache, load_cache, resumable)
     args = list(args or [])
@@ -105,7 +111,8 @@ def ask(
                  "question (--question-first keeps the guided read; the file then answers only this question)")
     prompts = [build_prompt(lm.tokenizer, ASK_INSTRUCTION if first else ASK_INSTRUCTION_LATER, ASK_REQUEST, q,
                             question_first=first) for q in questions]
-    generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "questions": questions,
+    sampling = sampling_for(lm)
+    generation = {"max_tokens": max_tokens, **g.record(sampling, lm), "questions": questions,
                   "question_first": first, "question_weight": question_weight}
     with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0) as session:
         longest = max(len(p.suffix_ids) for p in prompts)
@@ -119,7 +126,7 @@ def ask(
         for i, (q, p) in enumerate(zip(questions, prompts)):
             if len(questions) > 1 and not json_out:
                 print(f"{'' if i == 0 else chr(10)}## {q}", flush=True)
-            text = session.answer(p.suffix_ids, temperature, seed, echo=not json_out, fork=i < len(questions) - 1)
+            text = session.answer(p.suffix_ids, sampling, echo=not json_out, fork=i < len(questions) - 1)
             answers.append({"question": q, "answer": text})
         doc = {"answer": answers[0]["answer"]} if len(answers) == 1 else {}
         session.finish({**doc, "answers": answers}, generation, json_out, report)

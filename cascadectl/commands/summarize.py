@@ -11,6 +11,7 @@ from engine.prompt import build_prompt, summary_instruction
 from .. import answering as a
 from .. import checkpoints as ck
 from .. import corpus
+from .. import generation as g
 from .. import launch
 from .. import options as o
 from ..common import handle_errors, resolve_sources
@@ -33,7 +34,11 @@ def summarize(
     head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
     stride: o.Stride = o.DEFAULTS["stride"],
     max_tokens: a.MaxTokens = a.MAX_TOKENS,
-    temperature: a.Temperature = 0.0,
+    temperature: a.Temperature = None,
+    top_p: a.TopP = None,
+    top_k: a.TopK = None,
+    min_p: a.MinP = None,
+    repeat_penalty: a.RepeatPenalty = None,
     seed: a.Seed = 0,
     words: a.Words = None,
     instruction: a.Instruction = None,
@@ -68,6 +73,7 @@ def summarize(
     """
     Say.quiet = quiet
     launch.require_each(nproc, each)
+    sampling_for = g.sampling_for(temperature, top_p, top_k, min_p, repeat_penalty, seed)
     resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     a.check_cache_files(save_cache, load_cache, resumable)
     if load_cache and sources:
@@ -87,16 +93,16 @@ def summarize(
         if (n := launch.processes(nproc, device, device_map)) > 1:  # this command again in n workers (launch.py)
             corpus.list_corpus(srcs, exclude=corpus.check_out(out))  # checked here, once, not in every worker
             return launch.run_workers(n, ctx)
-        generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "instruction": request}
         job = corpus.SummaryJob(lambda tok: build_prompt(tok, request, request, cue="Summary:"), max_tokens,
-                                temperature, seed, generation)
+                                sampling_for, {"max_tokens": max_tokens, "instruction": request})
         load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
         return corpus.summarize_each(srcs, out, skip_existing, config, load, device, device_map, job, json_out,
                                      quiet)
     lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
     request = summary_instruction(words, instruction)
     prompt = build_prompt(lm.tokenizer, request, request, cue="Summary:")
-    generation = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "instruction": request}
+    sampling = sampling_for(lm)
+    generation = {"max_tokens": max_tokens, **g.record(sampling, lm), "instruction": request}
     with a.Session(lm, config, srcs, prompt, max_tokens, quiet) as session:
         if load_cache:
             session.load(load_cache, a.explicit_settings(ctx), len(prompt.suffix_ids))
@@ -104,5 +110,5 @@ def summarize(
             session.read(len(prompt.suffix_ids), resumable, "summarize")
         if save_cache:
             session.save(save_cache)
-        text = session.answer(prompt.suffix_ids, temperature, seed, echo=not json_out)
+        text = session.answer(prompt.suffix_ids, sampling, echo=not json_out)
         session.finish({"answer": text}, generation, json_out, report)
