@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from engine.checkpoint import ids_sha256
@@ -24,6 +25,7 @@ from engine.config import CacheConfig
 from engine.errors import CascadeError, ConfigError
 from engine.generate import Sampling
 from engine.prompt import Prompt
+from engine.evidence import EvidenceSelector, retrieval_layers
 from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, iter_mapped_token_ids, retention_report
 from engine.runner import Runner
@@ -33,6 +35,7 @@ from engine.tokens import rechunk
 
 from . import checkpoints as ck
 from .common import AnswerInterrupts, ChunkInterrupts, check_output_path, peak_rss_bytes, require_text, versions
+from .citations import evidence_fill, evidence_records, print_citations
 from .console import Say, TokenProgress, console, fill_text, human_bytes
 from .inputs import InputReport, iter_segments, total_bytes_estimate
 
@@ -107,10 +110,13 @@ class Session:
     """One input read once through one runner; answers come from that cache (or copies of it)."""
 
     def __init__(self, lm, config: CacheConfig, sources: list[str], prompt: Prompt, max_tokens: int,
-                 quiet: bool = False, question_weight: float = 0.0):
+                 quiet: bool = False, question_weight: float = 0.0, evidence: int = 0):
         self.lm, self.config, self.sources, self.prompt, self.quiet = lm, config, sources, prompt, quiet
         self.max_tokens, self.question_weight = max_tokens, question_weight
         self.guided = prompt.question_span is not None and question_weight > 0 and config.policy == "cascade"
+        if evidence and prompt.question_span is not None and config.policy == "cascade":
+            self.config = config.with_evidence(evidence)  # the stride at most one sub-cache: record.settings
+        self.evidence: list[dict] = []  # the kept spans, for citations (evidence_records)
         self.input = InputReport()
         self.source_map = SourceMap()
         self.stats = Stats()
@@ -157,7 +163,11 @@ class Session:
             Say.warn(warning)
         expected = n_prefix + (known or 0) + longest_suffix + self.max_tokens if known is not None else 0
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks, expected_tokens=expected)
-        guide = QuestionGuide(self.runner, self.prompt.question_span, self.question_weight) if self.guided else None
+        keeps = self.config.evidence > 0
+        guide = (QuestionGuide(self.runner, self.prompt.question_span, self.question_weight if self.guided else 0.0)
+                 if self.guided or keeps else None)
+        selector = (EvidenceSelector(self.runner, guide, retrieval_layers(self.lm), n_prefix) if keeps
+                    else contextlib.nullcontext())
         ckpt = self._checkpoint = ck.for_run(  # resuming needs the same pinned prompt and question weight
             checkpoint or ck.CheckpointOptions(None), self.lm, self.config, command,
             {"prefix_sha256": ids_sha256(self.prompt.prefix_ids), "question_weight": self.question_weight},
@@ -175,12 +185,12 @@ class Session:
             return ckpt.save(self.runner.cache, {"seconds_ingest": time.perf_counter() - start}, queries)
 
         with TokenProgress("reading", known, self.quiet) as progress, ChunkInterrupts() as stop, \
-                guide if guide is not None else contextlib.nullcontext():
+                guide if guide is not None else contextlib.nullcontext(), selector:
 
             def on_chunk(done: int) -> None:
                 self.stats.tokens, self.stats.seconds_ingest = done, time.perf_counter() - start
                 total = known or _estimate_total(tokenized[0], self.input.bytes_read, total_bytes)
-                progress.update(done, total, fill_text(self.runner.cache.fill()))
+                progress.update(done, total, fill_text(self.runner.cache.fill(), evidence_fill(self.runner.cache)))
                 ck.after_chunk(stop, ckpt, done, save, lambda: f"interrupted after {done:,} input tokens")
 
             n_input = ingest(self.runner, self.prompt.prefix_ids, pieces, on_chunk, resume_at)
@@ -190,6 +200,7 @@ class Session:
             save()
         self.stats.tokens, self.stats.seconds_ingest = n_input, time.perf_counter() - start
         self.stats.kv_cache_bytes = self.runner.cache.nbytes()
+        self.evidence = evidence_records(self.runner.cache, n_prefix, self.source_map, self.lm.tokenizer)
         self.retention = {
             "question_guided": self.guided,
             "question_weight": self.question_weight if self.guided else 0.0,
@@ -258,6 +269,17 @@ class Session:
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks)
         self.runner.cache = cache
         self.retention = retention
+        if evidence_fill(cache) is None:
+            if questions:
+                Say.info(f"[dim]note: {escape(path)} holds no evidence spans (read without the question first): "
+                         f"a fact stated once far back may be missing from the answer[/]")
+        else:
+            try:
+                smap = extra["source_map"]
+                source_map = SourceMap(list(smap["starts"]), [tuple(label) for label in smap["labels"]])
+                self.evidence = evidence_records(cache, int(extra["prefix_tokens"]), source_map, self.lm.tokenizer)
+            except (KeyError, TypeError, ValueError):
+                raise CascadeError(f"{path} is not a usable saved cache (no record of its input)") from None
         self.stats.tokens, self.stats.loaded_from = tokens, path
         self.stats.seconds_ingest = time.perf_counter() - start
         self.stats.kv_cache_bytes = cache.nbytes()
@@ -321,6 +343,8 @@ class Session:
                    "record": self.record(generation)}
             sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
             sys.stdout.flush()
+        if self.evidence and not as_json:
+            print_citations(self.evidence, every=show_report)
         if show_report and self.retention:
             print_report(self.retention)
         Say.info(f"[dim]{self.stats.line()}[/]")

@@ -56,12 +56,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def fill_text(fill: list[tuple[int, int]]) -> str:
-    """'sinks 64/64 | 1024/1024 1024/1024 512/1024 0/1024' from the cache's (used, capacity) pairs."""
+def fill_text(fill: list[tuple[int, int]], evidence: tuple[int, int] | None = None) -> str:
+    """'sinks 64/64 | 1024/1024 1024/1024 512/1024 0/1024' from the cache's (used, capacity) pairs, and
+    ' | evidence 96/512' when an evidence store holds spans."""
     sinks, rest = fill[0], fill[1:]
     if not rest:  # the dense cache has no sub-caches
         return f"{sinks[0]:,} tokens cached"
-    return f"sinks {sinks[0]}/{sinks[1]} | " + " ".join(f"{u}/{c}" for u, c in rest)
+    text = f"sinks {sinks[0]}/{sinks[1]} | " + " ".join(f"{u}/{c}" for u, c in rest)
+    return text + (f" | evidence {evidence[0]}/{evidence[1]}" if evidence else "")
 
 
 class TokenProgress:

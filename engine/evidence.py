@@ -16,7 +16,8 @@ layers those are is measured on the model itself (`calibrate`, synthetic facts i
 model file) and never downloaded. The factor L / stride makes a short last chunk comparable with full ones.
 
 Spans. After every chunk, its tokens with the highest rel are peaks; a peak p proposes the span
-[p - BEFORE, p - BEFORE + width) (facts follow what names them: "the code of the vault is 48213"). The store has
+[p - BEFORE, p - BEFORE + width) (centred: the peak falls on what names a fact, before its value, or on the
+end of its sentence, after it). The store has
 `slots // width` span slots; a proposal takes a free slot, or the weakest span's when it is stronger, and
 never overlaps a span as strong as itself (which it then replaces). Every layer keeps the same spans, so a
 span is a piece of text: `spans()` gives them with their scores for citations."""
@@ -36,7 +37,7 @@ from .retention import QuestionGuide
 from .runner import Runner
 
 SPAN = 32  # tokens per span (decided by measurement: docs/RESULTS.md, "Evidence spans")
-BEFORE = 8  # of which before the peak
+BEFORE = 16  # of which before the peak: the peak often falls at the end of the fact's sentence
 SHARE = 8  # default budget: cache_size // SHARE slots, rounded down to whole spans
 TOP_LAYERS = 6  # layers weighed in after calibration
 
@@ -72,7 +73,8 @@ class EvidenceSelector:
                  width: int = SPAN, before: int = BEFORE):
         cache = runner.cache
         assert isinstance(cache, EvidenceCascadeCache), type(cache)
-        assert 0 <= before < width <= cache.evidence, (before, width, cache.evidence)
+        width = min(width, cache.evidence)  # a store smaller than one span holds one shorter span
+        before = min(before, width // 2)
         self.runner, self.guide, self.weights = runner, guide, dict(weights)
         self.input_start, self.width, self.before = input_start, width, before
         self.n_spans = cache.evidence // width
@@ -147,7 +149,7 @@ class EvidenceSelector:
         recent_start, recent = cache.state["recent"]
         for i in np.argsort(-rel, kind="stable")[: 2 * self.n_spans]:
             score, peak = float(rel[i]), t0 + int(i)
-            if peak < self.input_start:
+            if peak <= self.input_start:  # the input's first token draws attention like a sink does: no fact
                 continue
             weakest = min(range(self.n_spans), key=lambda j: -1.0 if spans[j] is None else spans[j][2])
             if spans[weakest] is not None and spans[weakest][2] >= score:

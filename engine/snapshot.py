@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .cache import CascadeCache, DenseCache, KVCache, SinkWindowCache, make_cache
+from .cache import CascadeCache, DenseCache, EvidenceCascadeCache, KVCache, SinkWindowCache, make_cache
 from .config import CacheConfig
 from .errors import CascadeError, ConfigError
 from .runner import cache_shape
@@ -43,7 +43,7 @@ _DTYPES = {  # safetensors dtype names
     torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
 }
 _FROM_NAME = {name: dtype for dtype, name in _DTYPES.items()}
-_POLICY = {CascadeCache: "cascade", SinkWindowCache: "sink", DenseCache: "full"}
+_POLICY = {CascadeCache: "cascade", EvidenceCascadeCache: "cascade", SinkWindowCache: "sink", DenseCache: "full"}
 
 
 class Snapshot(NamedTuple):
@@ -144,6 +144,8 @@ def _cache_state(cache: KVCache) -> tuple[dict, dict[str, Tensor]]:
     tensors: dict[str, Tensor] = {}
     if isinstance(cache, CascadeCache):
         control |= {"start": list(cache.start), "count": list(cache.count)}
+        if isinstance(cache, EvidenceCascadeCache):
+            control["evidence"] = cache.control()
         for l in range(cache.shape.n_layers):
             tensors |= {f"layer.{l}.k": cache.k[l], f"layer.{l}.v": cache.v[l], f"layer.{l}.score": cache.score[l],
                         f"layer.{l}.index": cache.idx[l]}
@@ -404,6 +406,11 @@ def _rebuild(meta: dict, tensors: dict[str, Tensor], model) -> KVCache:
         _require(all(_is_int(s) and 0 <= s < cache.width for s in start), "ring starts")
         _require(all(_is_int(c) and 0 <= c <= cache.width for c in count), "ring counts")
         cache.start, cache.count = list(start), list(count)
+        if isinstance(cache, EvidenceCascadeCache):
+            try:
+                cache.load_control(control["evidence"])
+            except (KeyError, TypeError, ValueError):
+                raise _Unusable("evidence state") from None
     elif isinstance(cache, SinkWindowCache):
         head, count = control["head"], control["count"]
         _require(_is_int(head) and _is_int(count) and 0 <= head < cache.window and 0 <= count <= cache.window,

@@ -10,6 +10,7 @@ from engine.config import CacheConfig
 from engine.errors import ConfigError
 from engine.models import load_model
 from engine.prompt import ASK_INSTRUCTION, ASK_INSTRUCTION_LATER, ASK_REQUEST, build_prompt
+from engine.evidence import default_slots
 from engine.retention import DEFAULT_WEIGHT
 
 from .. import answering as a
@@ -31,6 +32,10 @@ QuestionFirst = Annotated[bool, typer.Option(
 QuestionWeight = Annotated[float, typer.Option(
     "--question-weight", rich_help_panel="Cache",
     help="λ: weight of the question's attention in the retention scores, relative to the text's own.")]
+Evidence = Annotated[Optional[int], typer.Option(
+    "--evidence", rich_help_panel="Cache", show_default=False, metavar="SLOTS",
+    help="Slots of --cache-size set aside for whole passages the question points at, kept however far back "
+         "(question first, cascade only; 0 = off). Default: 1/8 of the cache in spans of 32 tokens.")]
 Quiet = Annotated[bool, typer.Option("--quiet", rich_help_panel="Output", help="Only errors on stderr.")]
 
 
@@ -52,6 +57,7 @@ def ask(
     stride: o.Stride = o.DEFAULTS["stride"],
     question_first: QuestionFirst = True,
     question_weight: QuestionWeight = DEFAULT_WEIGHT,
+    evidence: Evidence = None,
     max_tokens: a.MaxTokens = a.MAX_TOKENS,
     temperature: a.Temperature = None,
     top_p: a.TopP = None,
@@ -98,6 +104,8 @@ def ask(
         raise ConfigError("the question is empty")
     if question_weight < 0:
         raise ConfigError(f"--question-weight must be >= 0 (got {question_weight})")
+    if evidence is not None and evidence < 0:
+        raise ConfigError(f"--evidence must be >= 0 (got {evidence})")
     if load_cache and args:
         raise ConfigError("--load-cache answers from the file: give no SOURCE, only the question")
     srcs = [] if load_cache else resolve_sources(args)
@@ -114,7 +122,14 @@ def ask(
     sampling = sampling_for(lm)
     generation = {"max_tokens": max_tokens, **g.record(sampling, lm), "questions": questions,
                   "question_first": first, "question_weight": question_weight}
-    with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0) as session:
+    slots = 0
+    if first and config.policy == "cascade" and not load_cache:
+        slots = default_slots(config.cache_size, config.cascades) if evidence is None else evidence
+    elif evidence:
+        Say.info("note: --evidence needs one question read first (--question-first) and --policy cascade: off")
+    generation["evidence"] = slots
+    with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0,
+                   slots) as session:
         longest = max(len(p.suffix_ids) for p in prompts)
         if load_cache:
             session.load(load_cache, a.explicit_settings(ctx), longest, questions)
@@ -129,4 +144,4 @@ def ask(
             text = session.answer(p.suffix_ids, sampling, echo=not json_out, fork=i < len(questions) - 1)
             answers.append({"question": q, "answer": text})
         doc = {"answer": answers[0]["answer"]} if len(answers) == 1 else {}
-        session.finish({**doc, "answers": answers}, generation, json_out, report)
+        session.finish({**doc, "answers": answers, "evidence": session.evidence}, generation, json_out, report)

@@ -147,9 +147,6 @@ class EvidenceCascadeCache(CascadeCache):
             self.dead[np.asarray(plan.write_slot, dtype=np.int64) - self.n_sinks] = False
         super()._commit()
 
-    def fill(self) -> list[tuple[int, int]]:
-        return super().fill() + [(self.n_evidence, self.evidence)]
-
     # ---- persistence
 
     def control(self) -> dict:

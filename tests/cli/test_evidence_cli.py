@@ -1,0 +1,97 @@
+"""`ask` with an evidence store (tiny model): citations in --json and on stderr, printed literally; resume and
+--save-cache/--load-cache carry the store; --evidence 0 and several questions read without one."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cascadectl.citations import printable
+from cascadectl.main import app
+from tests.cli.fakes import use_fake_model
+
+VARIED = ("Mr. Bingley came to Netherfield. The ball was long, and Darcy was proud. " * 30)
+FACT = " The code of the vault is 48213. "
+SMALL = ["--cache-size", "192", "--cascades", "2", "--sinks", "4", "--stride", "32", "--max-tokens", "6"]
+
+
+@pytest.fixture(autouse=True)
+def tiny(monkeypatch, tmp_path):
+    monkeypatch.setenv("CASCADECTL_HOME", str(tmp_path / "home"))
+    use_fake_model(monkeypatch)
+
+
+def invoke(args, **kw):
+    return CliRunner().invoke(app, args, **kw)
+
+
+@pytest.fixture
+def doc(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(VARIED[:900] + FACT + VARIED[:1500], encoding="utf-8")
+    return path
+
+
+def _ask(doc, *extra):
+    result = invoke(["ask", str(doc), "What is the code of the vault?", *SMALL, "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), result
+
+
+def test_json_lists_the_kept_passages(doc):
+    out, _ = _ask(doc, "--evidence", "32")
+    text = doc.read_text(encoding="utf-8")
+    assert out["record"]["generation"]["evidence"] == 32
+    assert out["evidence"], out.keys()
+    for r in out["evidence"]:
+        assert set(r) == {"source", "page", "line", "token_start", "token_end", "text", "score"}
+        assert r["source"] == str(doc) and r["page"] is None
+        assert 0 <= r["token_start"] < r["token_end"] <= out["stats"]["tokens"]
+        assert r["text"] in text  # the byte tokenizer: a span is a piece of the file
+        if r["line"] is not None:
+            assert r["line"] == text[: text.index(r["text"].strip())].count("\n") + 1
+
+
+def test_evidence_off_and_several_questions(doc):
+    out, _ = _ask(doc, "--evidence", "0")
+    assert out["evidence"] == [] and out["record"]["generation"]["evidence"] == 0
+    result = invoke(["ask", str(doc), "-q", "Who?", "-q", "What?", *SMALL, "--json", "--evidence", "32"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["evidence"] == []
+
+
+def test_citations_on_stderr_are_literal(tmp_path):
+    """A document full of ANSI escapes and rich markup: the passages reach stderr as inert text."""
+    hostile = "\x1b[31mred\x1b[0m [bold]loud[/bold] [link=http://x]y[/link] \x07\x1b]0;title\x07 " * 40
+    path = tmp_path / "hostile.txt"
+    path.write_text(hostile + FACT + hostile, encoding="utf-8")
+    result = invoke(["ask", str(path), "What is the code of the vault?", *SMALL, "--evidence", "32", "--report"])
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert "Evidence" in err
+    assert "\x1b" not in err and "\x07" not in err
+    lines = [line for line in err.splitlines() if "score" in line and "tokens" in line]
+    assert lines and any("[bold]" in line or "\\x1b" in line for line in lines), lines
+
+
+def test_printable():
+    assert printable("a\x1b[31mb\n\n c\u202e") == "a\\x1b[31mb c\\u202e"
+
+
+def test_save_and_load_carry_the_store(doc, tmp_path):
+    saved = tmp_path / "c.kv"
+    out, _ = _ask(doc, "--evidence", "32", "--question-first", "--save-cache", str(saved))
+    result = invoke(["ask", "--load-cache", str(saved), "What is the code of the vault?", "--json",
+                     "--max-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)
+    assert again["answer"] == out["answer"]
+    assert again["evidence"] == out["evidence"]
+    assert "holds no evidence" not in result.stderr
+
+
+def test_load_without_evidence_says_so(doc, tmp_path):
+    saved = tmp_path / "plain.kv"
+    _ask(doc, "--no-question-first", "--save-cache", str(saved))
+    result = invoke(["ask", "--load-cache", str(saved), "What is the code of the vault?", "--max-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "holds no evidence" in result.stderr
