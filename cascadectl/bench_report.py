@@ -58,6 +58,29 @@ def _cell(c: dict | None) -> str:
     return f"{c['exact']:.0%} ({c['digits']:.0%})"
 
 
+def ruler_tables(cells: list[dict], means: list[dict], tasks: list[str], policies: list[str], prompts: list[str],
+                 lengths: list[int]) -> None:
+    """One table per prompt order: a row per policy and task (and their mean), a column per length;
+    'score% (exact%)'."""
+    index = {(c["task"], c["policy"], c["prompt"], c["length"]): c for c in cells}
+    index.update({("mean", m["policy"], m["prompt"], m["length"]): m for m in means})
+    rows = tasks + (["mean"] if len(tasks) > 1 else [])
+    for prompt in prompts:
+        console.print(f"[bold]RULER-style tasks, question {prompt}[/]: mean score (exact)")
+        table = Table(box=None, pad_edge=False)
+        table.add_column("policy")
+        table.add_column("task")
+        for n in lengths:
+            table.add_column(tokens_label(n), justify="right")
+        for policy in policies:
+            for i, task in enumerate(rows):
+                got = [index.get((task, policy, prompt, n)) for n in lengths]
+                table.add_row(policy if i == 0 else "", task,
+                              *["[dim]-[/]" if c is None else f"{c['score']:.0%} ({c['exact']:.0%})" for c in got],
+                              end_section=i == len(rows) - 1)
+        console.print(table)
+
+
 def retention_table(rows: list[dict], cache_size: int) -> None:
     """A row per policy: the no-copy baseline, then the second copy's mean NLL at every gap."""
     gaps = sorted({g["gap"] for r in rows for g in r["gaps"]})

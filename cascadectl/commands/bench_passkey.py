@@ -15,9 +15,8 @@ from typing import Annotated
 import typer
 
 from engine.bench import passkey as pk
-from engine.bench.grid import parse_choices, parse_counts, parse_depths
+from engine.bench.grid import BENCH_POLICIES, parse_choices, parse_counts, parse_depths
 from engine.bench.text import Noise, Prose
-from engine.config import CacheConfig
 from engine.errors import ConfigError
 from engine.models import load_model
 from engine.retention import DEFAULT_WEIGHT
@@ -56,6 +55,7 @@ def passkey(
     beta: o.Beta = o.DEFAULTS["beta"],
     head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
     stride: o.Stride = b.STRIDE,
+    evidence: b.Evidence = None,
     question_weight: Annotated[float, typer.Option("--question-weight", rich_help_panel="Cache",
                                                    help="λ of question-guided retention (question first).")]
     = DEFAULT_WEIGHT,
@@ -75,6 +75,8 @@ def passkey(
       cascadectl bench passkey --lengths 2k,8k,32k --depths 0.1,0.3,0.5,0.7,0.9 --prompt first,last
 
       cascadectl bench passkey --filler prose --policy sink,cascade --json --plot passkey.png
+
+      cascadectl bench passkey --lengths 8k,32k --prompt first --policy sink,cascade,cascade+evidence
     """
     Say.quiet = quiet
     grid = b.apply_quick(ctx, quick, dict(lengths=lengths, depths=depths, samples=samples, prompt=prompt),
@@ -82,7 +84,7 @@ def passkey(
     length_list = parse_counts(grid["lengths"], "--lengths", minimum=1)
     depth_list = parse_depths(grid["depths"])
     prompts = parse_choices(grid["prompt"], "--prompt", pk.PROMPTS)
-    names = parse_choices(policy, "--policy")
+    names = parse_choices(policy, "--policy", BENCH_POLICIES)
     if grid["samples"] < 1:
         raise ConfigError(f"--samples must be >= 1 (got {grid['samples']})")
     if filler not in ("noise", "prose"):
@@ -90,20 +92,20 @@ def passkey(
     if question_weight < 0:
         raise ConfigError(f"--question-weight must be >= 0 (got {question_weight})")
     settings = b.cache_settings(cache_size, cascades, sinks, beta, head_reduce, stride)
-    configs = [CacheConfig(policy=p, **settings) for p in names]
+    configs, slots = b.policy_configs(names, settings, evidence)
     if plot:
         plots.require(plot)
     lm = load_model(model, device, dtype, notify=Say.info)
     source = Prose(lm.tokenizer, text) if filler == "prose" else Noise(lm.tokenizer)
     points = itertools.product(length_list, depth_list, range(grid["samples"]), prompts)
     plan, skipped = bench_runs.passkey_plan(lm, source, configs, points, seed, max_tokens, question_weight)
-    for k in skipped:
-        Say.info(f"note: full skipped at {report.tokens_label(k['length'])} tokens: it {k['reason']}")
+    bench_runs.note_skipped(skipped)
+    layers = bench_runs.evidence_layers(lm, plan)
 
     results: list[pk.PasskeyResult] = []
     start = time.perf_counter()
     try:
-        done = bench_runs.passkey_run(lm, plan, max_tokens, question_weight, quiet, results)
+        done = bench_runs.passkey_run(lm, plan, max_tokens, question_weight, quiet, results, layers)
     finally:  # Ctrl-C included: what was measured is still shown
         cells = pk.summarize(results)
         if not quiet and results:
@@ -117,7 +119,8 @@ def passkey(
             "settings": {"lengths": length_list, "depths": depth_list, "samples": grid["samples"], "seed": seed,
                          "filler": filler, "text": str(source.path) if filler == "prose" else None,
                          "prompts": prompts, "policies": names, "max_tokens": max_tokens,
-                         "question_weight": question_weight, "answer_start": pk.ANSWER_START, "cache": settings},
+                         "question_weight": question_weight, "answer_start": pk.ANSWER_START, "cache": settings,
+                         "evidence": slots, "evidence_layers": sorted(layers or {})},
             "summary": cells,
             "results": [asdict(r) for r in results],
             "skipped": skipped,

@@ -1,13 +1,17 @@
 """Parse the benchmark grids given on the command line: token counts ("2k", "512", "0.5x"), depths, policies.
 
-Every error is a ConfigError naming the flag, so a bad grid fails before the model is loaded."""
+Every error is a ConfigError naming the flag, so a bad grid fails before the model is loaded. Besides the cache
+policies, the question-answering benchmarks (passkey, ruler) compare `cascade+evidence`: the cascade with an
+evidence store (engine/evidence.py) inside the same --cache-size, so that every policy runs at equal memory."""
 from __future__ import annotations
 
 import math
 
-from ..config import POLICIES
+from ..config import POLICIES, CacheConfig
 from ..errors import ConfigError
 
+EVIDENCE_POLICY = "cascade+evidence"
+BENCH_POLICIES = (*POLICIES, EVIDENCE_POLICY)  # --policy of bench passkey and bench ruler
 SUFFIXES = {"k": 1 << 10, "m": 1 << 20}  # 2k = 2048 tokens, as in the passkey literature
 
 
@@ -67,3 +71,19 @@ def parse_choices(text: str, flag: str, allowed: tuple[str, ...] = POLICIES) -> 
         if name not in allowed:
             raise ConfigError(f"{flag}: {name!r} is not one of {', '.join(allowed)}")
     return names
+
+
+def policy_config(name: str, settings: dict, evidence_slots: int = 0) -> CacheConfig:
+    """The CacheConfig of a --policy name: `cascade+evidence` is `cascade` with `evidence_slots` of its cache
+    given to the evidence store (CacheConfig.with_evidence: the stride is clipped to one sub-cache)."""
+    if name != EVIDENCE_POLICY:
+        return CacheConfig(policy=name, **settings)
+    if evidence_slots < 1:
+        raise ConfigError(f"--policy {EVIDENCE_POLICY} needs --evidence >= 1 (got {evidence_slots}); use --policy "
+                          f"cascade for none")
+    return CacheConfig(policy="cascade", **settings).with_evidence(evidence_slots)
+
+
+def policy_name(config: CacheConfig) -> str:
+    """The --policy name of a config: `cascade+evidence` when it has evidence slots."""
+    return EVIDENCE_POLICY if config.evidence else config.policy

@@ -27,6 +27,7 @@ from ..evidence import EvidenceSelector
 from ..retention import QuestionGuide
 from ..runner import Runner
 from ..session import answer, check_room, ingest, stop_ids
+from .grid import policy_name
 from .text import word_start
 
 INSTRUCTION = ("A pass key is hidden somewhere in the document below, among a lot of irrelevant text. "
@@ -140,14 +141,15 @@ def is_guided(config: CacheConfig, sample: PasskeySample, question_weight: float
     return config.policy == "cascade" and sample.question_span is not None and question_weight > 0
 
 
-def run_sample(model, tokenizer, config: CacheConfig, sample: PasskeySample, max_tokens: int = 12,
-               question_weight: float = 1.0, on_chunk: Callable[[int], None] | None = None,
-               evidence_layers: dict[int, float] | None = None) -> PasskeyResult:
-    """Read the sample through a fresh runner of `config`, decode greedily, score. `on_chunk(doc tokens done)`.
+def read_and_answer(model, tokenizer, config: CacheConfig, sample, max_tokens: int, question_weight: float = 1.0,
+                    on_chunk: Callable[[int], None] | None = None,
+                    evidence_layers: dict[int, float] | None = None) -> str:
+    """Read `sample` through a fresh runner of `config` and decode greedily; the answer's text.
 
-    With `config.evidence` slots and the question first, an evidence store keeps spans chosen by the question
-    (engine/evidence.py) from the layers in `evidence_layers` (engine.evidence.retrieval_layers)."""
-    start = time.perf_counter()
+    `sample` is any prompt with prefix_ids, doc_ids, suffix_ids and question_span (a PasskeySample, an
+    engine.bench.ruler.RulerSample). With `config.evidence` slots and the question first, an evidence store keeps
+    spans chosen by the question (engine/evidence.py) from the layers in `evidence_layers`
+    (engine.evidence.retrieval_layers); otherwise the evidence slots are dropped."""
     n_sinks = max(config.sinks, len(sample.prefix_ids))
     expected = sample.n_tokens + max_tokens if config.policy == "full" else 0
     if config.evidence and (sample.question_span is None or not evidence_layers):
@@ -160,9 +162,21 @@ def run_sample(model, tokenizer, config: CacheConfig, sample: PasskeySample, max
                 if config.evidence else contextlib.nullcontext())
         with guide, keep:
             ingest(runner, sample.prefix_ids, [sample.doc_ids], on_chunk)
-        text = "".join(answer(runner, tokenizer, sample.suffix_ids, max_tokens, stop=stop_ids(tokenizer)))
+        return "".join(answer(runner, tokenizer, sample.suffix_ids, max_tokens, stop=stop_ids(tokenizer)))
+
+
+def run_sample(model, tokenizer, config: CacheConfig, sample: PasskeySample, max_tokens: int = 12,
+               question_weight: float = 1.0, on_chunk: Callable[[int], None] | None = None,
+               evidence_layers: dict[int, float] | None = None) -> PasskeyResult:
+    """Read the sample through a fresh runner of `config`, decode greedily, score. `on_chunk(doc tokens done)`.
+
+    With `config.evidence` slots and the question first, an evidence store keeps spans chosen by the question
+    (engine/evidence.py) from the layers in `evidence_layers` (engine.evidence.retrieval_layers); the result's
+    policy is then "cascade+evidence" (engine.bench.grid.policy_name)."""
+    start = time.perf_counter()
+    text = read_and_answer(model, tokenizer, config, sample, max_tokens, question_weight, on_chunk, evidence_layers)
     parsed, exact, digits = score_answer(sample.key, text)
-    return PasskeyResult(config.policy, sample.prompt, sample.length, sample.depth, sample.sample, sample.key,
+    return PasskeyResult(policy_name(config), sample.prompt, sample.length, sample.depth, sample.sample, sample.key,
                          text, parsed, exact, digits, len(sample.prefix_ids) + sample.needle_at, sample.n_tokens,
                          time.perf_counter() - start)
 
