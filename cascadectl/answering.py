@@ -175,13 +175,15 @@ class Session:
         resume_at, seconds_before = None, 0.0
         if ckpt is not None:
             if checkpoint.resume:
-                resume_at, seconds_before = self._resume(ckpt, guide)
+                resume_at, seconds_before = self._resume(ckpt, guide, selector if keeps else None)
             pieces = ckpt.track(rechunk(ckpt.skip(pieces), self.config.stride))
         total_bytes = total_bytes_estimate(self.sources)
         start = time.perf_counter() - seconds_before
 
         def save() -> int:
             queries = {f"question.{l}": q for l, q in enumerate(guide.queries) if q is not None} if guide else {}
+            if keeps:
+                queries |= {f"control.{l}": c for l, c in enumerate(selector.control) if c is not None}
             return ckpt.save(self.runner.cache, {"seconds_ingest": time.perf_counter() - start}, queries)
 
         with TokenProgress("reading", known, self.quiet) as progress, ChunkInterrupts() as stop, \
@@ -207,16 +209,18 @@ class Session:
             **retention_report(self.runner.cache, n_prefix, n_input, self.source_map),
         }
 
-    def _resume(self, ckpt, guide: QuestionGuide | None) -> tuple[int, float]:
+    def _resume(self, ckpt, guide: QuestionGuide | None, selector: EvidenceSelector | None) -> tuple[int, float]:
         """Put the checkpoint's cache (and the question's queries) in place; (input tokens done, seconds spent)."""
         snap = ckpt.load()
         self.runner.cache = snap.cache
-        if guide is not None:
-            device = next(self.runner.model.parameters()).device
-            queries = [snap.extra_tensors.get(f"question.{l}") for l in range(len(guide.queries))]
+        device = next(self.runner.model.parameters()).device
+        for name, holder in (("question", guide and guide.queries), ("control", selector and selector.control)):
+            if not holder:
+                continue
+            queries = [snap.extra_tensors.get(f"{name}.{l}") for l in range(len(holder))]
             if any(q is None for q in queries):
-                raise CascadeError(f"{ckpt.path} holds no question queries; start over without --resume")
-            guide.queries = [q.to(device) for q in queries]
+                raise CascadeError(f"{ckpt.path} holds no {name} queries; start over without --resume")
+            holder[:] = [q.to(device) for q in queries]
         seconds = snap.meta["extra"]["state"].get("seconds_ingest", 0.0)
         return ckpt.resume_at, float(seconds) if isinstance(seconds, (int, float)) else 0.0
 

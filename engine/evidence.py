@@ -4,16 +4,18 @@ The cascade cannot keep a fact stated once far back (it thins every run of conse
 so when the question is known before the input, a selector picks spans of consecutive tokens and an evidence
 store (engine/cache/evidence.py) keeps them whole, inside the cache's memory.
 
-Which tokens the question points at. Position is taken out: each layer's *pre-RoPE* question queries
-(captured by engine.retention.QuestionGuide) meet the chunk's *pre-RoPE* keys, the softmax runs over the chunk's
-own keys, is averaged over the question's tokens and maximised over heads:
+Which tokens the question points at. Position is taken out: each layer's *pre-RoPE* queries of the pinned
+prompt meet the chunk's *pre-RoPE* keys, with a softmax over the chunk's own L keys. The question's attention is
+set against the attention of the rest of the prompt (chat header and instruction, the *control*), so that keys
+every query looks at (the first token, punctuation, names) do not count as evidence:
 
-    rel_l(t) = max_h mean_q softmax_t(q_l,h,q · k_l(t) · scale) · L / stride      (t in the chunk, L its length)
+    a(t) = L · mean_q softmax_t(q · k(t) · scale)          (attention relative to uniform, over some queries)
+    rel_l(t) = max over heads of  a_question(t) / (a_control(t) + EPS)
 
-and the layers that retrieve are weighed in (`weights`): rel(t) = Σ_l w_l rel_l(t). In early layers this signal
-is near chance; in some middle and late layers it ranks a planted fact first of thousands of tokens. Which
-layers those are is measured on the model itself (`calibrate`, synthetic facts in the bundled filler, cached per
-model file) and never downloaded. The factor L / stride makes a short last chunk comparable with full ones.
+and the layers that retrieve are weighed in: rel(t) = Σ_l w_l rel_l(t). Which layers those are is measured on the
+model itself (`calibrate`: synthetic facts in the bundled filler, the layers that rank the fact highest), cached
+per model file, never downloaded. Measured on the embedded model (docs/RESULTS.md, "Evidence spans"): without the
+control the planted fact of a prose chapter ranked 8th-29th; with it, 1st.
 
 Spans. After every chunk, its tokens with the highest rel are peaks; a peak p proposes the span
 [p - BEFORE, p - BEFORE + width) (centred: the peak falls on what names a fact, before its value, or on the
@@ -38,6 +40,7 @@ from .runner import Runner
 
 SPAN = 32  # tokens per span (decided by measurement: docs/RESULTS.md, "Evidence spans")
 BEFORE = 16  # of which before the peak: the peak often falls at the end of the fact's sentence
+EPS = 0.3  # the control's floor in rel_l, in units of uniform attention (chosen on the probe of docs/RESULTS.md)
 SHARE = 8  # default budget: cache_size // SHARE slots, rounded down to whole spans
 TOP_LAYERS = 6  # layers weighed in after calibration
 
@@ -49,6 +52,23 @@ def default_slots(cache_size: int, cascades: int, width: int = SPAN) -> int:
     while slots > 0 and (cache_size - slots < cascades or (cache_size - slots) % cascades):
         slots -= width
     return max(slots, 0)
+
+
+def relevance(question: Tensor, control: Tensor | None, k: Tensor, scale: float) -> Tensor:
+    """rel_l of the module docstring for one layer: question [B, Hq, Q, D] and control [B, Hq, C, D] pre-RoPE
+    queries (float32), the chunk's pre-RoPE keys k [B, Hkv, L, D]; returns [L] float32 (batch row 0)."""
+    n = k.shape[2]
+    kt = k.float().transpose(-1, -2)
+
+    def attention(q: Tensor) -> Tensor:  # [Hkv, G, L]: L · the softmax over the chunk, averaged over the queries
+        b, hq, n_q, d = q.shape
+        hkv = k.shape[1]
+        s = q.reshape(b, hkv, hq // hkv * n_q, d) @ kt * scale
+        return torch.softmax(s, dim=-1).view(b, hkv, hq // hkv, n_q, n).mean(dim=3)[0] * n
+
+    a = attention(question)
+    floor = attention(control) + EPS if control is not None and control.shape[2] else torch.full_like(a, 1 + EPS)
+    return (a / floor).amax(dim=1).amax(dim=0)
 
 
 @dataclass(frozen=True)
@@ -79,17 +99,24 @@ class EvidenceSelector:
         self.input_start, self.width, self.before = input_start, width, before
         self.n_spans = cache.evidence // width
         self.scale = [float(layer.self_attn.scaling) for layer in runner.model.model.layers]
+        # pre-RoPE queries of the prompt around the question (not its first token), per layer: the control
+        self.control: list[Tensor | None] = [None] * len(self.scale)
+        self._parts: list[list[Tensor]] = [[] for _ in self.scale]
+        self._outer = None  # the guide's query hook, called first
         self._rel: Tensor | None = None
         state = cache.state
         state.setdefault("spans", [None] * self.n_spans)  # [start, end, score, peak, ids] per span slot
         state.setdefault("recent", [0, []])  # [stream index of recent[1][0], the last `before` ids]
 
     def __enter__(self) -> "EvidenceSelector":
+        self._outer = self.runner.query_hook
+        self.runner.query_hook = self.capture
         self.runner.key_hook, self.runner.after_step = self.score_keys, self.after_step
         return self
 
     def __exit__(self, *exc) -> None:
         self.runner.key_hook = self.runner.after_step = None
+        self.runner.query_hook = self._outer
         cache = self.runner.cache
         end = cache.seen  # the input ends here: nothing of the request or the answer is evidence
         for j, span in enumerate(cache.state["spans"]):
@@ -102,6 +129,22 @@ class EvidenceSelector:
 
     # ---- hooks
 
+    def capture(self, layer: int, q: Tensor) -> None:
+        """query_hook: the guide's capture, then the control's rows of the prompt's pre-RoPE queries q."""
+        if self._outer is not None:
+            self._outer(layer, q)
+        if self.control[layer] is not None:
+            return
+        t0, n = self.runner.cache.seen, q.shape[2]
+        rows = [t - t0 for t in range(max(t0, 1), min(t0 + n, self.input_start))
+                if not self.guide.start <= t < self.guide.end]
+        if rows:
+            self._parts[layer].append(q[:, :, rows].float().clone())
+        if t0 + n >= self.input_start:
+            parts = self._parts[layer]
+            self.control[layer] = torch.cat(parts, dim=2) if parts else q[:, :, :0].float()
+            self._parts[layer] = []
+
     def score_keys(self, layer: int, k: Tensor) -> None:
         """key_hook: add layer `layer`'s content-only question attention over the chunk's pre-RoPE keys k."""
         w = self.weights.get(layer)
@@ -109,12 +152,7 @@ class EvidenceSelector:
         cache = self.runner.cache
         if not w or q is None or cache.seen < max(self.guide.end, self.input_start):
             return
-        b, hq, n_q, d = q.shape
-        hkv, n = k.shape[1], k.shape[2]
-        g = hq // hkv
-        s = q.reshape(b, hkv, g * n_q, d) @ k.float().transpose(-1, -2) * self.scale[layer]  # [B, Hkv, G·Q, L]
-        p = torch.softmax(s, dim=-1).view(b, hkv, g, n_q, n).mean(dim=3).amax(dim=2).amax(dim=1)[0]  # [L]
-        p = p * (w * n / self.runner.config.stride)
+        p = relevance(q, self.control[layer], k, self.scale[layer]) * w
         self._rel = p if self._rel is None else self._rel + p.to(self._rel.device)
 
     def after_step(self, ids: Tensor) -> None:
@@ -200,7 +238,7 @@ def kept_spans(cache: EvidenceCascadeCache) -> list[Span]:
 
 # ---------------------------------------------------------------------------------------------- calibration
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 _FACTS = (  # (statement, question): a value named once, asked for by its name
     ("The blue lantern is kept in room {n}.", "In which room is the blue lantern kept?"),
     ("The ferry to the island leaves from pier {n}.", "From which pier does the ferry to the island leave?"),
@@ -210,8 +248,8 @@ _FACTS = (  # (statement, question): a value named once, asked for by its name
 
 
 def calibrate(model, tokenizer, tokens: int = 1024, stride: int = 256, seed: int = 0) -> dict[int, float]:
-    """Weights of the layers whose content-only question attention finds a planted fact (ranked best by the
-    median rank of the fact over a few synthetic samples); the TOP_LAYERS best get weight 1."""
+    """Weights of the layers whose `relevance` finds a planted fact (ranked best by the median rank of the fact
+    over a few synthetic samples); the TOP_LAYERS best get weight 1. The prompt must fit one chunk of `stride`."""
     import random
 
     from .bench.text import Noise
@@ -220,6 +258,7 @@ def calibrate(model, tokenizer, tokens: int = 1024, stride: int = 256, seed: int
     from .session import ingest
 
     n_layers = len(model.model.layers)
+    tokens = min(tokens, int(getattr(model.config, "max_position_embeddings", tokens)))
     filler = Noise(tokenizer)
     ranks: list[list[int]] = [[] for _ in range(n_layers)]
     rng = random.Random(f"calibrate:{seed}")
@@ -232,24 +271,24 @@ def calibrate(model, tokenizer, tokens: int = 1024, stride: int = 256, seed: int
         doc = body[:at] + fact + body[at:]
         config = CacheConfig(policy="full", stride=stride)
         rels: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
-        with Runner(model, config, n_sinks=len(frame.prefix_ids), expected_tokens=len(frame.prefix_ids) + len(doc)) \
-                as runner:
-            guide = QuestionGuide(runner, frame.question_span, 0.0)
-            scale = [float(layer.self_attn.scaling) for layer in model.model.layers]
+        n0 = len(frame.prefix_ids)
+        qa, qb = frame.question_span
+        others = [i for i in range(1, n0) if not qa <= i < qb]
+        prompt: dict[int, Tensor] = {}
+        scale = [float(layer.self_attn.scaling) for layer in model.model.layers]
+        with Runner(model, config, n_sinks=n0, expected_tokens=n0 + len(doc)) as runner:
 
-            def hook(layer: int, k: Tensor) -> None:
-                q = guide.queries[layer]
-                if q is None or runner.cache.seen < len(frame.prefix_ids):
-                    return
-                b, hq, n_q, d = q.shape
-                hkv, n = k.shape[1], k.shape[2]
-                s = q.reshape(b, hkv, hq // hkv * n_q, d) @ k.float().transpose(-1, -2) * scale[layer]
-                p = torch.softmax(s, -1).view(b, hkv, hq // hkv, n_q, n).mean(3).amax(2).amax(1)[0]
-                rels[layer].append(p.float().cpu().numpy())
+            def queries(layer: int, q: Tensor) -> None:
+                if runner.cache.seen == 0:  # the prompt, read as one chunk (stride >= its length)
+                    prompt[layer] = q.float().clone()
 
-            runner.key_hook = hook
-            with guide:
-                ingest(runner, frame.prefix_ids, [doc])
+            def keys(layer: int, k: Tensor) -> None:
+                if runner.cache.seen >= n0:
+                    q = prompt[layer]
+                    rels[layer].append(relevance(q[:, :, qa:qb], q[:, :, others], k, scale[layer]).cpu().numpy())
+
+            runner.query_hook, runner.key_hook = queries, keys
+            ingest(runner, frame.prefix_ids, [doc])
         for layer in range(n_layers):
             r = np.concatenate(rels[layer])
             ranks[layer].append(int((r > r[at : at + len(fact)].max()).sum()) + 1)

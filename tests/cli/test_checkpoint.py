@@ -217,6 +217,7 @@ def same_cache(a: str, b: str) -> bool:
 @pytest.mark.parametrize("command", [
     ["summarize", "{file}"],
     ["ask", "{file}", "Who is he?", "--question-first"],  # guided: the question's queries are in the checkpoint
+    ["ask", "{file}", "Who is he?", "--question-first", "--evidence", "32"],  # and the evidence store's state
     ["ask", "{file}", "-q", "Who?", "-q", "What?"],
 ])
 def test_answers_after_resume_equal_uninterrupted(tmp_path, monkeypatch, command):
