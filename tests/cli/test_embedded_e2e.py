@@ -70,3 +70,33 @@ def test_summarize_multi_page_pdf(tmp_path):
     assert len(doc["retention"]["by_page"]) == 12
     assert doc["stats"]["tokens"] > 512 + 256  # longer than the cache: something was evicted and reported
     assert doc["retention"]["kept_layer0"] < doc["stats"]["tokens"]
+
+
+VAULT = " The code of the vault is 48213. "
+
+
+@pytest.fixture(scope="module")
+def far_back(tmp_path_factory):
+    """~6K tokens of the novel with a 5-digit fact at 20% depth: 12x the 512-token cache, ~4.8K tokens back."""
+    body = BOOK.read_text(encoding="utf-8")[40000:66000]
+    at = body.index(". ", int(len(body) * 0.2)) + 1
+    path = tmp_path_factory.mktemp("vault") / "book.txt"
+    path.write_text(body[:at] + VAULT + body[at:], encoding="utf-8")
+    return path
+
+
+def test_evidence_keeps_a_five_digit_fact_far_back(far_back):
+    """The default evidence store keeps the fact's sentence whole and cites it; the cascade alone (same memory)
+    keeps at most a few of its digits (tests/engine/test_cascade_rule.py)."""
+    args = ["ask", str(far_back), "What is the code of the vault?", "--cache-size", "512", "--stride", "256",
+            "--max-tokens", "12", "--json"]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["stats"]["tokens"] > 10 * 512
+    assert "48213" in doc["answer"], doc["answer"]
+    cited = [e for e in doc["evidence"] if "48213" in e["text"]]
+    assert cited and cited[0]["source"] == str(far_back) and cited[0]["line"] is not None
+    plain = json.loads(invoke([*args, "--evidence", "0"]).stdout)
+    assert "48213" not in plain["answer"], plain["answer"]
+    assert plain["evidence"] == []
