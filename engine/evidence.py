@@ -185,6 +185,7 @@ class EvidenceSelector:
         spans = cache.state["spans"]
         oldest = self.input_start if cache.fifo else max(self.input_start, cache.seen - cache.count[0])
         recent_start, recent = cache.state["recent"]
+        known = {recent_start + n: x for n, x in enumerate(recent)} | {t0 + n: x for n, x in enumerate(chunk)}
         for i in np.argsort(-rel, kind="stable")[: 2 * self.n_spans]:
             score, peak = float(rel[i]), t0 + int(i)
             if peak <= self.input_start:  # the input's first token draws attention like a sink does: no fact
@@ -203,7 +204,6 @@ class EvidenceSelector:
             j = free[0] if free else weakest
             if spans[j] is not None:
                 self._drop(j)
-            known = {recent_start + n: x for n, x in enumerate(recent)} | {t0 + n: x for n, x in enumerate(chunk)}
             ids = []
             for t in range(start, min(end, t0 + len(chunk))):
                 if t not in known:

@@ -26,6 +26,12 @@ Seed = Annotated[int, typer.Option("--seed", rich_help_panel="Benchmark", help="
 Text = Annotated[Optional[str], typer.Option(
     "--text", rich_help_panel="Benchmark", show_default=False, metavar="FILE",
     help="Prose to use instead of the bundled novel (data/pride_and_prejudice.txt).")]
+Lengths = Annotated[str, typer.Option("--lengths", rich_help_panel="Benchmark",
+                                      help="Prompt lengths in tokens (2k = 2048).")]
+Filler = Annotated[str, typer.Option("--filler", rich_help_panel="Benchmark",
+                                     help="noise (repeated sentences) or prose (the bundled novel).")]
+QuestionWeight = Annotated[float, typer.Option("--question-weight", rich_help_panel="Cache",
+                                               help="λ of question-guided retention (question first).")]
 Quick = Annotated[bool, typer.Option("--quick", rich_help_panel="Benchmark",
                                      help="A tiny grid (a minute or two): a smoke test, not a measurement.")]
 Evidence = Annotated[Optional[int], typer.Option(

@@ -33,14 +33,12 @@ from . import bench_options as b
 @handle_errors
 def passkey(
     ctx: typer.Context,
-    lengths: Annotated[str, typer.Option("--lengths", rich_help_panel="Benchmark",
-                                         help="Prompt lengths in tokens (2k = 2048).")] = "2k,8k",
+    lengths: b.Lengths = "2k,8k",
     depths: Annotated[str, typer.Option("--depths", rich_help_panel="Benchmark",
                                         help="Where the key sits in the filler, fractions in (0, 1).")] = "0.1,0.5,0.9",
     samples: b.Samples = 1,
     seed: b.Seed = 0,
-    filler: Annotated[str, typer.Option("--filler", rich_help_panel="Benchmark",
-                                        help="noise (repeated sentences) or prose (the bundled novel).")] = "noise",
+    filler: b.Filler = "noise",
     text: b.Text = None,
     prompt: Annotated[str, typer.Option("--prompt", rich_help_panel="Benchmark",
                                         help="Question first (pinned before the document, guiding the cascade) "
@@ -56,9 +54,7 @@ def passkey(
     head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
     stride: o.Stride = b.STRIDE,
     evidence: b.Evidence = None,
-    question_weight: Annotated[float, typer.Option("--question-weight", rich_help_panel="Cache",
-                                                   help="λ of question-guided retention (question first).")]
-    = DEFAULT_WEIGHT,
+    question_weight: b.QuestionWeight = DEFAULT_WEIGHT,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-t", rich_help_panel="Generation",
                                             help="Tokens decoded (greedy) after the prompt.")] = 12,
     quick: b.Quick = False,

@@ -34,12 +34,10 @@ def ruler_bench(
     ctx: typer.Context,
     tasks: Annotated[str, typer.Option("--tasks", rich_help_panel="Benchmark",
                                        help="multikey, multivalue and/or vartrack.")] = ",".join(ruler.TASKS),
-    lengths: Annotated[str, typer.Option("--lengths", rich_help_panel="Benchmark",
-                                         help="Prompt lengths in tokens (2k = 2048).")] = "2k,8k",
+    lengths: b.Lengths = "2k,8k",
     samples: b.Samples = 2,
     seed: b.Seed = 0,
-    filler: Annotated[str, typer.Option("--filler", rich_help_panel="Benchmark",
-                                        help="noise (repeated sentences) or prose (the bundled novel).")] = "noise",
+    filler: b.Filler = "noise",
     text: b.Text = None,
     prompt: Annotated[str, typer.Option("--prompt", rich_help_panel="Benchmark",
                                         help="Question first (pinned before the document, guiding the cascade and "
@@ -55,9 +53,7 @@ def ruler_bench(
     head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
     stride: o.Stride = b.STRIDE,
     evidence: b.Evidence = None,
-    question_weight: Annotated[float, typer.Option("--question-weight", rich_help_panel="Cache",
-                                                   help="λ of question-guided retention (question first).")]
-    = DEFAULT_WEIGHT,
+    question_weight: b.QuestionWeight = DEFAULT_WEIGHT,
     max_tokens: Annotated[Optional[int], typer.Option(
         "--max-tokens", "-t", rich_help_panel="Generation", show_default=False,
         help="Tokens decoded (greedy) after the prompt. Default: multikey 12, multivalue 32, vartrack 32.")] = None,

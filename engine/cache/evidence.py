@@ -39,7 +39,6 @@ class EvidenceCascadeCache(CascadeCache):
         self.ev_token = np.full(evidence, -1, dtype=np.int64)  # stream index held by each evidence slot, or -1
         self.dead = np.zeros(cache_size, dtype=bool)  # cascade slots whose token an evidence slot holds
         self.wanted: dict[int, int] = {}  # evidence slot -> token to take there when it can be
-        self.fifo = True  # nothing evicted yet: the whole cascade is one FIFO, the same in every head
         self.state: dict = {}  # the selector's own (JSON-able) state, saved and restored with the cache
 
     # ---- what the selector calls between chunks
@@ -59,6 +58,12 @@ class EvidenceCascadeCache(CascadeCache):
         return self.ev_token.copy()
 
     # ---- the protocol
+
+    @property
+    def fifo(self) -> bool:
+        """Nothing evicted yet: every token so far arrived in the eager fill, so the whole cascade is one FIFO,
+        the same in every head."""
+        return self.seen <= self.cache_size + self.n_sinks + 1
 
     @property
     def n_evidence(self) -> int:
@@ -141,8 +146,6 @@ class EvidenceCascadeCache(CascadeCache):
         return torch.from_numpy(order).to(dev)
 
     def _commit(self) -> None:
-        if any(t > self.cache_size + self.n_sinks for t in range(self.seen, self.seen + self.n_new)):
-            self.fifo = False
         for plan in self._plans:
             self.dead[np.asarray(plan.write_slot, dtype=np.int64) - self.n_sinks] = False
         super()._commit()
@@ -152,14 +155,13 @@ class EvidenceCascadeCache(CascadeCache):
     def control(self) -> dict:
         """The evidence store's control state (engine/snapshot.py saves it beside the rings')."""
         return {"ev_token": self.ev_token.tolist(), "dead": np.flatnonzero(self.dead).tolist(),
-                "wanted": sorted([int(k), int(v)] for k, v in self.wanted.items()), "fifo": self.fifo,
-                "state": self.state}
+                "wanted": sorted([int(k), int(v)] for k, v in self.wanted.items()), "state": self.state}
 
     def load_control(self, control: dict) -> None:
         """Restore `control()`'s output; ValueError when it does not fit this cache."""
         ev, dead, wanted = control["ev_token"], control["dead"], control["wanted"]
         if not (isinstance(ev, list) and len(ev) == self.evidence and isinstance(dead, list)
-                and isinstance(wanted, list) and isinstance(control["fifo"], bool)
+                and isinstance(wanted, list)
                 and isinstance(control["state"], dict)):
             raise ValueError("evidence state")
         ints = [*ev, *dead, *(x for pair in wanted for x in pair)]
@@ -172,4 +174,4 @@ class EvidenceCascadeCache(CascadeCache):
         self.dead = np.zeros(self.cache_size, dtype=bool)
         self.dead[np.asarray(dead, dtype=np.int64)] = True
         self.wanted = {int(a): int(b) for a, b in wanted}
-        self.fifo, self.state = control["fifo"], dict(control["state"])
+        self.state = dict(control["state"])

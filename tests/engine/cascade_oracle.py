@@ -24,12 +24,22 @@ class PerTokenCascade:
                 if len(ring) <= self.width:
                     return
                 carry = ring.pop(0)  # the oldest moves on
+                if self._dropped(carry):
+                    return
                 continue
             if not ring:
                 ring.append(carry)
-            elif carry[1] >= ring[-1][1]:  # compete with the newest; ties go to the newcomer
+            elif self._loses(ring[-1]) or carry[1] >= ring[-1][1]:  # compete with the newest; ties: the newcomer
                 ring[-1] = carry
             return
+
+    def _dropped(self, item: tuple[int, float]) -> bool:
+        """Is an item that a ring pushes out dropped instead of passed on? (never here)"""
+        return False
+
+    def _loses(self, item: tuple[int, float]) -> bool:
+        """Does a ring's newest item lose any compete? (never here)"""
+        return False
 
     def visible(self) -> list[int]:
         """Sinks, then the rings from the oldest (last) to the newest (first), each oldest first."""
@@ -58,27 +68,14 @@ class PerTokenEvidenceCascade(PerTokenCascade):
         return True
 
     def push(self, token: int, score: float) -> None:
-        t, self.t = self.t, self.t + 1
-        if len(self.sinks) < self.n_sinks:
-            self.sinks.append(token)
-            return
-        eager = t <= self.width * self.cascades + self.n_sinks
-        self.evicted |= not eager
-        carry = (token, score)
-        for i, ring in enumerate(self.rings):
-            if eager or (t - self.n_sinks) % 2**i == 0:
-                ring.append(carry)
-                if len(ring) <= self.width:
-                    return
-                carry = ring.pop(0)
-                if carry[0] in self.dead:  # its copy lives in the store: dropped, not passed on
-                    return
-                continue
-            if not ring:
-                ring.append(carry)
-            elif ring[-1][0] in self.dead or carry[1] >= ring[-1][1]:
-                ring[-1] = carry
-            return
+        self.evicted |= len(self.sinks) == self.n_sinks and self.t > self.width * self.cascades + self.n_sinks
+        super().push(token, score)
+
+    def _dropped(self, item: tuple[int, float]) -> bool:
+        return item[0] in self.dead  # its copy lives in the store: dropped, not passed on
+
+    def _loses(self, item: tuple[int, float]) -> bool:
+        return item[0] in self.dead
 
     def visible(self) -> list[int]:
         return self.sinks + sorted(self.store) + [tok for ring in reversed(self.rings) for tok, _ in ring
