@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import kernels.chunk_attention as ca  # noqa: E402
+import cascade_kernels.chunk_attention as ca  # noqa: E402
 from bench.prefill_latency import DEV, DT, HKV, HQ, D, chunk_flops, emitter, gpu_time, provenance  # noqa: E402
 
 

@@ -8,7 +8,7 @@ torch's CPU profiler table (self time per op) over 5 more steps with the engine'
 
     python bench/cpu_decode_gather.py [--profile]
 
-`--rope` alternates the two forms of `kernels.rope.apply_rope` instead, which rotates every cached key on every
+`--rope` alternates the two forms of `cascade_kernels.rope.apply_rope` instead, which rotates every cached key on every
 CPU step: x·cos + rotate_half(x)·sin as written (five passes) and the fused form the engine uses (three).
 `--few` alternates the decode step's attention: `chunk_attention_ref` (every cached value converted to float32
 for P·V) and `chunk_attention_few` (P·V in bf16), which the engine uses.
@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import engine.attention as attention  # noqa: E402
 import engine.cache.base as base  # noqa: E402
 import engine.cache.cascade as cascade  # noqa: E402
-import kernels.chunk_attention as ca  # noqa: E402
-import kernels.rope as rope  # noqa: E402
+import cascade_kernels.chunk_attention as ca  # noqa: E402
+import cascade_kernels.rope as rope  # noqa: E402
 from bench.common import provenance  # noqa: E402
 from engine import models  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import kernels.chunk_attention as ca  # noqa: E402
-import kernels.decode_attention as da  # noqa: E402
-import kernels.paged_attention as pa  # noqa: E402
+import cascade_kernels.chunk_attention as ca  # noqa: E402
+import cascade_kernels.decode_attention as da  # noqa: E402
+import cascade_kernels.paged_attention as pa  # noqa: E402
 from bench.common import provenance  # noqa: E402
 from bench.prefill_latency import graph_time, rotary  # noqa: E402 - the same shapes: D 128, bf16, CUDA
 from engine.cache.base import CacheShape  # noqa: E402

@@ -213,7 +213,7 @@ def kernel_time(step, n: int, dev: str) -> tuple:
 
 
 def _decode_config() -> dict:
-    import kernels.decode_attention as da
+    import cascade_kernels.decode_attention as da
     return {**da.LAUNCH_DEFAULTS, **da.PAGED_DECODE_CONFIG}
 
 
@@ -277,7 +277,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.decode_config:
-        import kernels.decode_attention as da
+        import cascade_kernels.decode_attention as da
         # launch options (MERGE_BLOCK_N) may sit in the config too: the kernels' _split lets them override LAUNCH_DEFAULTS
         da.PAGED_DECODE_CONFIG = {**da.PAGED_DECODE_CONFIG, **json.loads(args.decode_config)}
     if args.tiny:

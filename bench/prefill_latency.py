@@ -43,13 +43,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import kernels.chunk_attention as ca  # noqa: E402
-import kernels.decode_attention as da  # noqa: E402
-import kernels.paged_attention as pa  # noqa: E402
+import cascade_kernels.chunk_attention as ca  # noqa: E402
+import cascade_kernels.decode_attention as da  # noqa: E402
+import cascade_kernels.paged_attention as pa  # noqa: E402
 from engine.attention import apply_rope  # noqa: E402
 from engine.cache.base import CacheShape  # noqa: E402
 from engine.cache.cascade import CascadeCache  # noqa: E402
-from kernels.rope import rotate_queries  # noqa: E402
+from cascade_kernels.rope import rotate_queries  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DEV = "cuda"

@@ -7,8 +7,8 @@ the new keys/values and scores to the cache. The original forwards are restored 
 
 Where the fused Triton kernels run (CUDA, bf16/fp16, D 64/128) and no score hook needs the rotated keys, the
 attention reads the cache's buffers in place (`cache.past_slots`) and rotates keys inside the kernels
-(`kernels.paged_attention`). Elsewhere (CPU, other dtypes, question-guided retention) it gathers `cache.past`,
-rotates all keys in torch and calls the `kernels.chunk_attention` dispatcher.
+(`cascade_kernels.paged_attention`). Elsewhere (CPU, other dtypes, question-guided retention) it gathers `cache.past`,
+rotates all keys in torch and calls the `cascade_kernels.chunk_attention` dispatcher.
 
 The per-chunk state (cache, rotary tables, EMA weights) lives in one `StepContext` owned by the caller, so the
 patched modules hold no mutable state of their own. For a model spread over several devices the context also
@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from kernels.chunk_attention import chunk_attention
-from kernels.paged_attention import chunk_attention_paged, paged_supported
-from kernels.rope import apply_rope, rotate_half, rotate_queries  # noqa: F401 - re-exported (retention, bench)
+from cascade_kernels.chunk_attention import chunk_attention
+from cascade_kernels.paged_attention import chunk_attention_paged, paged_supported
+from cascade_kernels.rope import apply_rope, rotate_half, rotate_queries  # noqa: F401 - re-exported (retention, bench)
 
 from .cache.base import KVCache
 from .errors import UnsupportedModelError

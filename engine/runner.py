@@ -14,7 +14,7 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor, nn
 
-from kernels.chunk_attention import ema_weights
+from cascade_kernels.chunk_attention import ema_weights
 
 from .attention import StepContext, patched_attention
 from .cache import CacheShape, KVCache, make_cache

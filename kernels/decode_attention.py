@@ -1,11 +1,11 @@
 """Decode attention (one query per head) with the exact EMA scores, split over the keys.
 
-Same contract as `kernels.chunk_attention.chunk_attention_triton` for L == 1: q [B, Hq, 1, D] (rotated),
+Same contract as `cascade_kernels.chunk_attention.chunk_attention_triton` for L == 1: q [B, Hq, 1, D] (rotated),
 k, v [B, Hkv, K, D]. Batch 1 decode has only B·Hkv (query head group, key) pairs, far too few programs to fill a
 GPU, so the keys are split (split-K): one kernel writes each split's partial softmax statistics, unnormalised
 output and (for the scores) the raw base-2 logits; a second kernel merges the splits into out and, per key, the
 exact probability w_0 · reduce_g p_g(j). CUDA only (bf16/fp16, D 64/128); the torch references live in
-`kernels.chunk_attention`.
+`cascade_kernels.chunk_attention`.
 """
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config=N
 def _decode_paged_triton(q, k_cache, v_cache, order, n_past, k_new, v_new, cos, sin, qk_scale, ema, n_sinks,
                          head_reduce, decode_config=None):
     """`_decode_triton` over [cache slots order[:n_past] | the step's own key], rotating keys on load
-    (the contract of kernels.paged_attention.chunk_attention_paged for L == 1)."""
+    (the contract of cascade_kernels.paged_attention.chunk_attention_paged for L == 1)."""
     b, hq, _, d = q.shape
     hkv = k_cache.shape[1]
     g, n_k = hq // hkv, n_past + 1

@@ -11,7 +11,7 @@ Each layer then runs the sub-caches on scores and source ids only (a padded per-
 gathers each), and moves every written slot's key, value and token index once at the end. The result equals
 pushing the chunk's tokens one by one with the chunk's scores frozen (tests/engine/test_cascade_rule.py).
 A single token (a decode step) touches at most one slot per ring; its plan becomes a chain of slots that
-`kernels.cache_push.push_token` walks in one kernel on CUDA (its torch reference elsewhere).
+`cascade_kernels.cache_push.push_token` walks in one kernel on CUDA (its torch reference elsewhere).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.cache_push import push_token
+from cascade_kernels.cache_push import push_token
 
 from .base import CacheShape, KVCache, empty_buffers, gather_past
 
@@ -170,7 +170,7 @@ def _finish(plan: RingPlan, offset: int, n_sinks: int) -> RingPlan:
 
 
 def _chain(plans: list[RingPlan]) -> np.ndarray:
-    """A single token's plans as `kernels.cache_push` codes: per ring reached, the slot it takes (its occupant
+    """A single token's plans as `cascade_kernels.cache_push` codes: per ring reached, the slot it takes (its occupant
     moves on when the ring was full), or -slot-1 where a refusing ring's newest slot is competed for."""
     return _ints([-plan.base_slot - 1 if plan.base_slot is not None else int(plan.write_slot[0]) for plan in plans])
 
@@ -201,7 +201,7 @@ class _Chunk:
     new_src: Tensor  # [B, Hkv, n_new - to_sinks] source ids of the chunk's non-sink tokens: capacity + j
     dest: Tensor  # every ring's written slots, in ring order
     rings: list[RingPlan]
-    chain: Tensor | None  # a single token past the sinks: its slots as `kernels.cache_push` codes
+    chain: Tensor | None  # a single token past the sinks: its slots as `cascade_kernels.cache_push` codes
 
 
 class CascadeCache(KVCache):

@@ -1,10 +1,9 @@
-"""Run the Triton kernels in Triton's CPU interpreter: a private copy of the `kernels` package imported with
+"""Run the Triton kernels in Triton's CPU interpreter: a private copy of the `cascade_kernels` package imported with
 TRITON_INTERPRET=1 (Triton reads it when a kernel is decorated). Used by the kernel tests on CPU-only machines;
 they skip where triton is not installed (CI) and on CUDA machines, which run the compiled kernels (-m gpu)."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -13,20 +12,17 @@ import pytest
 import torch
 
 import kernels
-import kernels._triton as kt
+import cascade_kernels._triton as kt
 
 PACKAGE = "_kernels_interpreted"
 
 
 def _load(module: str) -> ModuleType:
-    """`kernels.<module>` from the interpreted copy of the package."""
+    """`cascade_kernels.<module>` from the interpreted copy of the package (a namespace package: no __init__)."""
     if PACKAGE not in sys.modules:
-        folder = Path(kernels.__file__).parent
-        spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        package = importlib.util.module_from_spec(spec)
+        package = ModuleType(PACKAGE)
+        package.__path__ = [str(Path(kt.__file__).parent)]
         sys.modules[PACKAGE] = package
-        spec.loader.exec_module(package)
     return importlib.import_module(f"{PACKAGE}.{module}")
 
 
@@ -44,7 +40,7 @@ def _interpret_triton_language(monkeypatch) -> None:
 
 
 def interpreted(monkeypatch, module: str, probe) -> ModuleType:
-    """The interpreted `kernels.<module>` for this test, after `probe(module)` ran once; skips where it cannot."""
+    """The interpreted `cascade_kernels.<module>` for this test, after `probe(module)` ran once; skips where it cannot."""
     if kt.triton is None:
         pytest.skip("triton is not installed")
     if torch.cuda.is_available():

@@ -13,8 +13,8 @@ import zlib
 import pytest
 import torch
 
-import kernels._triton as kt
-from kernels.cache_push import push_token, push_token_ref
+import cascade_kernels._triton as kt
+from cascade_kernels.cache_push import push_token, push_token_ref
 from tests.kernels.interpreter import interpreted
 
 B, HKV, SINKS, WIDTH, RINGS = 2, 3, 3, 5, 3

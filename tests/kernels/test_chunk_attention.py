@@ -8,8 +8,8 @@ import zlib
 import pytest
 import torch
 
-import kernels.chunk_attention as ca
-from kernels.chunk_attention import chunk_attention_cpu, chunk_attention_ref, ema_weights
+import cascade_kernels.chunk_attention as ca
+from cascade_kernels.chunk_attention import chunk_attention_cpu, chunk_attention_ref, ema_weights
 from tests.kernels.interpreter import interpreted
 
 # (B, Hq, Hkv, L, K, D, sinks, head_reduce)

@@ -16,14 +16,14 @@ import zlib
 import pytest
 import torch
 
-import kernels.chunk_attention as ca
-import kernels.paged_attention as pa
+import cascade_kernels.chunk_attention as ca
+import cascade_kernels.paged_attention as pa
 from engine import attention
 from engine.config import CacheConfig
 from engine.runner import Runner
-from kernels.chunk_attention import chunk_attention_ref, ema_weights
-from kernels.paged_attention import chunk_attention_paged, chunk_attention_paged_ref, materialise
-from kernels.rope import apply_rope
+from cascade_kernels.chunk_attention import chunk_attention_ref, ema_weights
+from cascade_kernels.paged_attention import chunk_attention_paged, chunk_attention_paged_ref, materialise
+from cascade_kernels.rope import apply_rope
 from tests.engine.tiny import tiny_model
 from tests.kernels.interpreter import PACKAGE, interpreted
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.rope as rope
-from kernels.rope import apply_rope, rotate_queries
+import cascade_kernels.rope as rope
+from cascade_kernels.rope import apply_rope, rotate_queries
 from tests.kernels.interpreter import interpreted
 
 
