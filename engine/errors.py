@@ -19,3 +19,7 @@ class UnsupportedModelError(CascadeError):
 
 class ModelNotFoundError(CascadeError):
     """The model (embedded or --model) is not available locally."""
+
+
+class ModelFileError(ModelNotFoundError):
+    """A model file or store entry (GGUF, ollama manifest) that is damaged, truncated or crafted."""

