@@ -70,7 +70,8 @@ def short_name(host: str, namespace: str, name: str, tag: str) -> str:
 
 
 def local_names(root: Path | None = None) -> list[str]:
-    """Models in the store's manifests (at most MAX_LISTED), as `ollama list` names them; symlinks are not followed."""
+    """Models in the store's manifests (at most MAX_LISTED, sorted), as `ollama list` names them; symlinks are not
+    followed."""
     root = store_root() if root is None else root
     found: list[str] = []
     manifests = root / "manifests"
@@ -82,10 +83,10 @@ def local_names(root: Path | None = None) -> list[str]:
                         if tag.is_file(follow_symlinks=False):
                             found.append(short_name(host.name, namespace.name, name.name, tag.name))
                         if len(found) >= MAX_LISTED:
-                            return found
+                            return sorted(found)
     except OSError:
         pass
-    return found
+    return sorted(found)
 
 
 def _dirs(entry: os.DirEntry) -> list[os.DirEntry]:
