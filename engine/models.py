@@ -230,15 +230,16 @@ def _convert_gguf(gguf: Path, sha: str, dest: Path, notify: Callable[[str], None
     except OSError as e:
         raise _unwritable(dest, e) from e
     header = check_gguf(gguf, label)  # bounded: nothing else parses a file that fails it
-    if notify is not None:
-        notify(f"converting {gguf.name} ({header.file_size / 1e6:,.1f} MB) to safetensors once into {dest} "
-               f"(about 20 s for the embedded 98 MB model, longer for larger ones)")
     _go_offline()
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet(), _no_gguf_progress_bar(), _gguf_errors(label, gguf):
+    with _quiet(), _gguf_errors(label, gguf):
         config = _gguf_config(gguf, header, label)
+    if notify is not None:
+        notify(f"converting {gguf.name} ({header.file_size / 1e6:,.1f} MB) to safetensors once into {dest} "
+               f"(about 20 s for the embedded 98 MB model, longer for larger ones)")
+    with _quiet(), _no_gguf_progress_bar(), _gguf_errors(label, gguf):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
                                                       dtype=torch.float32, trust_remote_code=False)
@@ -353,6 +354,8 @@ def _gguf_errors(label: str, gguf: Path) -> Iterator[None]:
         raise CapacityError(f"{label}: out of memory while de-quantizing {gguf.name}") from None
     except Exception as e:  # noqa: BLE001 -- transformers' GGUF path raises anything from KeyError to RuntimeError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if "mismatched_sizes" in first:  # its report of which tensors differ was silenced with the rest
+            first = "its tensor shapes do not match the model its metadata describes"
         raise ModelFileError(f"{label}: transformers cannot load this GGUF ({type(e).__name__}: {first})") from None
 
 
