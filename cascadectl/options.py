@@ -19,7 +19,9 @@ Sources = Annotated[
 Model = Annotated[
     Optional[str],
     typer.Option("--model", "-m", envvar="CASCADECTL_MODEL", rich_help_panel="Model",
-                 help="Local model directory or an id already in the HF cache (default: embedded SmolLM2-135M)."),
+                 help="Local model directory or id already in the HF cache, FILE.gguf (converted once into a "
+                      "cache), or ollama:NAME[:TAG] from ollama's local store; never downloads "
+                      "(default: embedded SmolLM2-135M)."),
 ]
 Device = Annotated[str, typer.Option("--device", rich_help_panel="Model", help="auto, cpu or cuda.")]
 Dtype = Annotated[str, typer.Option("--dtype", rich_help_panel="Model", help="auto, bf16, fp16 or fp32.")]
