@@ -76,7 +76,7 @@ def test_ollama_model_loads_like_the_file_itself(store, tmp_path, gguf_bytes):
     same = models.load_model(str(direct), device="cpu", dtype="fp32")
     assert lm.family == "qwen2" and lm.model_id == "ollama:tiny"
     assert lm.model_hash == same.model_hash == hashlib.sha256(gguf_bytes).hexdigest()
-    assert Path(lm.model.config._name_or_path).name == f"ollama-tiny-latest-{lm.model_hash[:12]}"
+    assert Path(lm.model.config.name_or_path).name == f"ollama-tiny-latest-{lm.model_hash[:12]}"
     x = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(lm.model(x).logits, same.model(x).logits)
