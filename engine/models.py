@@ -440,7 +440,9 @@ def read_family(folder: Path, label: str = "--model") -> str:
     Reads config.json directly: AutoConfig would fail on model types transformers does not know."""
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ModelNotFoundError(f"{label}: no config.json in {folder}")
+        ggufs = sorted(folder.glob("*.gguf"))[:3]
+        hint = f"; for a GGUF pass the file itself, e.g. --model {ggufs[0]}" if ggufs else ""
+        raise ModelNotFoundError(f"{label}: no config.json in {folder}{hint}")
     try:
         family = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError) as e:

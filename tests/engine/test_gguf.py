@@ -16,7 +16,7 @@ import torch
 
 from engine import gguf as gguf_file
 from engine import models
-from engine.errors import ModelFileError, UnsupportedModelError
+from engine.errors import ConfigError, ModelFileError, ModelNotFoundError, UnsupportedModelError
 from tests.engine.gguf_files import (
     CHAT_TEMPLATE,
     as_converted,
@@ -160,7 +160,7 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, home, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)  # after the weights were written
-    with pytest.raises(models.ConfigError, match="CASCADECTL_HOME"):
+    with pytest.raises(ConfigError, match="CASCADECTL_HOME"):
         models.load_model(str(path), device="cpu", dtype="fp32")
     assert [p for p in (home / "models").iterdir() if p.is_dir()] == []
     monkeypatch.undo()
@@ -172,6 +172,12 @@ def test_a_file_given_as_model_that_is_no_gguf(tmp_path):
     path.write_text("just some text, long enough to pass the size check")
     with pytest.raises(ModelFileError, match="not a GGUF file"):
         models.load_model(str(path), device="cpu")
+
+
+def test_a_folder_of_ggufs_points_at_the_file(tmp_path):
+    path = write_gguf(tiny_model("llama"), tmp_path / "only.gguf")
+    with pytest.raises(ModelNotFoundError, match=f"pass the file itself, e.g. --model {path}"):
+        models.load_model(str(tmp_path), device="cpu")
 
 
 # --- what transformers cannot read -----------------------------------------------------------------------------
