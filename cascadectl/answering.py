@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from array import array
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Optional
 
 import torch
@@ -25,12 +25,15 @@ from engine.config import CacheConfig
 from engine.errors import CascadeError, ConfigError
 from engine.generate import Sampling
 from engine.prompt import Prompt
-from engine.evidence import EvidenceSelector, retrieval_layers
+from engine.cache import EvidenceCascadeCache
+from engine.evidence import EvidenceSelector, Selectors, default_slots, probe, restrict, retrieval_layers, split_slots
 from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, iter_mapped_token_ids, retention_report
 from engine.runner import Runner
 from engine.session import answer, check_room, ingest, stop_ids
 from engine.snapshot import config_of, load_snapshot, save_snapshot
+from engine.sizing import (exact_room, kv_bytes_per_token, long_input_config, memory_budget, parse_cache_size,
+                           parse_memory, route)
 from engine.tokens import rechunk
 
 from . import checkpoints as ck
@@ -110,18 +113,37 @@ class Session:
     """One input read once through one runner; answers come from that cache (or copies of it)."""
 
     def __init__(self, lm, config: CacheConfig, sources: list[str], prompt: Prompt, max_tokens: int,
-                 quiet: bool = False, question_weight: float = 0.0, evidence: int = 0):
+                 quiet: bool = False, question_weight: float = 0.0, evidence: int | None = 0,
+                 sizing: AutoSize | None = None, probes: list[Prompt] | None = None):
+        """`evidence`: slots for the question's spans (None: the default share of the cache); `sizing`: given
+        for --cache-size auto, which sizes `config` to the model here and reads an input that fits exactly;
+        `probes`: the questions, each as a question-first prompt, when they are known but not pinned (several
+        -q, or one with --save-cache): each gets its share of the evidence store (engine/evidence.py)."""
         self.lm, self.config, self.sources, self.prompt, self.quiet = lm, config, sources, prompt, quiet
         self.max_tokens, self.question_weight = max_tokens, question_weight
         self.guided = prompt.question_span is not None and question_weight > 0 and config.policy == "cascade"
-        if evidence and prompt.question_span is not None and config.policy == "cascade":
+        self.n_sinks = max(config.sinks, len(prompt.prefix_ids))
+        self.auto, self.sizing = sizing, None
+        if sizing is not None and config.policy != "full":
+            q_tokens = prompt.question_span[1] - prompt.question_span[0] if self.guided else 0
+            config, self.sizing = long_input_config(config, lm.model, lm.max_positions, self.n_sinks, q_tokens,
+                                                    sizing.budget(lm.device), sizing.stride)
+            self.config = config
+        self.probes = list(probes or []) if config.policy == "cascade" else []
+        questioned = (prompt.question_span is not None or self.probes) and config.policy == "cascade"
+        if evidence is None:
+            evidence = default_slots(config.cache_size, config.cascades) if questioned else 0
+        if evidence and self.probes:
+            evidence = split_slots(evidence, len(self.probes))
+        if evidence and questioned:
             self.config = config.with_evidence(evidence)  # the stride at most one sub-cache: record.settings
         self.evidence: list[dict] = []  # the kept spans, for citations (evidence_records)
+        self.evidence_by_question: list[list[dict]] | None = None  # with probes: question k's spans
+        self._store_index: list[int | None] | None = None  # question asked -> its share of the store
         self.input = InputReport()
         self.source_map = SourceMap()
         self.stats = Stats()
         self.retention: dict = {}
-        self.n_sinks = max(config.sinks, len(prompt.prefix_ids))
         self.runner: Runner | None = None
         self.loaded: dict | None = None  # the --load-cache file's record of its ingest
         self._checkpoint = None  # engine.checkpoint.Checkpoint of this read, removed by finish()
@@ -151,6 +173,12 @@ class Session:
         pieces = counted(iter_mapped_token_ids(self.lm.tokenizer, segments, self.source_map))
         n_prefix = len(self.prompt.prefix_ids)
         known = None
+        if self.sizing is not None:  # --cache-size auto: an input that fits is read exactly
+            room = exact_room(self.lm.max_positions, n_prefix, longest_suffix, self.max_tokens,
+                              kv_bytes_per_token(self.lm.model, "full"), self.sizing.memory_budget_bytes)
+            self.config, self.sizing, pieces = route(pieces, self.config, self.sizing, room, self.auto.stride or
+                                                     CacheConfig.stride)
+            self.guided = self.guided and not self.sizing.exact
         if self.config.policy == "full":  # positions grow with the input: count it before any model work
             ids = array("l")
             for piece in pieces:
@@ -159,19 +187,30 @@ class Session:
         q_tokens = self.prompt.question_span[1] - self.prompt.question_span[0] if self.guided else 0
         warning = check_room(self.config, self.n_sinks, self.lm.max_positions, longest_suffix, self.max_tokens,
                              None if known is None else n_prefix + known, q_tokens)
+        if self.sizing is not None:
+            Say.info(f"[dim]{self.sizing.describe()}[/]")
         if warning:
             Say.warn(warning)
         expected = n_prefix + (known or 0) + longest_suffix + self.max_tokens if known is not None else 0
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks, expected_tokens=expected)
         keeps = self.config.evidence > 0
+        probed = keeps and bool(self.probes)  # several questions, not pinned: queries probed beforehand
         guide = (QuestionGuide(self.runner, self.prompt.question_span, self.question_weight if self.guided else 0.0)
-                 if self.guided or keeps else None)
-        selector = (EvidenceSelector(self.runner, guide, retrieval_layers(self.lm), n_prefix) if keeps
-                    else contextlib.nullcontext())
+                 if self.guided or (keeps and not probed) else None)
+        if probed:
+            layers, n = retrieval_layers(self.lm), len(self.probes)
+            selector = Selectors([EvidenceSelector(self.runner, probe(self.lm.model, p), layers, n_prefix,
+                                                   part=(k, n)) for k, p in enumerate(self.probes)])
+        else:
+            selector = (EvidenceSelector(self.runner, guide, retrieval_layers(self.lm), n_prefix) if keeps
+                        else contextlib.nullcontext())
+        keeps = keeps and not probed  # below: the one pinned question's queries, saved in checkpoints
         ckpt = self._checkpoint = ck.for_run(  # resuming needs the same pinned prompt and question weight
             checkpoint or ck.CheckpointOptions(None), self.lm, self.config, command,
-            {"prefix_sha256": ids_sha256(self.prompt.prefix_ids), "question_weight": self.question_weight},
-            {"prefix_sha256": "instruction or question before the input", "question_weight": "--question-weight"})
+            {"prefix_sha256": ids_sha256(self.prompt.prefix_ids), "question_weight": self.question_weight,
+             **({"questions_sha256": ids_sha256([t for p in self.probes for t in p.prefix_ids])} if probed else {})},
+            {"prefix_sha256": "instruction or question before the input", "question_weight": "--question-weight",
+             "questions_sha256": "the -q questions (each has its evidence)"})
         resume_at, seconds_before = None, 0.0
         if ckpt is not None:
             if checkpoint.resume:
@@ -202,7 +241,9 @@ class Session:
             save()
         self.stats.tokens, self.stats.seconds_ingest = n_input, time.perf_counter() - start
         self.stats.kv_cache_bytes = self.runner.cache.nbytes()
-        self.evidence = evidence_records(self.runner.cache, n_prefix, self.source_map, self.lm.tokenizer)
+        if probed:
+            self._store_index = list(range(len(self.probes)))
+        self._records(n_prefix, self.source_map)
         self.retention = {
             "question_guided": self.guided,
             "question_weight": self.question_weight if self.guided else 0.0,
@@ -224,13 +265,39 @@ class Session:
         seconds = snap.meta["extra"]["state"].get("seconds_ingest", 0.0)
         return ckpt.resume_at, float(seconds) if isinstance(seconds, (int, float)) else 0.0
 
-    def save(self, path: str, pinned_question: str | None = None) -> None:
+    def _records(self, n_prefix: int, source_map: SourceMap, questions: list[int | None] | None = None) -> None:
+        """Citations from the cache: of the one question, or (several) of each probed question, `questions[k]`
+        being question k's index in the store (None: it has none)."""
+        cache = self.runner.cache
+        if questions is None and not (isinstance(cache, EvidenceCascadeCache) and cache.state.get("parts")):
+            self.evidence = evidence_records(cache, n_prefix, source_map, self.lm.tokenizer)
+            return
+        if questions is None:
+            questions = list(range(len(self.probes)))
+        self.evidence_by_question = [[] if k is None else
+                                     evidence_records(cache, n_prefix, source_map, self.lm.tokenizer, k)
+                                     for k in questions]
+        self.evidence = [{**r, "question": i} for i, rs in enumerate(self.evidence_by_question) for r in rs]
+
+    def evidence_for(self, i: int) -> list[dict]:
+        """The citations of the i-th question asked."""
+        if self.evidence_by_question is None:
+            return self.evidence if i == 0 else []
+        return self.evidence_by_question[i] if i < len(self.evidence_by_question) else []
+
+    def store_index(self, i: int) -> int | None:
+        """The i-th question's share of a several-question store, or None (one question, or none)."""
+        return self._store_index[i] if self._store_index is not None and i < len(self._store_index) else None
+
+    def save(self, path: str, pinned_question: str | None = None, questions: list[str] = ()) -> None:
         """Write the ingested cache and what answering from it later needs (`--save-cache`).
 
         `pinned_question`: the question read before the input, when there was one; the file then answers only
-        that question (the cache kept what it asked about)."""
+        that question (the cache kept what it asked about). `questions`: the probed questions whose evidence
+        the store holds, in order (the file answers any question; these with their evidence)."""
         extra = {
             "kind": "ingest",
+            "evidence_questions": list(questions) if self._store_index is not None else [],
             "prefix_tokens": len(self.prompt.prefix_ids),
             "prefix_sha256": ids_sha256(self.prompt.prefix_ids),
             "pinned_question": pinned_question,
@@ -273,28 +340,40 @@ class Session:
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks)
         self.runner.cache = cache
         self.retention = retention
+        stored = extra.get("evidence_questions") or []
         if evidence_fill(cache) is None:
             if questions:
                 Say.info(f"[dim]note: {escape(path)} holds no evidence spans (read without the question first): "
                          f"a fact stated once far back may be missing from the answer[/]")
         else:
+            if stored:
+                self._store_index = [stored.index(q) if q in stored else None for q in questions]
+                for q, k in zip(questions, self._store_index):
+                    if k is None:
+                        Say.info(f"[dim]note: {escape(path)} holds no evidence for {escape(repr(q))} (it was read "
+                                 f"with other questions): a fact stated once far back may be missing[/]")
             try:
                 smap = extra["source_map"]
                 source_map = SourceMap(list(smap["starts"]), [tuple(label) for label in smap["labels"]])
-                self.evidence = evidence_records(cache, int(extra["prefix_tokens"]), source_map, self.lm.tokenizer)
+                self._records(int(extra["prefix_tokens"]), source_map, self._store_index)
             except (KeyError, TypeError, ValueError):
                 raise CascadeError(f"{path} is not a usable saved cache (no record of its input)") from None
         self.stats.tokens, self.stats.loaded_from = tokens, path
         self.stats.seconds_ingest = time.perf_counter() - start
         self.stats.kv_cache_bytes = cache.nbytes()
 
-    def answer(self, suffix_ids: list[int], sampling: Sampling, echo: bool, fork: bool = False) -> str:
-        """Stream one answer (to stdout when `echo`); `fork` answers from a copy of the cache, kept for the next."""
+    def answer(self, suffix_ids: list[int], sampling: Sampling, echo: bool, fork: bool = False,
+               question: int | None = None) -> str:
+        """Stream one answer (to stdout when `echo`); `fork` answers from a copy of the cache, kept for the next.
+        `question`: the index of this question among the probed ones, whose evidence alone it sees (a copy)."""
         runner = self.runner
         base = runner.cache
-        if fork:
+        shared = question is not None and isinstance(base, EvidenceCascadeCache) and base.state.get("parts")
+        if fork or shared:
             with torch.inference_mode():
                 runner.cache = copy.deepcopy(base)
+            if shared:
+                restrict(runner.cache, question)
         text = []
         seconds_before, start = self.stats.seconds_generate, time.perf_counter()
 
@@ -326,6 +405,7 @@ class Session:
             "dtype": str(self.lm.dtype).removeprefix("torch."),
             "device": str(self.lm.device),
             "settings": asdict(self.config) | {"effective_sinks": self.n_sinks},
+            "sizing": self.sizing.as_dict() if self.sizing is not None else None,
             "generation": generation,
             "input_sha256": self._input_record()["sha256"],
             "input": {k: v for k, v in self._input_record().items() if k != "sha256"},
@@ -348,7 +428,12 @@ class Session:
             sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
             sys.stdout.flush()
         if self.evidence and not as_json:
-            print_citations(self.evidence, every=show_report)
+            if self.evidence_by_question is None:
+                print_citations(self.evidence, every=show_report)
+            else:
+                for i, records in enumerate(self.evidence_by_question):
+                    if records:
+                        print_citations(records, every=show_report, question=i + 1)
         if show_report and self.retention:
             print_report(self.retention)
         Say.info(f"[dim]{self.stats.line()}[/]")
@@ -374,7 +459,42 @@ def given(ctx: typer.Context, name: str) -> bool:
 
 def explicit_settings(ctx: typer.Context) -> dict:
     """Cache settings given explicitly: a --load-cache file must agree with them; the others come from it."""
-    return {name: ctx.params[name] for name in CACHE_SETTINGS if name in ctx.params and given(ctx, name)}
+    settings = {name: ctx.params[name] for name in CACHE_SETTINGS if name in ctx.params and given(ctx, name)}
+    if "cache_size" in settings:
+        size = parse_cache_size(settings["cache_size"])
+        if size is None:
+            del settings["cache_size"]  # auto: whatever the file holds
+        else:
+            settings["cache_size"] = size
+    return settings
+
+
+@dataclass(frozen=True)
+class AutoSize:
+    """--cache-size auto, as the command line asked for it: --memory (None: a share of what is free) and the
+    stride when given."""
+
+    memory: int | None = None
+    stride: int | None = None
+
+    def budget(self, device) -> int:
+        return memory_budget(device, self.memory)
+
+
+def cache_settings(ctx: typer.Context, policy: str, cache_size: str, memory: str | None,
+                   **settings) -> tuple[CacheConfig, AutoSize | None]:
+    """The CacheConfig the command line asks for, and the auto sizing request when --cache-size is auto."""
+    size = parse_cache_size(cache_size)
+    budget = parse_memory(memory)
+    if size is not None:
+        if budget is not None:
+            Say.info("note: --memory sizes --cache-size auto; with --cache-size given it is not used")
+        return CacheConfig(policy=policy, cache_size=size, **settings), None
+    base = CacheConfig(policy=policy, **{k: v for k, v in settings.items() if k != "stride"})
+    stride = settings.get("stride") if given(ctx, "stride") else None
+    if stride is not None:
+        base = replace(base, stride=min(stride, base.cache_size))
+    return base, AutoSize(budget, stride)
 
 
 CACHE_SETTINGS = ("policy", "cache_size", "cascades", "sinks", "beta", "head_reduce", "stride")

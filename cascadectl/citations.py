@@ -73,14 +73,15 @@ def _line(source: str | None, page: int | None, text: str, cache: dict) -> int |
     return content.count("\n", 0, at) + 1 if at >= 0 else None
 
 
-def evidence_records(cache, n_prefix: int, source_map: SourceMap, tokenizer) -> list[dict]:
+def evidence_records(cache, n_prefix: int, source_map: SourceMap, tokenizer, question: int | None = None) -> list[dict]:
     """The kept spans, strongest first: {source, page, line, token_start, token_end, text, score} with token
-    offsets in the input (the pinned prompt not counted). Empty without an evidence store."""
+    offsets in the input (the pinned prompt not counted); of the `question`-th share of a several-question
+    store when given. Empty without an evidence store."""
     if not isinstance(cache, EvidenceCascadeCache):
         return []
     files: dict = {}
     out = []
-    for span in kept_spans(cache):
+    for span in kept_spans(cache, question):
         start = span.start - n_prefix
         source, page = _label(source_map, start)
         text = tokenizer.decode(list(span.ids), skip_special_tokens=True)
@@ -90,11 +91,13 @@ def evidence_records(cache, n_prefix: int, source_map: SourceMap, tokenizer) -> 
     return out
 
 
-def print_citations(records: list[dict], every: bool = False) -> None:
-    """The strongest passages (all of them with `every`, i.e. --report) on stderr, one line each."""
+def print_citations(records: list[dict], every: bool = False, question: int | None = None) -> None:
+    """The strongest passages (all of them with `every`, i.e. --report) on stderr, one line each; `question`:
+    the number of the question they belong to, when there were several."""
     shown = records if every else records[:SHOWN]
-    console.print(f"[bold]Evidence[/]: {len(records)} passage{'s' if len(records) != 1 else ''} kept whole for the "
-                  f"question{'' if every or len(records) <= SHOWN else f' (the {SHOWN} strongest; all: --report)'}")
+    which = "the question" if question is None else f"question {question}"
+    console.print(f"[bold]Evidence[/]: {len(records)} passage{'s' if len(records) != 1 else ''} kept whole for "
+                  f"{which}{'' if every or len(records) <= SHOWN else f' (the {SHOWN} strongest; all: --report)'}")
     for n, r in enumerate(shown, 1):
         where = printable(str(r["source"] or "input"))
         if r["page"] is not None:

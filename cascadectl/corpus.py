@@ -39,9 +39,10 @@ from engine.models import LoadedModel
 from engine.perplexity import PerplexityResult, perplexity
 from engine.prompt import Prompt
 from engine.runner import Runner
+from engine.sizing import Sizing, exact_room, kv_bytes_per_token, long_input_config, route
 from engine.tokens import iter_token_ids, rechunk
 
-from .answering import Session
+from .answering import AutoSize, Session
 from .common import EXIT_FAILURE, peak_rss_bytes, require_text, versions
 from .console import Say, TokenProgress
 from .generation import record as generation_record
@@ -214,19 +215,28 @@ def _finite(x: float) -> float | None:
 
 
 def ppl_each(sources: list[str], config: CacheConfig, load: Load, device: str, device_map: str | None,
-             json_out: bool, quiet: bool) -> None:
+             json_out: bool, quiet: bool, auto: AutoSize | None = None) -> None:
     """`cascadectl ppl SOURCES --each`: a row per file, the token-weighted total; exit 1 if any file failed."""
     corpus = list_corpus(sources)
     _warn_skipped(corpus)
 
+    sized: dict[int, tuple[CacheConfig, Sizing | None]] = {}  # per loaded model: --cache-size auto's choice
+
     def load_checked(dev: str) -> LoadedModel:
         lm = load(dev)
-        if config.policy != "full":
-            config.check_positions(config.sinks, lm.max_positions)
+        chosen, sizing = config, None
+        if auto is not None and config.policy != "full":
+            chosen, sizing = long_input_config(config, lm.model, lm.max_positions, config.sinks, 0,
+                                               auto.budget(lm.device), auto.stride)
+        if chosen.policy != "full":
+            chosen.check_positions(chosen.sinks, lm.max_positions)
+        sized[id(lm)] = chosen, sizing
         return lm
 
     def work(lm: LoadedModel, path: str, label: str) -> dict:
-        return _file_perplexity(lm, config, path, label, quiet or world_from_env().distributed)
+        chosen, sizing = sized[id(lm)]
+        return _file_perplexity(lm, chosen, path, label, quiet or world_from_env().distributed, sizing,
+                                config.stride)
 
     run = run_each(corpus.files, device, device_map, load_checked, work, _ppl_sums, _ppl_line, quiet)
     n_failed = int(run.sums[7])
@@ -242,8 +252,10 @@ def ppl_each(sources: list[str], config: CacheConfig, load: Load, device: str, d
         raise typer.Exit(EXIT_FAILURE)
 
 
-def _file_perplexity(lm: LoadedModel, config: CacheConfig, path: str, label: str, quiet: bool) -> dict:
-    """One file through a fresh cache: the same tokens and chunks as `cascadectl ppl FILE`."""
+def _file_perplexity(lm: LoadedModel, config: CacheConfig, path: str, label: str, quiet: bool,
+                     sizing: Sizing | None = None, exact_stride: int = 0) -> dict:
+    """One file through a fresh cache: the same tokens and chunks as `cascadectl ppl FILE` (with `sizing`, an
+    input that fits is read exactly, in chunks of `exact_stride`)."""
     report = InputReport()
     n_bytes = 0
 
@@ -255,6 +267,9 @@ def _file_perplexity(lm: LoadedModel, config: CacheConfig, path: str, label: str
 
     pieces = iter_token_ids(lm.tokenizer, texts())
     n_ids = 0
+    if sizing is not None:
+        room = exact_room(lm.max_positions, 0, 0, 0, kv_bytes_per_token(lm.model, "full"), sizing.memory_budget_bytes)
+        config, sizing, pieces = route(pieces, config, sizing, room, exact_stride)
     if config.policy == "full":  # positions grow with the input: count it before any model work
         ids = [i for piece in pieces for i in piece]
         config.check_positions(config.sinks, lm.max_positions, len(ids))
@@ -278,6 +293,8 @@ def _file_perplexity(lm: LoadedModel, config: CacheConfig, path: str, label: str
         "seconds": result.seconds,
         "tokens_per_s": result.tokens_per_s,
         "input_sha256": report.text_sha256,
+        "policy": config.policy,
+        "cache_size": config.cache_size,
     }
 
 
@@ -366,7 +383,8 @@ class SummaryJob:
 
 
 def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, config: CacheConfig, load: Load,
-                   device: str, device_map: str | None, job: SummaryJob, json_out: bool, quiet: bool) -> None:
+                   device: str, device_map: str | None, job: SummaryJob, json_out: bool, quiet: bool,
+                   auto: AutoSize | None = None) -> None:
     """`cascadectl summarize SOURCES --each --out DIR`: DIR/<path>.summary.md per file, then DIR/index.json."""
     out = check_out(out)
     corpus = list_corpus(sources, exclude=out)
@@ -385,14 +403,15 @@ def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, co
         prompt = prompts.setdefault(id(lm), job.prompt_for(lm.tokenizer))
         Say.info(escape(label))
         distributed = world_from_env().distributed
-        with Session(lm, config, [path], prompt, job.max_tokens, quiet or distributed) as session:
+        with Session(lm, config, [path], prompt, job.max_tokens, quiet or distributed, sizing=auto) as session:
             session.read(len(prompt.suffix_ids))
             text = session.answer(prompt.suffix_ids, job.sampling_for(lm), echo=False)
         # each process writes its own files as they finish: a crash or Ctrl-C keeps every summary done so far
         write_text_atomic(target, text.strip() + "\n")
         stats = session.stats
         return {"summary": relative, "tokens": stats.tokens, "generated_tokens": stats.generated_tokens,
-                "seconds": stats.seconds_ingest + stats.seconds_generate, "input_sha256": session.input.text_sha256}
+                "seconds": stats.seconds_ingest + stats.seconds_generate, "input_sha256": session.input.text_sha256,
+                "policy": session.config.policy, "cache_size": session.config.cache_size}
 
     def sums(rows: list[dict]) -> list[float]:
         return [sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")] + \
@@ -414,7 +433,7 @@ def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, co
             "root": corpus.root,
             "skipped": corpus.skipped,
             "world_size": run.world.size,
-            "settings": asdict(config),
+            "settings": asdict(config) | {"auto_cache_size": auto is not None},
             "generation": {**job.generation, **generation_record(job.sampling_for(run.lm), run.lm)},
             "model": _model_record(run.lm),
             "versions": versions(),

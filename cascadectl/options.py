@@ -32,6 +32,15 @@ Policy = Annotated[str, typer.Option("--policy", "-p", rich_help_panel="Cache",
                                      help="cascade, sink (StreamingLLM) or full (exact, quadratic).")]
 CacheSize = Annotated[int, typer.Option("--cache-size", "-n", rich_help_panel="Cache",
                                         help="Cached tokens besides the sinks (fixed memory).")]
+AutoCacheSize = Annotated[str, typer.Option(
+    "--cache-size", "-n", rich_help_panel="Cache", metavar="TOKENS|auto",
+    help="Cached tokens besides the sinks (fixed memory), or auto: an input that fits the model's positions is "
+         "read exactly (full attention); a longer one through a cascade sized to the model's positions, --memory "
+         "and its speed (embedded model: 4096, stride 1024).")]
+Memory = Annotated[Optional[str], typer.Option(
+    "--memory", rich_help_panel="Cache", show_default=False, metavar="SIZE",
+    help="Memory for the KV cache with --cache-size auto, e.g. 8GiB. Default: 1/4 of available RAM on CPU, "
+         "0.8 of free GPU memory after the weights on CUDA.")]
 Cascades = Annotated[int, typer.Option("--cascades", "-c", rich_help_panel="Cache",
                                        help="Sub-caches; reach ~ (cache/cascades)·(2^cascades - 1) tokens.")]
 Sinks = Annotated[int, typer.Option("--sinks", rich_help_panel="Cache",
@@ -45,5 +54,5 @@ Stride = Annotated[int, typer.Option("--stride", "-s", rich_help_panel="Prefill"
 Json = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="Print one JSON object on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Output", help="Only errors on stderr.")]
 
-DEFAULTS = dict(policy=_D.policy, cache_size=_D.cache_size, cascades=_D.cascades, sinks=_D.sinks, beta=_D.beta,
+DEFAULTS = dict(policy=_D.policy, cache_size="auto", cascades=_D.cascades, sinks=_D.sinks, beta=_D.beta,
                 head_reduce=_D.head_reduce, stride=_D.stride)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from engine.config import CacheConfig
 from engine.perplexity import PerplexityResult
+from engine.sizing import Sizing
 
 from .common import peak_rss_bytes, versions
 from .console import human_bytes
@@ -21,6 +22,7 @@ class PplRun:
     result: PerplexityResult
     cache_bytes: int
     n_sinks: int
+    sizing: Sizing | None = None  # --cache-size auto: how the cache was sized (engine/sizing.py)
 
 
 def _record(run: PplRun, n_bytes: int) -> dict:
@@ -37,6 +39,7 @@ def _record(run: PplRun, n_bytes: int) -> dict:
         "tokens_per_s": r.tokens_per_s,
         "kv_cache_bytes": run.cache_bytes,
         "settings": asdict(run.config) | {"effective_sinks": run.n_sinks},
+        "sizing": run.sizing.as_dict() if run.sizing is not None else None,
     }
 
 
@@ -75,7 +78,8 @@ def render(runs: list[PplRun], lm, sources: list[str], report, n_bytes: int, as_
 def _describe(run: PplRun) -> str:
     c = run.config
     if c.policy == "full":
-        return "policy full (nothing evicted)"
+        fitted = " (--cache-size auto: the input fits the model's positions)" if run.sizing is not None else ""
+        return f"policy full (nothing evicted){fitted}"
     subs = f"{c.n_cascades}×{c.cache_size // c.n_cascades}"
     return f"policy {c.policy}: {run.n_sinks} sinks + {subs} slots, stride {c.stride}, beta {c.beta}"
 

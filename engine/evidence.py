@@ -86,27 +86,36 @@ class EvidenceSelector:
         with guide, EvidenceSelector(runner, guide, weights, input_start=len(prefix_ids)):
             ingest(runner, prefix_ids, pieces)
 
-    `guide` captures the question's queries (its weight may be 0). The selector's state lives in the cache
-    (`cache.state`), so saving the cache saves it and resuming from a checkpoint goes on where it stopped."""
+    `guide` captures the question's queries (its weight may be 0), or is a `Probed` question whose queries were
+    taken beforehand (`probe`); then `part` = (k, n) gives this selector the k-th of n equal shares of the store,
+    for several questions over one ingest (`Selectors`). The selector's state lives in the cache (`cache.state`),
+    so saving the cache saves it and resuming from a checkpoint goes on where it stopped."""
 
-    def __init__(self, runner: Runner, guide: QuestionGuide, weights: dict[int, float], input_start: int,
-                 width: int = SPAN, before: int = BEFORE):
+    def __init__(self, runner: Runner, guide: QuestionGuide | Probed, weights: dict[int, float], input_start: int,
+                 width: int = SPAN, before: int = BEFORE, part: tuple[int, int] | None = None):
         cache = runner.cache
         assert isinstance(cache, EvidenceCascadeCache), type(cache)
-        width = min(width, cache.evidence)  # a store smaller than one span holds one shorter span
+        share = cache.evidence // part[1] if part else cache.evidence
+        width = min(width, share)  # a store smaller than one span holds one shorter span
         before = min(before, width // 2)
         self.runner, self.guide, self.weights = runner, guide, dict(weights)
         self.input_start, self.width, self.before = input_start, width, before
-        self.n_spans = cache.evidence // width
+        self.n_spans = share // width
+        self.first = part[0] * self.n_spans if part else 0  # this selector's first span slot in the store
+        self.key = f".{part[0]}" if part else ""  # its keys in cache.state
         self.scale = [float(layer.self_attn.scaling) for layer in runner.model.model.layers]
         # pre-RoPE queries of the prompt around the question (not its first token), per layer: the control
-        self.control: list[Tensor | None] = [None] * len(self.scale)
+        self.control: list[Tensor | None] = (list(guide.control) if isinstance(guide, Probed)
+                                             else [None] * len(self.scale))
         self._parts: list[list[Tensor]] = [[] for _ in self.scale]
         self._outer = None  # the guide's query hook, called first
         self._rel: Tensor | None = None
         state = cache.state
-        state.setdefault("spans", [None] * self.n_spans)  # [start, end, score, peak, ids] per span slot
-        state.setdefault("recent", [0, []])  # [stream index of recent[1][0], the last `before` ids]
+        if part:
+            state["parts"] = [part[1], self.n_spans, width]  # what `restrict` and `kept_spans` read
+        state.setdefault("spans" + self.key, [None] * self.n_spans)  # [start, end, score, peak, ids] per span
+        state.setdefault("recent" + self.key, [0, []])  # [stream index of recent[1][0], the last `before` ids]
+        self.spans: list = state["spans" + self.key]
 
     def __enter__(self) -> "EvidenceSelector":
         self._outer = self.runner.query_hook
@@ -117,15 +126,24 @@ class EvidenceSelector:
     def __exit__(self, *exc) -> None:
         self.runner.key_hook = self.runner.after_step = None
         self.runner.query_hook = self._outer
+        self.finish()
+
+    def finish(self) -> None:
+        """The input ends here: nothing of the request or the answer is evidence."""
         cache = self.runner.cache
-        end = cache.seen  # the input ends here: nothing of the request or the answer is evidence
-        for j, span in enumerate(cache.state["spans"]):
+        self.spans = cache.state["spans" + self.key]  # a resumed cache brings its own state
+        end = cache.seen
+        for j, span in enumerate(self.spans):
             if span is not None and span[1] > end:
                 span[1] = end
-                for slot in range(j * self.width, (j + 1) * self.width):
+                for slot in self._slots(j):
                     want = cache.wanted.get(slot)
                     if want is not None and want >= end:
                         cache.release(slot)
+
+    def _slots(self, j: int) -> range:
+        """Evidence slots of this selector's span slot j."""
+        return range((self.first + j) * self.width, (self.first + j + 1) * self.width)
 
     # ---- hooks
 
@@ -150,7 +168,7 @@ class EvidenceSelector:
         w = self.weights.get(layer)
         q = self.guide.queries[layer]
         cache = self.runner.cache
-        if not w or q is None or cache.seen < max(self.guide.end, self.input_start):
+        if not w or q is None or cache.seen < max(getattr(self.guide, "end", 0), self.input_start):
             return
         p = relevance(q, self.control[layer], k, self.scale[layer]) * w
         self._rel = p if self._rel is None else self._rel + p.to(self._rel.device)
@@ -164,15 +182,16 @@ class EvidenceSelector:
         self._extend(t0, chunk)
         if rel is not None:
             self._propose(t0, rel.float().cpu().numpy(), chunk)
-        recent_start, recent = cache.state["recent"]
+        recent_start, recent = cache.state["recent" + self.key]
         recent = (recent + chunk)[-self.before:] if self.before else []
-        cache.state["recent"] = [cache.seen - len(recent), recent]
+        cache.state["recent" + self.key] = [cache.seen - len(recent), recent]
 
     # ---- spans
 
     def _extend(self, t0: int, chunk: list[int]) -> None:
         """Append this chunk's ids to the spans that reach into it."""
-        for span in self.runner.cache.state["spans"]:
+        self.spans = self.runner.cache.state["spans" + self.key]  # a resumed cache brings its own state
+        for span in self.spans:
             if span is None:
                 continue
             have = span[0] + len(span[4])
@@ -182,9 +201,9 @@ class EvidenceSelector:
 
     def _propose(self, t0: int, rel: np.ndarray, chunk: list[int]) -> None:
         cache = self.runner.cache
-        spans = cache.state["spans"]
+        spans = self.spans
         oldest = self.input_start if cache.fifo else max(self.input_start, cache.seen - cache.count[0])
-        recent_start, recent = cache.state["recent"]
+        recent_start, recent = cache.state["recent" + self.key]
         known = {recent_start + n: x for n, x in enumerate(recent)} | {t0 + n: x for n, x in enumerate(chunk)}
         for i in np.argsort(-rel, kind="stable")[: 2 * self.n_spans]:
             score, peak = float(rel[i]), t0 + int(i)
@@ -210,22 +229,23 @@ class EvidenceSelector:
                     break
                 ids.append(known[t])
             spans[j] = [start, end, score, peak, ids]
-            for n, t in enumerate(range(start, end)):
-                cache.take(j * self.width + n, t)
+            for slot, t in zip(self._slots(j), range(start, end)):
+                cache.take(slot, t)
 
     def _drop(self, j: int) -> None:
         cache = self.runner.cache
-        cache.state["spans"][j] = None
-        for slot in range(j * self.width, (j + 1) * self.width):
+        self.spans[j] = None
+        for slot in self._slots(j):
             cache.release(slot)
 
 
-def kept_spans(cache: EvidenceCascadeCache) -> list[Span]:
-    """The spans the store holds (at least one token taken or still wanted), strongest first."""
+def kept_spans(cache: EvidenceCascadeCache, question: int | None = None) -> list[Span]:
+    """The spans the store holds (at least one token taken or still wanted), strongest first: those of the
+    `question`-th of several questions (`Selectors`), or of the one question."""
     held = set(cache.held().tolist())
     wanted = set(cache.wanted.values())
     out = []
-    for span in cache.state.get("spans", []):
+    for span in cache.state.get("spans" if question is None else f"spans.{question}", []):
         if span is None:
             continue
         start, end, score, peak, ids = span
@@ -234,6 +254,94 @@ def kept_spans(cache: EvidenceCascadeCache) -> list[Span]:
             out.append(Span(int(kept[0]), int(kept[-1]) + 1, float(score), int(peak),
                             tuple(ids[kept[0] - start : kept[-1] + 1 - start])))
     return sorted(out, key=lambda s: (-s.score, s.start))
+
+
+# ------------------------------------------------------------------------------ several questions, one ingest
+
+@dataclass(frozen=True)
+class Probed:
+    """A question's pre-RoPE queries and its control, per layer, taken by `probe` before the input is read."""
+
+    queries: tuple[Tensor, ...]  # [B, Hq, Q, D] float32
+    control: tuple[Tensor, ...]  # [B, Hq, C, D] float32
+
+
+def probe(model, prompt) -> Probed:
+    """Run `prompt`'s pinned prefix (the question first, `engine/prompt.py`) alone through the model and keep the
+    queries a pinned read would have captured: the question's rows, and the rest but the first token (the
+    control). The same numbers as question-first `ask` captures while reading, without pinning the question, so
+    that several questions can share one question-agnostic ingest."""
+    from .config import CacheConfig
+
+    ids = list(prompt.prefix_ids)
+    start, end = prompt.question_span
+    n_layers = len(model.model.layers)
+    seen: list[Tensor | None] = [None] * n_layers
+
+    def keep(layer: int, q: Tensor) -> None:
+        seen[layer] = q.float().clone()
+
+    runner = Runner(model, CacheConfig(policy="full", stride=len(ids)), n_sinks=0, expected_tokens=len(ids))
+    runner.query_hook = keep
+    device = next(model.parameters()).device
+    with runner, torch.inference_mode():
+        runner.step(torch.tensor([ids], device=device))
+    rows = [t for t in range(1, len(ids)) if not start <= t < end]
+    return Probed(tuple(q[:, :, start:end] for q in seen), tuple(q[:, :, rows] for q in seen))
+
+
+def split_slots(evidence: int, questions: int, width: int = SPAN) -> int:
+    """Slots of a store of `evidence` that `questions` equal shares of whole spans use (at least one span each)."""
+    spans = max(1, evidence // width // questions)
+    return spans * width * questions
+
+
+class Selectors:
+    """One EvidenceSelector per question (`part` k of n), as one set of hooks on the runner:
+
+        with Selectors([EvidenceSelector(runner, probe(model, p), w, n_prefix, part=(k, n)) for k, p in ...]):
+            ingest(runner, prefix_ids, pieces)
+
+    The cascade stays question-agnostic; question k's spans fill its share of the store. A token that two
+    questions both point at is held once, in the share of whichever took it first (`restrict` keeps it for
+    both)."""
+
+    def __init__(self, selectors: list[EvidenceSelector]):
+        self.selectors = selectors
+        self.runner = selectors[0].runner
+
+    def __enter__(self) -> "Selectors":
+        self.runner.key_hook, self.runner.after_step = self.score_keys, self.after_step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.key_hook = self.runner.after_step = None
+        for selector in self.selectors:
+            selector.finish()
+
+    def score_keys(self, layer: int, k: Tensor) -> None:
+        for selector in self.selectors:
+            selector.score_keys(layer, k)
+
+    def after_step(self, ids: Tensor) -> None:
+        for selector in self.selectors:
+            selector.after_step(ids)
+
+
+def restrict(cache: EvidenceCascadeCache, question: int) -> None:
+    """Leave in `cache` (a copy made to answer one question) only the evidence of the `question`-th of several:
+    every other share's tokens are released unless one of this question's spans covers them."""
+    parts = cache.state.get("parts")
+    if not parts:
+        return
+    _, n_spans, width = parts
+    mine = range(question * n_spans * width, (question + 1) * n_spans * width)
+    covered = [(s[0], s[1]) for s in cache.state.get(f"spans.{question}", []) if s is not None]
+    for slot, t in enumerate(cache.held().tolist()):
+        if slot not in mine and t >= 0 and not any(a <= t < b for a, b in covered):
+            cache.release(slot)
+    for slot in [slot for slot in cache.wanted if slot not in mine]:
+        cache.release(slot)
 
 
 # ---------------------------------------------------------------------------------------------- calibration

@@ -1,6 +1,7 @@
 """Streaming tokenization: text pieces in, token-id chunks out, memory bounded by the piece size."""
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Iterator
 
 PIECE_CHARS = 1 << 16
@@ -43,3 +44,17 @@ def rechunk(pieces: Iterable[list[int]], size: int) -> Iterator[list[int]]:
             buf = buf[size:]
     if buf:
         yield buf
+
+
+def peek(pieces: Iterable[list[int]], limit: int) -> tuple[list[int] | None, Iterator[list[int]]]:
+    """Read `pieces` until they hold more than `limit` ids: (every id, an empty stream) when the stream ended
+    first, else (None, the whole stream again from its start). Holds at most `limit` ids plus one piece."""
+    it = iter(pieces)
+    head: list[list[int]] = []
+    n = 0
+    for ids in it:
+        head.append(ids)
+        n += len(ids)
+        if n > limit:
+            return None, itertools.chain(head, it)
+    return [i for ids in head for i in ids], iter(())

@@ -10,7 +10,6 @@ from engine.config import CacheConfig
 from engine.errors import ConfigError
 from engine.models import load_model
 from engine.prompt import ASK_INSTRUCTION, ASK_INSTRUCTION_LATER, ASK_REQUEST, build_prompt
-from engine.evidence import default_slots
 from engine.retention import DEFAULT_WEIGHT
 
 from .. import answering as a
@@ -49,7 +48,8 @@ def ask(
     dtype: o.Dtype = "auto",
     device_map: o.DeviceMap = "none",
     policy: o.Policy = o.DEFAULTS["policy"],
-    cache_size: o.CacheSize = o.DEFAULTS["cache_size"],
+    cache_size: o.AutoCacheSize = o.DEFAULTS["cache_size"],
+    memory: o.Memory = None,
     cascades: o.Cascades = o.DEFAULTS["cascades"],
     sinks: o.Sinks = o.DEFAULTS["sinks"],
     beta: o.Beta = o.DEFAULTS["beta"],
@@ -109,8 +109,9 @@ def ask(
     if load_cache and args:
         raise ConfigError("--load-cache answers from the file: give no SOURCE, only the question")
     srcs = [] if load_cache else resolve_sources(args)
-    config = CacheConfig(policy=policy, cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta,
-                         head_reduce=head_reduce, stride=stride) if not load_cache else CacheConfig()  # file's
+    config, auto = (CacheConfig(), None) if load_cache else a.cache_settings(  # a --load-cache file's own
+        ctx, policy, cache_size, memory, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
+        stride=stride)
     lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
     first = question_first and len(questions) == 1  # several questions share one question-agnostic ingest
     if save_cache and first and not a.given(ctx, "question_first"):  # a file that answers any question
@@ -122,26 +123,32 @@ def ask(
     sampling = sampling_for(lm)
     generation = {"max_tokens": max_tokens, **g.record(sampling, lm), "questions": questions,
                   "question_first": first, "question_weight": question_weight}
-    slots = 0
-    if first and config.policy == "cascade" and not load_cache:
-        slots = default_slots(config.cache_size, config.cascades) if evidence is None else evidence
+    slots, probes = 0, None
+    several = not first and (len(questions) > 1 or save_cache is not None)  # known, not pinned: probed
+    if (first or several) and config.policy == "cascade" and not load_cache:
+        slots = evidence  # None: the default share of the cache, once it is sized
+        if several and evidence != 0:  # each question's queries taken beforehand, each with its share
+            probes = [build_prompt(lm.tokenizer, ASK_INSTRUCTION, ASK_REQUEST, q, question_first=True)
+                      for q in questions]
     elif evidence:
-        Say.info("note: --evidence needs one question read first (--question-first) and --policy cascade: off")
-    generation["evidence"] = slots
+        Say.info("note: --evidence needs the questions before the input (not --no-question-first with one "
+                 "question) and --policy cascade: off")
     with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0,
-                   slots) as session:
+                   slots, auto, probes) as session:
         longest = max(len(p.suffix_ids) for p in prompts)
         if load_cache:
             session.load(load_cache, a.explicit_settings(ctx), longest, questions)
         else:
             session.read(longest, resumable, "ask")
         if save_cache:
-            session.save(save_cache, questions[0] if first else None)
+            session.save(save_cache, questions[0] if first else None, questions)
+        generation["evidence"] = session.config.evidence if not load_cache else 0
         answers = []
         for i, (q, p) in enumerate(zip(questions, prompts)):
             if len(questions) > 1 and not json_out:
                 print(f"{'' if i == 0 else chr(10)}## {q}", flush=True)
-            text = session.answer(p.suffix_ids, sampling, echo=not json_out, fork=i < len(questions) - 1)
-            answers.append({"question": q, "answer": text})
+            text = session.answer(p.suffix_ids, sampling, echo=not json_out, fork=i < len(questions) - 1,
+                                  question=session.store_index(i))
+            answers.append({"question": q, "answer": text, "evidence": session.evidence_for(i)})
         doc = {"answer": answers[0]["answer"]} if len(answers) == 1 else {}
         session.finish({**doc, "answers": answers, "evidence": session.evidence}, generation, json_out, report)

@@ -6,13 +6,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.config import CacheConfig
 from engine.errors import ConfigError
 from engine.models import load_model
 from engine.perplexity import perplexity
 from engine.runner import Runner
+from engine.sizing import exact_room, kv_bytes_per_token, long_input_config, route
 from engine.tokens import iter_token_ids, rechunk
 
+from .. import answering as a
 from .. import checkpoints as ck
 from .. import corpus
 from .. import launch
@@ -32,7 +33,8 @@ def ppl(
     dtype: o.Dtype = "auto",
     device_map: o.DeviceMap = "none",
     policy: o.Policy = o.DEFAULTS["policy"],
-    cache_size: o.CacheSize = o.DEFAULTS["cache_size"],
+    cache_size: o.AutoCacheSize = o.DEFAULTS["cache_size"],
+    memory: o.Memory = None,
     cascades: o.Cascades = o.DEFAULTS["cascades"],
     sinks: o.Sinks = o.DEFAULTS["sinks"],
     beta: o.Beta = o.DEFAULTS["beta"],
@@ -68,9 +70,9 @@ def ppl(
     launch.require_each(nproc, each)
     srcs = resolve_sources(sources)
     names = [p.strip() for p in compare.split(",") if p.strip()] if compare else [policy]
-    settings = dict(cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
-                    stride=stride)
-    configs = [CacheConfig(policy=name, **settings) for name in names]
+    settings = dict(cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce, stride=stride)
+    requested = [a.cache_settings(ctx, name, cache_size, memory, **settings) for name in names]
+    configs, auto = [config for config, _ in requested], requested[0][1]
     if plot:
         if each or resume:  # a resumed run has no per-token NLL from before the checkpoint
             raise ConfigError(f"--plot draws one uninterrupted stream: drop {'--each' if each else '--resume'}")
@@ -84,12 +86,19 @@ def ppl(
             corpus.list_corpus(srcs)  # a missing path fails here, once, not in every worker
             return launch.run_workers(n, ctx)
         load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
-        return corpus.ppl_each(srcs, configs[0], load, device, device_map, json_out, quiet)
+        return corpus.ppl_each(srcs, configs[0], load, device, device_map, json_out, quiet, auto)
     opts = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     opts.check()
     if opts.path and len(configs) > 1:
         raise ConfigError("--checkpoint follows one policy; drop --compare (or run each policy on its own)")
     lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
+    sizings = [None] * len(configs)
+    if auto is not None:  # each policy's cache sized to the model; one policy alone reads a fitting input exactly
+        budget = auto.budget(lm.device)
+        for i, config in enumerate(configs):
+            if config.policy != "full":
+                configs[i], sizings[i] = long_input_config(config, lm.model, lm.max_positions, config.sinks, 0,
+                                                           budget, auto.stride)
     for config in configs:
         if config.policy != "full":
             config.check_positions(config.sinks, lm.max_positions)
@@ -103,6 +112,14 @@ def ppl(
             yield segment.text
 
     pieces = iter_token_ids(lm.tokenizer, texts())
+    if len(configs) == 1 and sizings[0] is not None:
+        room = exact_room(lm.max_positions, 0, 0, 0, kv_bytes_per_token(lm.model, "full"),
+                          sizings[0].memory_budget_bytes)
+        configs[0], sizings[0], pieces = route(pieces, configs[0], sizings[0], room, stride)
+        Say.info(f"[dim]{sizings[0].describe()}[/]")
+    elif any(sizings):
+        Say.info(f"[dim]--compare with --cache-size auto: every policy reads through a {sizings[-1].cache_size:,}-token "
+                 f"cache sized to the model, never the exact route (give --cache-size to choose it)[/]")
     ids = None
     if len(configs) > 1 or configs[0].policy == "full":  # several passes over the same tokens, or a length check
         ids = array("l")
@@ -114,7 +131,7 @@ def ppl(
 
     runs = []
     ckpt = None
-    for config in configs:
+    for config, sizing in zip(configs, sizings):
         ckpt = ck.for_run(opts, lm, config, "ppl")
         with Runner(lm.model, config, expected_tokens=len(ids) if ids is not None else 0) as runner, \
                 TokenProgress(f"ppl {config.policy}", len(ids) if ids is not None else None, quiet) as progress, \
@@ -130,7 +147,7 @@ def ppl(
                                        f"{result.ppl_err:.4f} ({config.policy})")
 
             result = perplexity(runner, chunks, on_chunk=on_chunk, keep_nll=plot is not None, result=result)
-            runs.append(PplRun(config, result, runner.cache.nbytes(), runner.n_sinks))
+            runs.append(PplRun(config, result, runner.cache.nbytes(), runner.n_sinks, sizing))
     first = runs[0].result
     require_text(report, srcs, first.n_scored + (first.carry is not None))  # tokens fed: n_tokens says 0 for 1
     if not runs[0].result.n_scored:

@@ -27,7 +27,8 @@ def summarize(
     dtype: o.Dtype = "auto",
     device_map: o.DeviceMap = "none",
     policy: o.Policy = o.DEFAULTS["policy"],
-    cache_size: o.CacheSize = o.DEFAULTS["cache_size"],
+    cache_size: o.AutoCacheSize = o.DEFAULTS["cache_size"],
+    memory: o.Memory = None,
     cascades: o.Cascades = o.DEFAULTS["cascades"],
     sinks: o.Sinks = o.DEFAULTS["sinks"],
     beta: o.Beta = o.DEFAULTS["beta"],
@@ -79,8 +80,9 @@ def summarize(
     if load_cache and sources:
         raise ConfigError("--load-cache answers from the file: give no SOURCE")
     srcs = [] if load_cache else resolve_sources(sources)
-    config = CacheConfig(policy=policy, cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta,
-                         head_reduce=head_reduce, stride=stride) if not load_cache else CacheConfig()  # file's
+    config, auto = (CacheConfig(), None) if load_cache else a.cache_settings(  # a --load-cache file's own
+        ctx, policy, cache_size, memory, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
+        stride=stride)
     if (out is not None or skip_existing) and not each:
         raise ConfigError("--out and --skip-existing go with --each (one summary file per input file)")
     if each:  # one summary file per input file, maybe over --nproc or torchrun processes, each with its model
@@ -97,13 +99,13 @@ def summarize(
                                 sampling_for, {"max_tokens": max_tokens, "instruction": request})
         load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
         return corpus.summarize_each(srcs, out, skip_existing, config, load, device, device_map, job, json_out,
-                                     quiet)
+                                     quiet, auto)
     lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
     request = summary_instruction(words, instruction)
     prompt = build_prompt(lm.tokenizer, request, request, cue="Summary:")
     sampling = sampling_for(lm)
     generation = {"max_tokens": max_tokens, **g.record(sampling, lm), "instruction": request}
-    with a.Session(lm, config, srcs, prompt, max_tokens, quiet) as session:
+    with a.Session(lm, config, srcs, prompt, max_tokens, quiet, sizing=auto) as session:
         if load_cache:
             session.load(load_cache, a.explicit_settings(ctx), len(prompt.suffix_ids))
         else:

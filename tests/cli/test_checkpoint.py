@@ -219,6 +219,7 @@ def same_cache(a: str, b: str) -> bool:
     ["ask", "{file}", "Who is he?", "--question-first"],  # guided: the question's queries are in the checkpoint
     ["ask", "{file}", "Who is he?", "--question-first", "--evidence", "32"],  # and the evidence store's state
     ["ask", "{file}", "-q", "Who?", "-q", "What?"],
+    ["ask", "{file}", "-q", "Who?", "-q", "What?", "--evidence", "64"],  # a store for each, probed again
 ])
 def test_answers_after_resume_equal_uninterrupted(tmp_path, monkeypatch, command):
     """Same answers, same retention report and the very same cache (compared through --save-cache)."""
@@ -232,6 +233,8 @@ def test_answers_after_resume_equal_uninterrupted(tmp_path, monkeypatch, command
     doc = json.loads(resumed.stdout)
     key = "answers" if "answers" in expected else "answer"
     assert doc[key] == expected[key] and doc["retention"] == expected["retention"]
+    if "--evidence" in command:
+        assert expected["record"]["settings"]["evidence"] > 0 and doc["evidence"] == expected["evidence"]
     assert doc["stats"]["tokens"] == expected["stats"]["tokens"] > 6 * 32
     assert same_cache(str(tmp_path / "expected.kv"), str(tmp_path / "resumed.kv"))
     assert not os.path.exists(ckpt)

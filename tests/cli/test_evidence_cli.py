@@ -51,12 +51,30 @@ def test_json_lists_the_kept_passages(doc):
             assert r["line"] == text[: text.index(r["text"].strip())].count("\n") + 1
 
 
-def test_evidence_off_and_several_questions(doc):
+def test_evidence_off(doc):
     out, _ = _ask(doc, "--evidence", "0")
     assert out["evidence"] == [] and out["record"]["generation"]["evidence"] == 0
-    result = invoke(["ask", str(doc), "-q", "Who?", "-q", "What?", *SMALL, "--json", "--evidence", "32"])
+
+
+def test_several_questions_each_get_their_own_store(doc):
+    """One question-agnostic ingest; question k's passages come from its share of the store, and its answer
+    is read from a copy that holds only those."""
+    questions = ["What is the code of the vault?", "Who came to Netherfield?", "Was Darcy proud?"]
+    args = ["ask", str(doc), *(x for q in questions for x in ("-q", q)), *SMALL, "--json"]
+    result = invoke([*args, "--evidence", "96"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["evidence"] == []
+    out = json.loads(result.stdout)
+    assert out["record"]["generation"]["evidence"] == 96 and not out["record"]["generation"]["question_first"]
+    assert [a["question"] for a in out["answers"]] == questions
+    assert all(a["evidence"] for a in out["answers"])
+    assert [{k: v for k, v in r.items() if k != "question"} for r in out["evidence"]] == \
+        [r for a in out["answers"] for r in a["evidence"]]
+    assert sorted({r["question"] for r in out["evidence"]}) == [0, 1, 2]
+    text = doc.read_text(encoding="utf-8")
+    assert all(r["text"] in text for r in out["evidence"])
+    off = json.loads(invoke([*args, "--evidence", "0"]).stdout)  # the old question-agnostic read, no store
+    assert off["evidence"] == [] and all(a["evidence"] == [] for a in off["answers"])
+    assert off["record"]["settings"]["evidence"] == 0
 
 
 def test_citations_on_stderr_are_literal(tmp_path):
@@ -91,7 +109,23 @@ def test_save_and_load_carry_the_store(doc, tmp_path):
 
 def test_load_without_evidence_says_so(doc, tmp_path):
     saved = tmp_path / "plain.kv"
-    _ask(doc, "--no-question-first", "--save-cache", str(saved))
+    _ask(doc, "--no-question-first", "--evidence", "0", "--save-cache", str(saved))
     result = invoke(["ask", "--load-cache", str(saved), "What is the code of the vault?", "--max-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert "holds no evidence" in result.stderr
+
+
+def test_a_saved_cache_answers_any_question_with_the_evidence_of_its_own(doc, tmp_path):
+    """--save-cache reads without pinning the question, so the file answers any question; the questions it was
+    read with keep their evidence, another one is told in one line that it has none."""
+    saved = tmp_path / "any.kv"
+    out, _ = _ask(doc, "--evidence", "32", "--save-cache", str(saved))
+    assert out["evidence"] and not out["record"]["generation"]["question_first"]
+    same = invoke(["ask", "--load-cache", str(saved), "What is the code of the vault?", "--json", "--max-tokens", "6"])
+    assert same.exit_code == 0, same.output
+    again = json.loads(same.stdout)
+    assert again["answer"] == out["answer"] and again["answers"][0]["evidence"] == out["answers"][0]["evidence"]
+    assert "holds no evidence" not in same.stderr
+    other = invoke(["ask", "--load-cache", str(saved), "Who came to Netherfield?", "--json", "--max-tokens", "6"])
+    assert other.exit_code == 0, other.output
+    assert "holds no evidence for" in other.stderr and json.loads(other.stdout)["answers"][0]["evidence"] == []

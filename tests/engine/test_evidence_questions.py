@@ -1,0 +1,94 @@
+"""Several questions over one ingest (engine/evidence.py: probe, Selectors, restrict): the probed queries are
+those a pinned read captures, each question's spans stay in its share, no token is held twice, and a copy
+restricted to one question sees only that question's evidence."""
+import copy
+
+import torch
+
+from engine.cache import EvidenceCascadeCache
+from engine.config import CacheConfig
+from engine.evidence import EvidenceSelector, Probed, Selectors, kept_spans, probe, restrict, split_slots
+from engine.prompt import Prompt
+from engine.retention import QuestionGuide
+from engine.runner import Runner
+from engine.session import ingest
+from tests.engine.tiny import tiny_model
+
+PREFIX = 12
+WEIGHTS = {0: 1.0, 1: 1.0}
+
+
+def _prompt(ids: list[int], question: tuple[int, int]) -> Prompt:
+    return Prompt(prefix_ids=ids, suffix_ids=[1, 2], question_span=question)
+
+
+def test_probe_equals_what_a_pinned_read_captures():
+    model = tiny_model(seed=2)
+    prefix = torch.randint(0, 256, (PREFIX,), generator=torch.Generator().manual_seed(1)).tolist()
+    body = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    config = CacheConfig(cache_size=128, cascades=4, sinks=4, stride=16, evidence=32)
+    with Runner(model, config, n_sinks=PREFIX) as runner:
+        guide = QuestionGuide(runner, (4, 10), 0.0)
+        selector = EvidenceSelector(runner, guide, WEIGHTS, PREFIX)
+        with guide, selector:
+            ingest(runner, prefix, [body])
+    probed = probe(model, _prompt(prefix, (4, 10)))
+    for layer in range(len(model.model.layers)):
+        assert torch.equal(probed.queries[layer], guide.queries[layer])
+        assert torch.equal(probed.control[layer], selector.control[layer])
+
+
+def _several(model, body, n_questions, evidence):
+    """A question-agnostic ingest with one selector per question; (cache, selectors)."""
+    prefix = list(range(PREFIX))
+    config = CacheConfig(cache_size=128 + evidence, cascades=4, sinks=4, stride=16, evidence=evidence)
+    probes = [probe(model, _prompt(list(range(40 + k, 40 + k + PREFIX)), (3, 9))) for k in range(n_questions)]
+    runner = Runner(model, config, n_sinks=PREFIX)
+    selectors = [EvidenceSelector(runner, p, WEIGHTS, PREFIX, part=(k, n_questions)) for k, p in enumerate(probes)]
+    with runner, Selectors(selectors):
+        ingest(runner, prefix, [body])
+    return runner.cache, selectors
+
+
+def test_each_question_fills_its_own_share_and_no_token_is_held_twice():
+    model = tiny_model(seed=3)
+    body = torch.randint(0, 256, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
+    cache, selectors = _several(model, body, 3, split_slots(96, 3))
+    assert isinstance(cache, EvidenceCascadeCache) and cache.evidence == 96
+    held = [int(t) for t in cache.held() if t >= 0]
+    assert held and len(held) == len(set(held))
+    index = cache.token_index(0)[0]
+    for h in range(index.shape[0]):  # every head sees every token at most once
+        row = index[h].tolist()
+        assert len(set(row)) == len(row)
+    ids = list(range(PREFIX)) + body
+    for k, selector in enumerate(selectors):
+        share = range(k * 32, (k + 1) * 32)
+        spans = kept_spans(cache, k)
+        assert spans, k
+        for s in spans:
+            assert PREFIX <= s.start < s.end <= len(ids) and list(s.ids) == ids[s.start : s.end]
+        for slot, t in enumerate(cache.held().tolist()):  # a held token of share k lies in one of k's spans
+            if slot in share and t >= 0:
+                assert any(s.start <= t < s.end for s in spans)
+
+
+def test_restrict_leaves_only_that_questions_evidence():
+    model = tiny_model(seed=3)
+    body = torch.randint(0, 256, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
+    cache, _ = _several(model, body, 2, split_slots(64, 2))
+    for k in range(2):
+        mine = copy.deepcopy(cache)
+        restrict(mine, k)
+        spans = kept_spans(cache, k)
+        for t in mine.held().tolist():
+            assert t < 0 or any(s.start <= t < s.end for s in spans)
+        own = [t for slot, t in enumerate(cache.held().tolist()) if k * 32 <= slot < (k + 1) * 32 and t >= 0]
+        assert set(own) <= set(mine.held().tolist())
+        assert mine.n_past == cache.n_past - (cache.n_evidence - mine.n_evidence)
+    assert kept_spans(cache, 0) and kept_spans(cache, 1)
+
+
+def test_split_slots():
+    assert split_slots(512, 1) == 512 and split_slots(512, 3) == 480 and split_slots(64, 5) == 160
+    assert isinstance(Probed((), ()), Probed)
