@@ -24,7 +24,7 @@ from engine.checkpoint import ids_sha256
 from engine.config import CacheConfig
 from engine.errors import CascadeError, ConfigError
 from engine.generate import Sampling
-from engine.prompt import Prompt
+from engine.prompt import ASK_REQUEST, Prompt, closing_ids
 from engine.cache import EvidenceCascadeCache
 from engine.evidence import EvidenceSelector, Selectors, default_slots, probe, restrict, retrieval_layers, split_slots
 from engine.retention import QuestionGuide
@@ -277,13 +277,37 @@ class Session:
         self.evidence_by_question = [[] if k is None else
                                      evidence_records(cache, n_prefix, source_map, self.lm.tokenizer, k)
                                      for k in questions]
-        self.evidence = [{**r, "question": i} for i, rs in enumerate(self.evidence_by_question) for r in rs]
+        for i, records in enumerate(self.evidence_by_question):
+            for r in records:
+                r["question"] = i
+        self.evidence = [r for records in self.evidence_by_question for r in records]  # the same records
 
     def evidence_for(self, i: int) -> list[dict]:
         """The citations of the i-th question asked."""
         if self.evidence_by_question is None:
             return self.evidence if i == 0 else []
         return self.evidence_by_question[i] if i < len(self.evidence_by_question) else []
+
+    def closing(self, i: int, question: str, suffix_ids: list[int], most: int) -> list[int]:
+        """The ids that close the i-th question: `suffix_ids`, or, when the cache evicted anything and kept
+        evidence for it, the same request with its `most` strongest passages quoted before the question
+        (engine/prompt.py `closing_ids`), as many as fit the newest sub-cache with --max-tokens. The records
+        of the quoted passages get `quoted: true`."""
+        cache = self.runner.cache
+        records = sorted(self.evidence_for(i), key=lambda r: -r["score"])[:max(0, most)]
+        for r in self.evidence_for(i):
+            r.setdefault("quoted", False)
+        if not records or not isinstance(cache, EvidenceCascadeCache) or cache.n_evidence == 0:
+            return suffix_ids
+        newest = (self.config.cache_size - self.config.evidence) // self.config.n_cascades
+        while records:
+            ids = closing_ids(self.lm.tokenizer, ASK_REQUEST, question, [r["text"] for r in reversed(records)])
+            if len(ids) + self.max_tokens <= newest:
+                for r in records:
+                    r["quoted"] = True
+                return ids
+            records.pop()  # the weakest first
+        return suffix_ids
 
     def store_index(self, i: int) -> int | None:
         """The i-th question's share of a several-question store, or None (one question, or none)."""

@@ -72,9 +72,20 @@ def build_prompt(
         span = (len(before), len(before) + len(asked))
     else:
         prefix = _encode(tokenizer, f"{head}{instruction}\n\nDocument:\n")
+    return Prompt(prefix, closing_ids(tokenizer, request, question, cue=cue), span)
+
+
+def closing_ids(tokenizer, request: str, question: str | None = None, passages: list[str] = (),
+                cue: str = "Answer:") -> list[int]:
+    """The ids after the input: `passages` (the evidence the cache kept whole, quoted so that the answer reads
+    them right before the question; weakest first, so the strongest is nearest), then `request` and the
+    question, then the chat template's assistant turn. Without passages, `build_prompt`'s suffix."""
+    _, tail = chat_frame(tokenizer, cue)
     closing = request if question is None else f"{request}\n\nQuestion: {question}"
-    suffix = _encode(tokenizer, f"\n\n{closing}{tail}")
-    return Prompt(prefix, suffix, span)
+    if passages:
+        quoted = "\n".join(f"- {' '.join(text.split())}" for text in passages)
+        closing = f"{PASSAGES_HEADER}\n{quoted}\n\n{closing}"
+    return _encode(tokenizer, f"\n\n{closing}{tail}")
 
 
 def summary_instruction(words: int | None = None, instruction: str | None = None) -> str:
@@ -88,3 +99,4 @@ def summary_instruction(words: int | None = None, instruction: str | None = None
 ASK_INSTRUCTION = "Answer the question using the document."  # the question follows in the prefix
 ASK_INSTRUCTION_LATER = "Read the document, then answer the question that follows it."  # question only after
 ASK_REQUEST = "Answer the question using the document above."
+PASSAGES_HEADER = "Passages from the document:"

@@ -35,7 +35,13 @@ Evidence = Annotated[Optional[int], typer.Option(
     "--evidence", rich_help_panel="Cache", show_default=False, metavar="SLOTS",
     help="Slots of --cache-size set aside for whole passages the question points at, kept however far back "
          "(question first, cascade only; 0 = off). Default: 1/8 of the cache in spans of 32 tokens.")]
+Quote = Annotated[int, typer.Option(
+    "--quote", rich_help_panel="Generation", metavar="N",
+    help="Quote the N strongest evidence passages right before the question when the cache had to evict "
+         "(the answer reads them where a small model attends best); 0 = off.")]
 Quiet = Annotated[bool, typer.Option("--quiet", rich_help_panel="Output", help="Only errors on stderr.")]
+
+QUOTE = 8  # passages quoted before the question (docs/RESULTS.md, "Quoted passages")
 
 
 @handle_errors
@@ -58,6 +64,7 @@ def ask(
     question_first: QuestionFirst = True,
     question_weight: QuestionWeight = DEFAULT_WEIGHT,
     evidence: Evidence = None,
+    quote: Quote = QUOTE,
     max_tokens: a.MaxTokens = a.MAX_TOKENS,
     temperature: a.Temperature = None,
     top_p: a.TopP = None,
@@ -106,6 +113,8 @@ def ask(
         raise ConfigError(f"--question-weight must be >= 0 (got {question_weight})")
     if evidence is not None and evidence < 0:
         raise ConfigError(f"--evidence must be >= 0 (got {evidence})")
+    if quote < 0:
+        raise ConfigError(f"--quote must be >= 0 (got {quote})")
     if load_cache and args:
         raise ConfigError("--load-cache answers from the file: give no SOURCE, only the question")
     srcs = [] if load_cache else resolve_sources(args)
@@ -122,7 +131,7 @@ def ask(
                             question_first=first) for q in questions]
     sampling = sampling_for(lm)
     generation = {"max_tokens": max_tokens, **g.record(sampling, lm), "questions": questions,
-                  "question_first": first, "question_weight": question_weight}
+                  "question_first": first, "question_weight": question_weight, "quote": quote}
     slots, probes = 0, None
     several = not first and (len(questions) > 1 or save_cache is not None)  # known, not pinned: probed
     if (first or several) and config.policy == "cascade" and not load_cache:
@@ -147,7 +156,8 @@ def ask(
         for i, (q, p) in enumerate(zip(questions, prompts)):
             if len(questions) > 1 and not json_out:
                 print(f"{'' if i == 0 else chr(10)}## {q}", flush=True)
-            text = session.answer(p.suffix_ids, sampling, echo=not json_out, fork=i < len(questions) - 1,
+            suffix = session.closing(i, q, p.suffix_ids, quote)
+            text = session.answer(suffix, sampling, echo=not json_out, fork=i < len(questions) - 1,
                                   question=session.store_index(i))
             answers.append({"question": q, "answer": text, "evidence": session.evidence_for(i)})
         doc = {"answer": answers[0]["answer"]} if len(answers) == 1 else {}

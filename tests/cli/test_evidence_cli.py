@@ -43,7 +43,7 @@ def test_json_lists_the_kept_passages(doc):
     assert out["record"]["generation"]["evidence"] == 32
     assert out["evidence"], out.keys()
     for r in out["evidence"]:
-        assert set(r) == {"source", "page", "line", "token_start", "token_end", "text", "score"}
+        assert set(r) == {"source", "page", "line", "token_start", "token_end", "text", "score", "quoted"}
         assert r["source"] == str(doc) and r["page"] is None
         assert 0 <= r["token_start"] < r["token_end"] <= out["stats"]["tokens"]
         assert r["text"] in text  # the byte tokenizer: a span is a piece of the file
@@ -67,8 +67,7 @@ def test_several_questions_each_get_their_own_store(doc):
     assert out["record"]["generation"]["evidence"] == 96 and not out["record"]["generation"]["question_first"]
     assert [a["question"] for a in out["answers"]] == questions
     assert all(a["evidence"] for a in out["answers"])
-    assert [{k: v for k, v in r.items() if k != "question"} for r in out["evidence"]] == \
-        [r for a in out["answers"] for r in a["evidence"]]
+    assert out["evidence"] == [r for a in out["answers"] for r in a["evidence"]]
     assert sorted({r["question"] for r in out["evidence"]}) == [0, 1, 2]
     text = doc.read_text(encoding="utf-8")
     assert all(r["text"] in text for r in out["evidence"])
@@ -129,3 +128,19 @@ def test_a_saved_cache_answers_any_question_with_the_evidence_of_its_own(doc, tm
     other = invoke(["ask", "--load-cache", str(saved), "Who came to Netherfield?", "--json", "--max-tokens", "6"])
     assert other.exit_code == 0, other.output
     assert "holds no evidence for" in other.stderr and json.loads(other.stdout)["answers"][0]["evidence"] == []
+
+
+def test_quoted_passages_close_the_request(doc):
+    """When the cache evicted, the strongest passages are quoted before the question (as many as fit the newest
+    sub-cache with --max-tokens), and their records say so; --quote 0 is the plain request."""
+    wide = ["--cache-size", "1024", "--cascades", "2", "--sinks", "4", "--stride", "32", "--max-tokens", "6",
+            "--evidence", "64", "--json"]
+    result = invoke(["ask", str(doc), "What is the code of the vault?", *wide])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["stats"]["tokens"] > 1024 and out["record"]["generation"]["quote"] == 8
+    quoted = [r for r in out["evidence"] if r["quoted"]]
+    assert quoted and quoted == sorted(out["evidence"], key=lambda r: -r["score"])[: len(quoted)]
+    plain = json.loads(invoke(["ask", str(doc), "What is the code of the vault?", *wide, "--quote", "0"]).stdout)
+    assert not any(r["quoted"] for r in plain["evidence"])
+    assert [dict(r, quoted=False) for r in out["evidence"]] == plain["evidence"]  # the same store either way
