@@ -24,9 +24,10 @@ from engine.checkpoint import ids_sha256
 from engine.config import CacheConfig
 from engine.errors import CascadeError, ConfigError
 from engine.generate import Sampling
-from engine.prompt import ASK_REQUEST, Prompt, closing_ids
+from engine.prompt import Prompt
 from engine.cache import EvidenceCascadeCache
-from engine.evidence import EvidenceSelector, Selectors, default_slots, probe, restrict, retrieval_layers, split_slots
+from engine.evidence import (EvidenceSelector, Selectors, default_slots, probe, quoted_closing, restrict,
+                             retrieval_layers, split_slots)
 from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, iter_mapped_token_ids, retention_report
 from engine.runner import Runner
@@ -288,26 +289,15 @@ class Session:
             return self.evidence if i == 0 else []
         return self.evidence_by_question[i] if i < len(self.evidence_by_question) else []
 
-    def closing(self, i: int, question: str, suffix_ids: list[int], most: int) -> list[int]:
-        """The ids that close the i-th question: `suffix_ids`, or, when the cache evicted anything and kept
-        evidence for it, the same request with its `most` strongest passages quoted before the question
-        (engine/prompt.py `closing_ids`), as many as fit the newest sub-cache with --max-tokens. The records
-        of the quoted passages get `quoted: true`."""
-        cache = self.runner.cache
-        records = sorted(self.evidence_for(i), key=lambda r: -r["score"])[:max(0, most)]
-        for r in self.evidence_for(i):
-            r.setdefault("quoted", False)
-        if not records or not isinstance(cache, EvidenceCascadeCache) or cache.n_evidence == 0:
-            return suffix_ids
-        newest = (self.config.cache_size - self.config.evidence) // self.config.n_cascades
-        while records:
-            ids = closing_ids(self.lm.tokenizer, ASK_REQUEST, question, [r["text"] for r in reversed(records)])
-            if len(ids) + self.max_tokens <= newest:
-                for r in records:
-                    r["quoted"] = True
-                return ids
-            records.pop()  # the weakest first
-        return suffix_ids
+    def closing(self, i: int, suffix_ids: list[int], most: int) -> list[int]:
+        """The ids that close the i-th question: `suffix_ids` with its `most` strongest passages quoted before
+        it when the cache evicted anything (engine/evidence.py `quoted_closing`); the records of the quoted
+        passages get `quoted: true`, the others `false`."""
+        ids, n = quoted_closing(self.runner.cache, self.lm.tokenizer, suffix_ids, most, self.max_tokens,
+                                self.store_index(i))
+        for rank, r in enumerate(self.evidence_for(i)):  # strongest first, as kept_spans orders them
+            r["quoted"] = rank < n
+        return ids
 
     def store_index(self, i: int) -> int | None:
         """The i-th question's share of a several-question store, or None (one question, or none)."""

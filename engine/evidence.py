@@ -17,9 +17,9 @@ model itself (`calibrate`: synthetic facts in the bundled filler, the layers tha
 per model file, never downloaded. Measured on the embedded model (docs/RESULTS.md, "Evidence spans"): without the
 control the planted fact of a prose chapter ranked 8th-29th; with it, 1st.
 
-Spans. After every chunk, its tokens with the highest rel are peaks; a peak p proposes the span
-[p - BEFORE, p - BEFORE + width) (centred: the peak falls on what names a fact, before its value, or on the
-end of its sentence, after it). The store has
+Spans. After every chunk, each of its tokens p proposes the span [p - BEFORE, p - BEFORE + width) (centred: a
+fact's strongest tokens fall on what names it, before its value, or on the end of its sentence, after it),
+scored by the sum of the TOP_TOKENS largest rel inside it (`window_scores`), strongest first. The store has
 `slots // width` span slots; a proposal takes a free slot, or the weakest span's when it is stronger, and
 never overlaps a span as strong as itself (which it then replaces). Every layer keeps the same spans, so a
 span is a piece of text: `spans()` gives them with their scores for citations."""
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .cache.evidence import EvidenceCascadeCache
+from .prompt import quote_ids
 from .retention import QuestionGuide
 from .runner import Runner
 
@@ -43,6 +44,8 @@ BEFORE = 16  # of which before the peak: the peak often falls at the end of the 
 EPS = 0.3  # the control's floor in rel_l, in units of uniform attention (chosen on the probe of docs/RESULTS.md)
 SHARE = 8  # default budget: cache_size // SHARE slots, rounded down to whole spans
 TOP_LAYERS = 6  # layers weighed in after calibration
+TOP_TOKENS = 4  # a span's score: the sum of its 4 strongest tokens' rel (window_scores)
+QUOTE = 8  # kept spans quoted before the question once the cache evicted (quoted_closing; ask --quote)
 
 
 def default_slots(cache_size: int, cascades: int, width: int = SPAN) -> int:
@@ -69,6 +72,18 @@ def relevance(question: Tensor, control: Tensor | None, k: Tensor, scale: float)
     a = attention(question)
     floor = attention(control) + EPS if control is not None and control.shape[2] else torch.full_like(a, 1 + EPS)
     return (a / floor).amax(dim=1).amax(dim=0)
+
+
+def window_scores(rel: np.ndarray, before: int, width: int, top: int = TOP_TOKENS) -> np.ndarray:
+    """Per token i of a chunk, the score of the span it proposes: the sum of the `top` largest rel over
+    [i - before, i - before + width) within the chunk. A fact shares several words with its question, while a
+    lone token that happens to draw the question's attention makes one strong peak (measured in
+    docs/RESULTS.md, "Evidence spans": a planted fact's span ranked 8th by its peak and 1st by its top 4)."""
+    n = len(rel)
+    padded = np.concatenate([np.zeros(before), rel, np.zeros(width)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, width)[:n]
+    top = min(top, width)
+    return np.partition(windows, width - top, axis=1)[:, width - top:].sum(axis=1)
 
 
 @dataclass(frozen=True)
@@ -205,8 +220,11 @@ class EvidenceSelector:
         oldest = self.input_start if cache.fifo else max(self.input_start, cache.seen - cache.count[0])
         recent_start, recent = cache.state["recent" + self.key]
         known = {recent_start + n: x for n, x in enumerate(recent)} | {t0 + n: x for n, x in enumerate(chunk)}
-        for i in np.argsort(-rel, kind="stable")[: 2 * self.n_spans]:
-            score, peak = float(rel[i]), t0 + int(i)
+        scores = window_scores(rel, self.before, self.width)
+        # windows that hold the same strongest tokens tie: the one centred on the strongest token wins, so that
+        # what follows a fact's name (its value) stays inside
+        for i in np.lexsort((-rel, -scores)):
+            score, peak = float(scores[i]), t0 + int(i)
             if peak <= self.input_start:  # the input's first token draws attention like a sink does: no fact
                 continue
             weakest = min(range(self.n_spans), key=lambda j: -1.0 if spans[j] is None else spans[j][2])
@@ -254,6 +272,25 @@ def kept_spans(cache: EvidenceCascadeCache, question: int | None = None) -> list
             out.append(Span(int(kept[0]), int(kept[-1]) + 1, float(score), int(peak),
                             tuple(ids[kept[0] - start : kept[-1] + 1 - start])))
     return sorted(out, key=lambda s: (-s.score, s.start))
+
+
+def quoted_closing(cache, tokenizer, suffix_ids: list[int], most: int, max_tokens: int,
+                   question: int | None = None) -> tuple[list[int], int]:
+    """(ids, n): the closing request `suffix_ids` with the `n` strongest kept spans quoted before it
+    (engine/prompt.py `quote_ids`; of the `question`-th share when several), at most `most`, as many as fit the
+    newest sub-cache together with `max_tokens`; `suffix_ids` alone (n = 0) when the cache evicted nothing (the
+    whole input is still there) or there is no store."""
+    if most <= 0 or not isinstance(cache, EvidenceCascadeCache) or cache.n_evidence == 0:
+        return suffix_ids, 0
+    spans = kept_spans(cache, question)[:most]
+    newest = cache.cache_size // cache.cascades
+    while spans:
+        ids = quote_ids(tokenizer, [tokenizer.decode(list(s.ids), skip_special_tokens=True)
+                                    for s in reversed(spans)]) + suffix_ids
+        if len(ids) + max_tokens <= newest:
+            return ids, len(spans)
+        spans.pop()  # the weakest first
+    return suffix_ids, 0
 
 
 # ------------------------------------------------------------------------------ several questions, one ingest

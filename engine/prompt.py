@@ -72,20 +72,19 @@ def build_prompt(
         span = (len(before), len(before) + len(asked))
     else:
         prefix = _encode(tokenizer, f"{head}{instruction}\n\nDocument:\n")
-    return Prompt(prefix, closing_ids(tokenizer, request, question, cue=cue), span)
-
-
-def closing_ids(tokenizer, request: str, question: str | None = None, passages: list[str] = (),
-                cue: str = "Answer:") -> list[int]:
-    """The ids after the input: `passages` (the evidence the cache kept whole, quoted so that the answer reads
-    them right before the question; weakest first, so the strongest is nearest), then `request` and the
-    question, then the chat template's assistant turn. Without passages, `build_prompt`'s suffix."""
-    _, tail = chat_frame(tokenizer, cue)
     closing = request if question is None else f"{request}\n\nQuestion: {question}"
-    if passages:
-        quoted = "\n".join(f"- {' '.join(text.split())}" for text in passages)
-        closing = f"{PASSAGES_HEADER}\n{quoted}\n\n{closing}"
-    return _encode(tokenizer, f"\n\n{closing}{tail}")
+    suffix = _encode(tokenizer, f"\n\n{closing}{tail}")
+    return Prompt(prefix, suffix, span)
+
+
+def quote_ids(tokenizer, passages: list[str]) -> list[int]:
+    """The ids of `passages` quoted as a block, to go right before a closing request (whose ids start with its
+    own blank line): the evidence the cache kept whole, weakest first so that the strongest is nearest the
+    question. Each passage on one line."""
+    if not passages:
+        return []
+    quoted = "\n".join(f"- {' '.join(text.split())}" for text in passages)
+    return _encode(tokenizer, f"\n\n{PASSAGES_HEADER}\n{quoted}")
 
 
 def summary_instruction(words: int | None = None, instruction: str | None = None) -> str:

@@ -10,6 +10,7 @@ from engine.config import CacheConfig
 from engine.errors import ConfigError
 from engine.models import load_model
 from engine.prompt import ASK_INSTRUCTION, ASK_INSTRUCTION_LATER, ASK_REQUEST, build_prompt
+from engine.evidence import QUOTE
 from engine.retention import DEFAULT_WEIGHT
 
 from .. import answering as a
@@ -40,8 +41,6 @@ Quote = Annotated[int, typer.Option(
     help="Quote the N strongest evidence passages right before the question when the cache had to evict "
          "(the answer reads them where a small model attends best); 0 = off.")]
 Quiet = Annotated[bool, typer.Option("--quiet", rich_help_panel="Output", help="Only errors on stderr.")]
-
-QUOTE = 8  # passages quoted before the question (docs/RESULTS.md, "Quoted passages")
 
 
 @handle_errors
@@ -156,7 +155,7 @@ def ask(
         for i, (q, p) in enumerate(zip(questions, prompts)):
             if len(questions) > 1 and not json_out:
                 print(f"{'' if i == 0 else chr(10)}## {q}", flush=True)
-            suffix = session.closing(i, q, p.suffix_ids, quote)
+            suffix = session.closing(i, p.suffix_ids, quote)
             text = session.answer(suffix, sampling, echo=not json_out, fork=i < len(questions) - 1,
                                   question=session.store_index(i))
             answers.append({"question": q, "answer": text, "evidence": session.evidence_for(i)})

@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 from ..config import CacheConfig
 from ..errors import ConfigError
 from ..prompt import build_prompt
-from ..evidence import EvidenceSelector
+from ..evidence import QUOTE, EvidenceSelector, quoted_closing
 from ..retention import QuestionGuide
 from ..runner import Runner
 from ..session import answer, check_room, ingest, stop_ids
@@ -162,7 +162,8 @@ def read_and_answer(model, tokenizer, config: CacheConfig, sample, max_tokens: i
                 if config.evidence else contextlib.nullcontext())
         with guide, keep:
             ingest(runner, sample.prefix_ids, [sample.doc_ids], on_chunk)
-        return "".join(answer(runner, tokenizer, sample.suffix_ids, max_tokens, stop=stop_ids(tokenizer)))
+        suffix, _ = quoted_closing(runner.cache, tokenizer, sample.suffix_ids, QUOTE, max_tokens)  # as ask does
+        return "".join(answer(runner, tokenizer, suffix, max_tokens, stop=stop_ids(tokenizer)))
 
 
 def run_sample(model, tokenizer, config: CacheConfig, sample: PasskeySample, max_tokens: int = 12,

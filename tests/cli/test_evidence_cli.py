@@ -87,7 +87,7 @@ def test_citations_on_stderr_are_literal(tmp_path):
     assert "Evidence" in err
     assert "\x1b" not in err and "\x07" not in err
     lines = [line for line in err.splitlines() if "score" in line and "tokens" in line]
-    assert lines and any("[bold]" in line or "\\x1b" in line for line in lines), lines
+    assert lines and any(m in line for line in lines for m in ("[bold]", "[/bold]", "[link=", "\\x1b")), lines
 
 
 def test_printable():
