@@ -66,6 +66,11 @@ RepeatPenalty = Annotated[Optional[float], typer.Option(
     "--repeat-penalty", rich_help_panel="Generation", show_default=False,
     help="> 1 lowers the logits of tokens already in the answer (greedy too; 1 = off). Default: the model's "
          "repetition_penalty (embedded: off).")]
+NoRepeatNgram = Annotated[Optional[int], typer.Option(
+    "--no-repeat-ngram", rich_help_panel="Generation", show_default=False, metavar="N",
+    help="Never write the same N tokens twice in one answer (greedy too; 0 = off). Default: the model's "
+         "no_repeat_ngram_size; when the model sets no repetition control and --repeat-penalty is not given, 4 "
+         "(small models loop otherwise). --temperature 0 is plain greedy: only what is given applies.")]
 Seed = Annotated[int, typer.Option("--seed", rich_help_panel="Generation", help="Sampling seed.")]
 Report = Annotated[bool, typer.Option("--report", rich_help_panel="Output",
                                       help="Print on stderr how the cached tokens spread over the input.")]

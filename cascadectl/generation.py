@@ -12,10 +12,11 @@ from .console import Say
 
 
 def sampling_for(temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
-                 repeat_penalty: float | None, seed: int) -> Callable[[LoadedModel], Sampling]:
+                 repeat_penalty: float | None, seed: int,
+                 no_repeat_ngram: int | None = None) -> Callable[[LoadedModel], Sampling]:
     """Check the options now, before any model loads; the function returned settles them against a model."""
     resolve = partial(Sampling.from_model, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                      repeat_penalty=repeat_penalty, seed=seed)
+                      repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, seed=seed)
     resolve(None)  # ConfigError (exit 2) naming the option
     if temperature == 0 and any(v is not None for v in (top_p, top_k, min_p)):
         Say.warn("--top-p, --top-k and --min-p have no effect with --temperature 0 (greedy)")

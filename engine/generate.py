@@ -13,6 +13,7 @@ from torch import Tensor
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -32,6 +33,7 @@ class Sampling:
     top_p: float | None = None  # ... among the fewest tokens whose probability reaches top_p (None or 1: off)
     min_p: float | None = None  # drop tokens less likely than min_p x the likeliest one (None or 0: off)
     repeat_penalty: float | None = None  # > 1 lowers tokens already in the answer, greedy too (None or 1: off)
+    no_repeat_ngram: int | None = None  # n: no n-gram of the answer twice, greedy too (None or 0: off)
     seed: int = 0  # of the CPU generator that draws the samples
     model_defaults: tuple[str, ...] = field(default=(), compare=False)  # fields from the model's generation_config
 
@@ -40,7 +42,8 @@ class Sampling:
                  ("--top-k", self.top_k, ">= 0", lambda x: x >= 0),
                  ("--top-p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1),
                  ("--min-p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1),
-                 ("--repeat-penalty", self.repeat_penalty, "> 0", lambda x: x > 0)]
+                 ("--repeat-penalty", self.repeat_penalty, "> 0", lambda x: x > 0),
+                 ("--no-repeat-ngram", self.no_repeat_ngram, ">= 0", lambda x: x >= 0 and x == int(x))]
         for flag, value, rule, ok in rules:
             if value is not None and not (math.isfinite(value) and ok(value)):
                 raise ConfigError(f"{flag} must be {rule} (got {value})")
@@ -52,26 +55,32 @@ class Sampling:
     @classmethod
     def from_model(cls, generation_config=None, *, temperature: float | None = None, top_k: int | None = None,
                    top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
-                   seed: int = 0) -> "Sampling":
+                   no_repeat_ngram: int | None = None, seed: int = 0) -> "Sampling":
         """The model's `generation_config` (its authors' defaults) under the settings given (None: not given).
 
         Only fields the config sets count, not transformers' fallbacks such as top_k=50. The model samples by
         default only when it sets `do_sample`; a given top_k, top_p or min_p also asks for sampling (at the
         model's temperature, else 1). `temperature=0` is plain greedy: nothing is taken from the model, and only
-        a given `repeat_penalty` applies. Raises ConfigError for values out of range."""
+        a given `repeat_penalty` or `no_repeat_ngram` applies. When neither is given nor set by the model, no
+        n-gram of NO_REPEAT_NGRAM tokens is written twice (small models loop otherwise: docs/RESULTS.md).
+        Raises ConfigError for values out of range."""
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-                 "repeat_penalty": repeat_penalty}
+                 "repeat_penalty": repeat_penalty, "no_repeat_ngram": no_repeat_ngram}
         if temperature == 0:
             cls(top_k=top_k, top_p=top_p, min_p=min_p)  # checked, though greedy decoding has no use for them
-            return cls(repeat_penalty=repeat_penalty, seed=seed)
+            return cls(repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, seed=seed)
         model = {name: getattr(generation_config, key, None) for name, key in
                  (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
-                  ("repeat_penalty", "repetition_penalty"))}
+                  ("repeat_penalty", "repetition_penalty"), ("no_repeat_ngram", "no_repeat_ngram_size"))}
+        if not model["no_repeat_ngram"]:  # transformers' default 0 means unset
+            model["no_repeat_ngram"] = None
         asked = any(v is not None for v in (temperature, top_k, top_p, min_p))
         samples = asked or bool(getattr(generation_config, "do_sample", None))
-        if not samples:  # greedy, as the model asks; its repetition penalty applies, as in model.generate
-            model = {"repeat_penalty": model["repeat_penalty"]}
+        if not samples:  # greedy, as the model asks; its repetition controls apply, as in model.generate
+            model = {"repeat_penalty": model["repeat_penalty"], "no_repeat_ngram": model["no_repeat_ngram"]}
         chosen = {name: model.get(name) if value is None else value for name, value in given.items()}
+        if chosen["repeat_penalty"] is None and chosen["no_repeat_ngram"] is None:
+            chosen["no_repeat_ngram"] = NO_REPEAT_NGRAM
         taken = tuple(name for name, value in given.items() if value is None and model.get(name) is not None)
         if samples and not asked:
             taken = ("do_sample", *taken)
@@ -84,6 +93,8 @@ class Sampling:
         out = LogitsProcessorList()
         if self.repeat_penalty is not None and self.repeat_penalty != 1.0:
             out.append(RepetitionPenaltyLogitsProcessor(float(self.repeat_penalty)))
+        if self.no_repeat_ngram:
+            out.append(NoRepeatNGramLogitsProcessor(int(self.no_repeat_ngram)))
         if self.greedy:
             return out
         out.append(TemperatureLogitsWarper(float(self.temperature)))
@@ -100,6 +111,7 @@ class Sampling:
 
 
 GREEDY = Sampling()
+NO_REPEAT_NGRAM = 4  # the fallback when neither the user nor the model sets a repetition control
 
 
 def next_token(logits: Tensor, sampling: Sampling, processors: LogitsProcessorList, answer: list[int],

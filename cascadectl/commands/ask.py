@@ -70,6 +70,7 @@ def ask(
     top_k: a.TopK = None,
     min_p: a.MinP = None,
     repeat_penalty: a.RepeatPenalty = None,
+    no_repeat_ngram: a.NoRepeatNgram = None,
     seed: a.Seed = 0,
     json_out: o.Json = False,
     quiet: Quiet = False,
@@ -97,7 +98,7 @@ def ask(
       cascadectl ask --load-cache book.kv "When was it signed?"
     """
     Say.quiet = quiet
-    sampling_for = g.sampling_for(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+    sampling_for = g.sampling_for(temperature, top_p, top_k, min_p, repeat_penalty, seed, no_repeat_ngram)
     resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     a.check_cache_files(save_cache, load_cache, resumable)
     args = list(args or [])

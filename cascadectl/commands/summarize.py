@@ -40,6 +40,7 @@ def summarize(
     top_k: a.TopK = None,
     min_p: a.MinP = None,
     repeat_penalty: a.RepeatPenalty = None,
+    no_repeat_ngram: a.NoRepeatNgram = None,
     seed: a.Seed = 0,
     words: a.Words = None,
     instruction: a.Instruction = None,
@@ -74,7 +75,7 @@ def summarize(
     """
     Say.quiet = quiet
     launch.require_each(nproc, each)
-    sampling_for = g.sampling_for(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+    sampling_for = g.sampling_for(temperature, top_p, top_k, min_p, repeat_penalty, seed, no_repeat_ngram)
     resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     a.check_cache_files(save_cache, load_cache, resumable)
     if load_cache and sources:

@@ -117,3 +117,19 @@ def test_decode_step_does_not_synchronise(model_dir):
                 token = runner.logits(hidden[:, -1:]).argmax(-1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_evidence_on_cuda_matches_cpu(model_dir, text_file):
+    """ask's evidence store on CUDA (one pinned question, and two probed ones) keeps the spans the CPU keeps, in fp32."""
+    def spans(device, *args):
+        result = CliRunner().invoke(app, ["ask", str(text_file), *args, "--model", str(model_dir), "--device",
+                                          device, "--dtype", "fp32", *SMALL, "--max-tokens", "4", "--json"])
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.stdout)
+        assert doc["record"]["settings"]["evidence"] > 0
+        return [[r["token_start"] for r in a["evidence"]] for a in doc["answers"]]
+
+    for args in (["Who is Mr. Darcy?"], ["-q", "Who is Mr. Darcy?", "-q", "Where is Netherfield?"]):
+        cpu, gpu = spans("cpu", *args), spans("cuda", *args)
+        for c, g in zip(cpu, gpu):
+            assert c and g and c[0] == g[0] and len(set(c) & set(g)) >= len(c) // 2, (args, c, g)

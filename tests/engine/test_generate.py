@@ -9,7 +9,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 from engine.config import CacheConfig
 from engine.errors import ConfigError
-from engine.generate import GREEDY, Sampling, generate, next_token
+from engine.generate import GREEDY, NO_REPEAT_NGRAM, Sampling, generate, next_token
 from engine.runner import Runner
 from tests.engine.tiny import tiny_model
 
@@ -100,12 +100,24 @@ def test_settings_come_from_the_model_unless_given():
     assert Sampling.from_model(authors, top_p=0.5, min_p=0.1).top_p == 0.5
     assert Sampling.from_model(authors, temperature=0.0) == GREEDY
     assert Sampling.from_model(authors, temperature=0.0, repeat_penalty=1.2) == Sampling(repeat_penalty=1.2)
-    silent = GenerationConfig(bos_token_id=1, eos_token_id=2)  # the embedded SmolLM2's: greedy
-    assert Sampling.from_model(silent) == GREEDY and Sampling.from_model(None) == GREEDY
-    assert Sampling.from_model(silent, top_k=5) == Sampling(temperature=1.0, top_k=5)  # a filter asks for sampling
-    assert Sampling.from_model(silent, temperature=0.8) == Sampling(temperature=0.8)  # no top_k=50 fallback
+    silent = GenerationConfig(bos_token_id=1, eos_token_id=2)  # the embedded SmolLM2's: greedy, no 4-gram twice
+    loopless = Sampling(no_repeat_ngram=NO_REPEAT_NGRAM)
+    assert Sampling.from_model(silent) == loopless and Sampling.from_model(None) == loopless
+    assert Sampling.from_model(silent, no_repeat_ngram=0) == Sampling(no_repeat_ngram=0)  # off when asked
+    assert Sampling.from_model(silent, repeat_penalty=1.2) == Sampling(repeat_penalty=1.2)  # one control is enough
+    assert Sampling.from_model(GenerationConfig(no_repeat_ngram_size=3)).no_repeat_ngram == 3  # the model's own
+    assert Sampling.from_model(silent, top_k=5) == Sampling(temperature=1.0, top_k=5, no_repeat_ngram=4)
+    assert Sampling.from_model(silent, temperature=0.8) == Sampling(temperature=0.8, no_repeat_ngram=4)
     greedy_penalised = Sampling.from_model(GenerationConfig(repetition_penalty=1.3, temperature=0.7))
     assert greedy_penalised == Sampling(repeat_penalty=1.3)  # do_sample unset: its temperature is not used
+
+
+def test_no_repeat_ngram_never_writes_an_ngram_twice(tiny):
+    model, ids = tiny
+    out = _run(model, ids, Sampling(no_repeat_ngram=3))
+    grams = [tuple(out[i:i + 3]) for i in range(len(out) - 2)]
+    assert len(grams) == len(set(grams))
+    assert _run(model, ids, Sampling(no_repeat_ngram=0)) == _run(model, ids)
 
 
 @pytest.mark.parametrize("given, flag", [
