@@ -89,8 +89,11 @@ def _push_kernel(
         old_s = tl.load(s_base + slot)
         old_i = tl.load(i_base + slot)
         write = (code >= 0) | (cs >= old_s)
-        tl.store(k_base + slot * stride_kn, ck, mask=write)
-        tl.store(v_base + slot * stride_vn, cv, mask=write)
+        # the same mask over the head dim, built as a vector comparison: Triton 3.9's interpreter broadcasts a
+        # scalar mask to int64, which its store refuses
+        row = (offs * 0 + write.to(tl.int32)) != 0
+        tl.store(k_base + slot * stride_kn, ck, mask=row)
+        tl.store(v_base + slot * stride_vn, cv, mask=row)
         tl.store(s_base + slot, cs, mask=write)
         tl.store(i_base + slot, ci, mask=write)
         ck, cv, cs, ci = old_k, old_v, old_s, old_i
