@@ -1,4 +1,5 @@
-"""Provenance for benchmark rows: command, machine, versions, git revision, time."""
+"""Provenance for benchmark rows, the one helper every bench script uses: command, machine, devices, versions,
+git revision, time."""
 from __future__ import annotations
 
 import datetime
@@ -23,12 +24,21 @@ def provenance() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{cpu} ({os.cpu_count()} cpus, torch threads {torch.get_num_threads()})",
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": gpu,
+        "device": gpu or "cpu",
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
         "transformers": transformers.__version__,
         "git": sha,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

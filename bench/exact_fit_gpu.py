@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.gpu_model import build_model, provenance  # noqa: E402
+from bench.common import provenance  # noqa: E402
+from bench.gpu_model import build_model  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402
 from engine.runner import Runner  # noqa: E402
 
@@ -69,7 +70,7 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         print(json.dumps({"tokens": n, "stride": args.stride, "dense_s": round(med["dense"], 3),
                           "route_s": round(med["route"], 3), "route/dense": round(med["route"] / med["dense"], 3),
-                          "runs": times, "peak_bytes": peaks, "provenance": provenance("cuda")}), flush=True)
+                          "runs": times, "peak_bytes": peaks, "provenance": provenance()}), flush=True)
 
 
 if __name__ == "__main__":

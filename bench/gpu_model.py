@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import json
 import os
@@ -31,28 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import provenance  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402
 from engine.runner import Runner  # noqa: E402
 
 T0 = time.perf_counter()
-
-
-def provenance(dev: str) -> dict:
-    import transformers
-    try:
-        import triton
-        tv = triton.__version__
-    except Exception:  # noqa: BLE001
-        tv = None
-    return {
-        "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": tv,
-        "transformers": transformers.__version__,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def sync(dev: str) -> None:
@@ -286,7 +268,7 @@ def main() -> None:
         args.dense_past, args.decode_steps, args.decode_rounds = 512, 2, 2
     dev = "cpu" if args.tiny else "cuda"
     deadline = T0 + args.budget
-    prov = provenance(dev)
+    prov = provenance()
     print(json.dumps(prov), flush=True)
 
     def emit(row: dict) -> None:

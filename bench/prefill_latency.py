@@ -29,11 +29,9 @@ Prints a table at the end and one JSON row per measurement (card, torch/triton v
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -44,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cascade_kernels.chunk_attention as ca  # noqa: E402
+from bench.common import provenance  # noqa: E402
 import cascade_kernels.decode_attention as da  # noqa: E402
 import cascade_kernels.paged_attention as pa  # noqa: E402
 from engine.attention import apply_rope  # noqa: E402
@@ -54,19 +53,6 @@ from cascade_kernels.rope import rotate_queries  # noqa: E402
 HQ, HKV, D = 32, 8, 128
 DEV = "cuda"
 DT = torch.bfloat16
-
-
-def provenance() -> dict:
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {
-        "command": "python " + " ".join(sys.argv),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": ca.triton.__version__ if ca.triton is not None else None,
-        "cuda": torch.version.cuda,
-        "git": sha,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def emitter(prov: dict, out: str, rows: list) -> Callable[[dict], None]:

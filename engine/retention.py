@@ -77,7 +77,7 @@ class QuestionGuide:
         """λ·(1 − β^L)·(question attention) over the keys k_all [B, Hkv, K, D] but the first n_drop (sinks)."""
         q = self.queries[layer]
         n_k = k_all.shape[2]
-        cos, sin = self.runner._rotary(n_k + q.shape[2], k_all.device)  # this layer's device
+        cos, sin = self.runner.rotary(n_k + q.shape[2], k_all.device)  # this layer's device
         q_rot = apply_rope(q, cos[n_k:].float(), sin[n_k:].float())  # the question right after the chunk
         a = question_attention(q_rot, k_all, self.scale[layer], self.runner.config.head_reduce)
         return self.weight * (1.0 - self.runner.config.beta**n_new) * a[:, :, n_drop:]

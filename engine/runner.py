@@ -67,7 +67,7 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _rotary(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    def rotary(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin [n, D] for positions 0 .. n-1 from the model's own rotary module (any RoPE scaling).
 
         On `device` (default: the embedding's); tables are built once and copied once to each device."""
@@ -96,7 +96,7 @@ class Runner:
                 f"lower --cache-size or --stride, or use --policy cascade/sink"
             )
         self.cache.begin(n_new)
-        cos, sin = self._rotary(past + n_new)
+        cos, sin = self.rotary(past + n_new)
         ema = ema_weights(n_new, self.config.beta, ids.device) if self.cache.needs_scores else None
         self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
                                        self.query_hook, key_hook=self.key_hook,
@@ -127,7 +127,7 @@ class Runner:
         if shape.layer_devices is None:
             return None
         needs_ema = self.cache.needs_scores
-        return {d: (*self._rotary(n, d), ema_weights(n_new, self.config.beta, d) if needs_ema else None)
+        return {d: (*self.rotary(n, d), ema_weights(n_new, self.config.beta, d) if needs_ema else None)
                 for d in shape.devices[1:]}
 
     @torch.inference_mode()

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .cache import CascadeCache, DenseCache, EvidenceCascadeCache, KVCache, SinkWindowCache, make_cache
+from .cache import KVCache, make_cache
 from .config import CacheConfig
 from .errors import CascadeError, ConfigError
 from .runner import cache_shape
@@ -43,9 +43,6 @@ _DTYPES = {  # safetensors dtype names
     torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
 }
 _FROM_NAME = {name: dtype for dtype, name in _DTYPES.items()}
-_POLICY = {CascadeCache: "cascade", EvidenceCascadeCache: "cascade", SinkWindowCache: "sink", DenseCache: "full"}
-
-
 class Snapshot(NamedTuple):
     cache: KVCache  # on the model's device, ready for Runner.cache
     meta: dict  # the whole metadata: "settings", "n_sinks", "extra" (the caller's), "model", ...
@@ -139,26 +136,10 @@ def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 def _cache_state(cache: KVCache) -> tuple[dict, dict[str, Tensor]]:
-    """(integer control state, tensors) of any policy's cache."""
-    control: dict[str, Any] = {"policy": _POLICY[type(cache)], "seen": cache.seen, "batch": cache.shape.batch}
-    tensors: dict[str, Tensor] = {}
-    if isinstance(cache, CascadeCache):
-        control |= {"start": list(cache.start), "count": list(cache.count)}
-        if isinstance(cache, EvidenceCascadeCache):
-            control["evidence"] = cache.control()
-        for l in range(cache.shape.n_layers):
-            tensors |= {f"layer.{l}.k": cache.k[l], f"layer.{l}.v": cache.v[l], f"layer.{l}.score": cache.score[l],
-                        f"layer.{l}.index": cache.idx[l]}
-    elif isinstance(cache, SinkWindowCache):
-        control |= {"head": cache.head, "count": cache.count}
-        tensors["index"] = cache.index
-        for l in range(cache.shape.n_layers):
-            tensors |= {f"layer.{l}.k": cache.k[l], f"layer.{l}.v": cache.v[l]}
-    else:  # dense: only the tokens seen so far (the buffer beyond is unused headroom)
-        control["capacity"] = cache.capacity
-        for l in range(cache.shape.n_layers):
-            tensors |= {f"layer.{l}.k": cache.k[l][:, :, : cache.seen], f"layer.{l}.v": cache.v[l][:, :, : cache.seen]}
-    return control, tensors
+    """(integer control state, tensors) of any policy's cache: the cache's own `state()`, with what every
+    policy shares."""
+    control, tensors = cache.export_state()
+    return {"policy": cache.policy, "seen": cache.seen, "batch": cache.shape.batch, **control}, tensors
 
 
 def _as_bytes(t: Tensor) -> bytes:
@@ -377,46 +358,11 @@ def _rebuild(meta: dict, tensors: dict[str, Tensor], model) -> KVCache:
              "sinks, seen or batch")
     _require(control["policy"] == config.policy, "policy and control state disagree")
     shape = cache_shape(model.model, batch)  # per-layer devices when the model is spread over several
-    capacity = 0
-    if config.policy == "full":
-        capacity = control["capacity"]
-        _require(_is_int(capacity) and seen <= capacity <= max(model.max_positions, 4096, seen), "capacity")
+    capacity = control.get("capacity", 0)  # the dense cache's buffer: allocated before it is filled
+    _require(_is_int(capacity) and 0 <= capacity <= max(model.max_positions, 4096, seen), "capacity")
     cache = make_cache(config, shape, n_sinks, expected_tokens=capacity)
     cache.seen = seen
-
-    def put(dst: Tensor, name: str) -> None:
-        src = tensors[name]
-        _require(src.dtype == dst.dtype and src.shape == dst.shape, f"{name}: {src.dtype} {tuple(src.shape)}")
-        dst.copy_(src)
-
-    for l in range(shape.n_layers):
-        if isinstance(cache, DenseCache):
-            put(cache.k[l][:, :, :seen], f"layer.{l}.k")
-            put(cache.v[l][:, :, :seen], f"layer.{l}.v")
-            continue
-        put(cache.k[l], f"layer.{l}.k")
-        put(cache.v[l], f"layer.{l}.v")
-        if isinstance(cache, CascadeCache):
-            put(cache.score[l], f"layer.{l}.score")
-            put(cache.idx[l], f"layer.{l}.index")
-    if isinstance(cache, CascadeCache):
-        start, count = control["start"], control["count"]
-        _require(isinstance(start, list) and isinstance(count, list) and len(start) == len(count) == cache.cascades,
-                 "sub-cache count")
-        _require(all(_is_int(s) and 0 <= s < cache.width for s in start), "ring starts")
-        _require(all(_is_int(c) and 0 <= c <= cache.width for c in count), "ring counts")
-        cache.start, cache.count = list(start), list(count)
-        if isinstance(cache, EvidenceCascadeCache):
-            try:
-                cache.load_control(control["evidence"])
-            except (KeyError, TypeError, ValueError):
-                raise _Unusable("evidence state") from None
-    elif isinstance(cache, SinkWindowCache):
-        head, count = control["head"], control["count"]
-        _require(_is_int(head) and _is_int(count) and 0 <= head < cache.window and 0 <= count <= cache.window,
-                 "window head or count")
-        put(cache.index, "index")
-        cache.head, cache.count = head, count
+    cache.import_state(control, tensors)  # ValueError for what does not fit: the caller's one-line error
     return cache
 
 

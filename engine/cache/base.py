@@ -50,6 +50,7 @@ class KVCache(ABC):
     """One policy's cache for a whole model (one buffer set per layer)."""
 
     needs_scores: bool = False  # does `update` consume attention scores?
+    policy: str = ""  # the --policy this class implements (engine/config.py POLICIES)
 
     def __init__(self, shape: CacheShape, n_sinks: int):
         self.shape = shape
@@ -111,6 +112,16 @@ class KVCache(ABC):
     def fill(self) -> list[tuple[int, int]]:
         """(used, capacity) of the sinks and of each sub-cache, for progress displays."""
 
+    @abstractmethod
+    def export_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """(JSON-able control state, named tensors) of everything but `seen`: what `import_state` needs to rebuild
+        this cache in a fresh one of the same settings (engine/snapshot.py writes both to a cache file)."""
+
+    @abstractmethod
+    def import_state(self, control: dict, tensors: dict[str, Tensor]) -> None:
+        """Restore `export_state()` into this fresh cache, whose `seen` is already set; ValueError naming what does not
+        fit (a crafted or damaged file)."""
+
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors."""
         return sum(t.numel() * t.element_size() for t in self._tensors())
@@ -138,3 +149,17 @@ def empty_buffers(shape: CacheShape, capacity: int) -> tuple[list[Tensor], list[
     vs = [torch.zeros(kv, dtype=shape.dtype, device=shape.device_of(i)) for i in layers]
     idx = [torch.full(kv[:3], -1, dtype=torch.long, device=shape.device_of(i)) for i in layers]
     return ks, vs, idx
+
+
+def copy_named(dst: Tensor, tensors: dict[str, Tensor], name: str) -> None:
+    """Copy `tensors[name]` into `dst` (`import_state`); ValueError when it is missing or of another dtype or shape."""
+    src = tensors.get(name)
+    if src is None or src.dtype != dst.dtype or src.shape != dst.shape:
+        got = "missing" if src is None else f"{src.dtype} {tuple(src.shape)}"
+        raise ValueError(f"{name}: {got}")
+    dst.copy_(src)
+
+
+def is_int(x) -> bool:
+    """A JSON integer (not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from cascade_kernels.cache_push import push_token
 
-from .base import CacheShape, KVCache, empty_buffers, gather_past
+from .base import CacheShape, KVCache, copy_named, empty_buffers, gather_past, is_int
 
 
 @dataclass
@@ -206,6 +206,7 @@ class _Chunk:
 
 class CascadeCache(KVCache):
     needs_scores = True
+    policy = "cascade"
 
     def __init__(self, shape: CacheShape, n_sinks: int, cache_size: int, cascades: int, beta: float,
                  extra_slots: int = 0):
@@ -386,3 +387,23 @@ class CascadeCache(KVCache):
 
     def _tensors(self) -> list[Tensor]:
         return self.k + self.v + self.score + self.idx
+
+    def export_state(self) -> tuple[dict, dict[str, Tensor]]:
+        tensors: dict[str, Tensor] = {}
+        for l in range(self.shape.n_layers):
+            tensors |= {f"layer.{l}.k": self.k[l], f"layer.{l}.v": self.v[l], f"layer.{l}.score": self.score[l],
+                        f"layer.{l}.index": self.idx[l]}
+        return {"start": list(self.start), "count": list(self.count)}, tensors
+
+    def import_state(self, control: dict, tensors: dict[str, Tensor]) -> None:
+        start, count = control["start"], control["count"]
+        if not (isinstance(start, list) and isinstance(count, list) and len(start) == len(count) == self.cascades):
+            raise ValueError("sub-cache count")
+        if not all(is_int(s) and 0 <= s < self.width for s in start):
+            raise ValueError("ring starts")
+        if not all(is_int(c) and 0 <= c <= self.width for c in count):
+            raise ValueError("ring counts")
+        for l in range(self.shape.n_layers):
+            for buf, name in ((self.k, "k"), (self.v, "v"), (self.score, "score"), (self.idx, "index")):
+                copy_named(buf[l], tensors, f"layer.{l}.{name}")
+        self.start, self.count = list(start), list(count)

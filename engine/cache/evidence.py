@@ -152,6 +152,17 @@ class EvidenceCascadeCache(CascadeCache):
 
     # ---- persistence
 
+    def export_state(self) -> tuple[dict, dict[str, Tensor]]:
+        control, tensors = super().export_state()
+        return control | {"evidence": self.control()}, tensors
+
+    def import_state(self, control: dict, tensors: dict[str, Tensor]) -> None:
+        super().import_state(control, tensors)
+        try:
+            self.load_control(control["evidence"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("evidence state") from None
+
     def control(self) -> dict:
         """The evidence store's control state (engine/snapshot.py saves it beside the rings')."""
         return {"ev_token": self.ev_token.tolist(), "dead": np.flatnonzero(self.dead).tolist(),

@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import CacheShape, KVCache, empty_buffers
+from .base import CacheShape, KVCache, copy_named, empty_buffers
 
 
 class DenseCache(KVCache):
     needs_scores = False
+
+    policy = "full"
 
     def __init__(self, shape: CacheShape, n_sinks: int = 0, capacity: int = 4096):
         super().__init__(shape, n_sinks)
@@ -57,3 +59,17 @@ class DenseCache(KVCache):
 
     def _tensors(self) -> list[Tensor]:
         return self.k + self.v
+
+    def export_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """Only the tokens seen so far (the buffer beyond is unused headroom)."""
+        tensors: dict[str, Tensor] = {}
+        for l in range(self.shape.n_layers):
+            tensors |= {f"layer.{l}.k": self.k[l][:, :, : self.seen], f"layer.{l}.v": self.v[l][:, :, : self.seen]}
+        return {"capacity": self.capacity}, tensors
+
+    def import_state(self, control: dict, tensors: dict[str, Tensor]) -> None:
+        if not self.seen <= self.capacity:
+            raise ValueError("capacity")
+        for l in range(self.shape.n_layers):
+            copy_named(self.k[l][:, :, : self.seen], tensors, f"layer.{l}.k")
+            copy_named(self.v[l][:, :, : self.seen], tensors, f"layer.{l}.v")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import CacheShape, KVCache, empty_buffers, gather_past
+from .base import CacheShape, KVCache, copy_named, empty_buffers, gather_past, is_int
 
 
 class SinkWindowCache(KVCache):
     needs_scores = False
+    policy = "sink"
 
     def __init__(self, shape: CacheShape, n_sinks: int, window: int):
         super().__init__(shape, n_sinks)
@@ -82,3 +83,19 @@ class SinkWindowCache(KVCache):
 
     def _tensors(self) -> list[Tensor]:
         return self.k + self.v
+
+    def export_state(self) -> tuple[dict, dict[str, Tensor]]:
+        tensors = {"index": self.index}
+        for l in range(self.shape.n_layers):
+            tensors |= {f"layer.{l}.k": self.k[l], f"layer.{l}.v": self.v[l]}
+        return {"head": self.head, "count": self.count}, tensors
+
+    def import_state(self, control: dict, tensors: dict[str, Tensor]) -> None:
+        head, count = control["head"], control["count"]
+        if not (is_int(head) and is_int(count) and 0 <= head < self.window and 0 <= count <= self.window):
+            raise ValueError("window head or count")
+        for l in range(self.shape.n_layers):
+            copy_named(self.k[l], tensors, f"layer.{l}.k")
+            copy_named(self.v[l], tensors, f"layer.{l}.v")
+        copy_named(self.index, tensors, "index")
+        self.head, self.count = head, count

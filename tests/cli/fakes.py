@@ -36,3 +36,12 @@ def use_fake_model(monkeypatch) -> None:
 
     for module in (ppl, summarize, ask):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: fake_lm())
+
+
+def invoke(args, **kw):
+    """The CLI in-process through typer's CliRunner (stdout and stderr kept apart), as every CLI test calls it."""
+    from typer.testing import CliRunner
+
+    from cascadectl.main import app
+
+    return CliRunner().invoke(app, args, **kw)

@@ -3,11 +3,9 @@ bit for bit); a longer one through a cascade within the model's positions and --
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from cascadectl.commands import ask, ppl, summarize
-from cascadectl.main import app
-from tests.cli.fakes import fake_lm
+from tests.cli.fakes import fake_lm, invoke
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 12
 LONG = "Mr. Bennet was among the earliest of those who waited on Mr. Bingley, and he always intended it. " * 40
@@ -21,9 +19,6 @@ def positions(monkeypatch):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: fake_lm(limit["n"]))
     return limit
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 def doc(args, input_text):

@@ -3,12 +3,10 @@ import json
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
 from cascadectl.commands import bench_passkey, bench_retention
 from cascadectl.commands import ppl as ppl_command
-from cascadectl.main import app
-from tests.cli.fakes import fake_lm
+from tests.cli.fakes import fake_lm, invoke
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CACHE = ["--cache-size", "128", "--stride", "64", "--sinks", "4", "--cascades", "4"]
@@ -35,9 +33,6 @@ def prose(tmp_path):
 def retention_args(prose):
     return ["bench", "retention", "--gaps", "0.5x,1x,300", "--segment-tokens", "16", "--text", prose, *CACHE]
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 def one_line_error(result, code, needle):

@@ -2,11 +2,9 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from cascadectl.commands import bench_passkey, bench_ruler
-from cascadectl.main import app
-from tests.cli.fakes import fake_lm
+from tests.cli.fakes import fake_lm, invoke
 from tests.cli.test_bench import CACHE, one_line_error
 
 RULER = ["bench", "ruler", "--lengths", "700", *CACHE]
@@ -21,9 +19,6 @@ def tiny(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_passkey, "load_model", lambda *a, **k: fake_lm(positions["n"]))
     return positions
 
-
-def invoke(args):
-    return CliRunner().invoke(app, args)
 
 
 @pytest.mark.parametrize("task", ["multikey", "multivalue", "vartrack"])

@@ -5,10 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cascadectl.main import app
-from tests.cli.fakes import use_fake_model
+from tests.cli.fakes import invoke, use_fake_model
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 4
 SMALL = ["--cache-size", "192", "--stride", "32", "--sinks", "4", "--cascades", "2"]
@@ -27,9 +25,6 @@ def text_file(tmp_path):
     path.write_text(TEXT)
     return str(path)
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 def run_json(args) -> dict:

@@ -9,14 +9,12 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from cascadectl.commands import ppl as ppl_command
-from cascadectl.main import app
 from engine import snapshot
 from engine.checkpoint import Checkpoint
 from engine.runner import Runner
-from tests.cli.fakes import fake_lm, use_fake_model
+from tests.cli.fakes import fake_lm, invoke, use_fake_model
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 10
 SMALL = ["--cache-size", "64", "--stride", "32", "--sinks", "4", "--cascades", "4"]  # ~28 chunks of 32 tokens
@@ -36,9 +34,6 @@ def text_file(tmp_path):
     path.write_text(TEXT)
     return str(path)
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 def ctrl_c_after(monkeypatch, n_steps: int, times: int = 1) -> None:

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cascadectl.main import app
 from engine import distributed as dist_helpers
 from engine.errors import CascadeError
-from tests.cli.fakes import use_fake_model
+from tests.cli.fakes import invoke, use_fake_model
 from tests.engine.tiny import tiny_model
 
 SMALL = ["--cache-size", "64", "--stride", "16", "--sinks", "4", "--cascades", "4"]
@@ -35,9 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def tiny(monkeypatch):
     use_fake_model(monkeypatch)
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 def _corpus(folder: Path, extra: dict[str, str] | None = None) -> Path:

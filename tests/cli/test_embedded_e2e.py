@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cascadectl.main import app
 from tests.cli.pdfs import write_pdf
+from tests.cli.fakes import invoke
 
 BOOK = Path(__file__).resolve().parents[2] / "data" / "pride_and_prejudice.txt"
 FACT = "\n\nImportant: the password of the library is banana. Remember it.\n\n"
@@ -19,9 +18,6 @@ QUESTION = "What is the password of the library?"
 # cache, 33× the newest sub-cache) before the end, where a 512-token sliding window cannot see it
 SMALL = ["--cache-size", "512", "--cascades", "8", "--stride", "128", "--max-tokens", "16", "--json"]
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from cascadectl.citations import printable
-from cascadectl.main import app
-from tests.cli.fakes import use_fake_model
+from tests.cli.fakes import invoke, use_fake_model
 
 VARIED = ("Mr. Bingley came to Netherfield. The ball was long, and Darcy was proud. " * 30)
 FACT = " The code of the vault is 48213. "
@@ -19,9 +17,6 @@ def tiny(monkeypatch, tmp_path):
     monkeypatch.setenv("CASCADECTL_HOME", str(tmp_path / "home"))
     use_fake_model(monkeypatch)
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 @pytest.fixture

@@ -2,17 +2,12 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from cascadectl.main import app
-from tests.cli.fakes import fake_lm
+from tests.cli.fakes import fake_lm, invoke
 
 SMALL = ["--cache-size", "128", "--stride", "32", "--sinks", "4", "--max-tokens", "12", "--json"]
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 8
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 @pytest.fixture

@@ -2,11 +2,9 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from cascadectl.commands import ppl as ppl_command
-from cascadectl.main import app
-from tests.cli.fakes import fake_lm
+from tests.cli.fakes import fake_lm, invoke
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 12
 SMALL = ["--cache-size", "128", "--stride", "32", "--sinks", "4", "--cascades", "4"]
@@ -16,9 +14,6 @@ SMALL = ["--cache-size", "128", "--stride", "32", "--sinks", "4", "--cascades", 
 def tiny(monkeypatch):
     monkeypatch.setattr(ppl_command, "load_model", lambda *a, **k: fake_lm())
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 def test_file_prints_llama_cpp_line_on_stdout(tmp_path):

@@ -3,10 +3,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cascadectl.main import app
-from tests.cli.fakes import use_fake_model
+from tests.cli.fakes import invoke, use_fake_model
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 8
 SMALL = ["--cache-size", "128", "--stride", "32", "--sinks", "4", "--cascades", "4", "--max-tokens", "12"]
@@ -24,9 +22,6 @@ def text_file(tmp_path):
     path.write_text(TEXT)
     return str(path)
 
-
-def invoke(args, **kw):
-    return CliRunner().invoke(app, args, **kw)
 
 
 def test_summarize_stdout_is_only_the_answer(tiny, text_file):
