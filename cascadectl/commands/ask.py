@@ -126,7 +126,8 @@ def ask(
     if save_cache and first and not a.given(ctx, "question_first"):  # a file that answers any question
         first = False
         Say.info("note: --save-cache reads the input without pinning the question, so that the file answers any "
-                 "question (--question-first keeps the guided read; the file then answers only this question)")
+                 "question; it keeps evidence for this one (--question-first keeps the guided read; the file then "
+                 "answers only this question)")
     prompts = [build_prompt(lm.tokenizer, ASK_INSTRUCTION if first else ASK_INSTRUCTION_LATER, ASK_REQUEST, q,
                             question_first=first) for q in questions]
     sampling = sampling_for(lm)
