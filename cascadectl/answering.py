@@ -25,7 +25,6 @@ from engine.config import CacheConfig
 from engine.errors import CascadeError, ConfigError
 from engine.generate import Sampling
 from engine.prompt import Prompt
-from engine.cache import EvidenceCascadeCache
 from engine.evidence import (EvidenceSelector, Selectors, default_slots, probe, quoted_closing, restrict,
                              retrieval_layers, split_slots)
 from engine.retention import QuestionGuide
@@ -33,8 +32,7 @@ from engine.retention_report import SourceMap, iter_mapped_token_ids, retention_
 from engine.runner import Runner
 from engine.session import answer, check_room, ingest, stop_ids
 from engine.snapshot import config_of, load_snapshot, save_snapshot
-from engine.sizing import (exact_room, kv_bytes_per_token, long_input_config, memory_budget, parse_cache_size,
-                           parse_memory, route)
+from engine.sizing import long_input_config, memory_budget, parse_cache_size, parse_memory, route
 from engine.tokens import rechunk
 
 from . import checkpoints as ck
@@ -129,7 +127,7 @@ class Session:
         self.max_tokens, self.question_weight = max_tokens, question_weight
         self.guided = prompt.question_span is not None and question_weight > 0 and config.policy == "cascade"
         self.n_sinks = max(config.sinks, len(prompt.prefix_ids))
-        self.auto, self.sizing = sizing, None
+        self.sizing = None
         if sizing is not None and config.policy != "full":
             q_tokens = prompt.question_span[1] - prompt.question_span[0] if self.guided else 0
             config, self.sizing = long_input_config(config, lm.model, lm.max_positions, self.n_sinks, q_tokens,
@@ -180,10 +178,9 @@ class Session:
         n_prefix = len(self.prompt.prefix_ids)
         known = None
         if self.sizing is not None:  # --cache-size auto: an input that fits is read exactly
-            room = exact_room(self.lm.max_positions, n_prefix, longest_suffix, self.max_tokens,
-                              kv_bytes_per_token(self.lm.model, "full"), self.sizing.memory_budget_bytes)
-            self.config, self.sizing, pieces = route(pieces, self.config, self.sizing, room, self.auto.stride or
-                                                     CacheConfig.stride)
+            self.config, self.sizing, pieces = route(pieces, self.config, self.sizing, self.lm.model,
+                                                     self.lm.max_positions,
+                                                     n_prefix + longest_suffix + self.max_tokens)
             self.guided = self.guided and not self.sizing.exact
         if self.config.policy == "full":  # positions grow with the input: count it before any model work
             ids = array("l")
@@ -249,7 +246,7 @@ class Session:
         self.stats.kv_cache_bytes = self.runner.cache.nbytes()
         if probed:
             self._store_index = list(range(len(self.probes)))
-        self._records(n_prefix, self.source_map)
+        self._records(n_prefix, self.source_map, self._store_index)
         self.retention = {
             "question_guided": self.guided,
             "question_weight": self.question_weight if self.guided else 0.0,
@@ -272,14 +269,12 @@ class Session:
         return ckpt.resume_at, float(seconds) if isinstance(seconds, (int, float)) else 0.0
 
     def _records(self, n_prefix: int, source_map: SourceMap, questions: list[int | None] | None = None) -> None:
-        """Citations from the cache: of the one question, or (several) of each probed question, `questions[k]`
-        being question k's index in the store (None: it has none)."""
+        """Citations from the cache: of the one question (`questions` None), or of each of several, `questions[i]`
+        being the i-th asked question's share of the store (None: it has none)."""
         cache = self.runner.cache
-        if questions is None and not (isinstance(cache, EvidenceCascadeCache) and cache.state.get("parts")):
+        if questions is None:
             self.evidence = evidence_records(cache, n_prefix, source_map, self.lm.tokenizer)
             return
-        if questions is None:
-            questions = list(range(len(self.probes)))
         self.evidence_by_question = [[] if k is None else
                                      evidence_records(cache, n_prefix, source_map, self.lm.tokenizer, k)
                                      for k in questions]
@@ -384,14 +379,14 @@ class Session:
     def answer(self, suffix_ids: list[int], sampling: Sampling, echo: bool, fork: bool = False,
                question: int | None = None) -> str:
         """Stream one answer (to stdout when `echo`); `fork` answers from a copy of the cache, kept for the next.
-        `question`: the index of this question among the probed ones, whose evidence alone it sees (a copy)."""
+        `question`: this question's share of a several-question store (`store_index`), whose evidence alone it
+        sees (in a copy)."""
         runner = self.runner
         base = runner.cache
-        shared = question is not None and isinstance(base, EvidenceCascadeCache) and base.state.get("parts")
-        if fork or shared:
+        if fork or question is not None:
             with torch.inference_mode():
                 runner.cache = copy.deepcopy(base)
-            if shared:
+            if question is not None:
                 restrict(runner.cache, question)
         text = []
         seconds_before, start = self.stats.seconds_generate, time.perf_counter()

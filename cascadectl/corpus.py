@@ -39,7 +39,7 @@ from engine.models import LoadedModel
 from engine.perplexity import PerplexityResult, perplexity
 from engine.prompt import Prompt
 from engine.runner import Runner
-from engine.sizing import Sizing, exact_room, kv_bytes_per_token, long_input_config, route
+from engine.sizing import Sizing, long_input_config, route
 from engine.tokens import iter_token_ids, rechunk
 
 from .answering import AutoSize, Session
@@ -235,8 +235,7 @@ def ppl_each(sources: list[str], config: CacheConfig, load: Load, device: str, d
 
     def work(lm: LoadedModel, path: str, label: str) -> dict:
         chosen, sizing = sized[id(lm)]
-        return _file_perplexity(lm, chosen, path, label, quiet or world_from_env().distributed, sizing,
-                                config.stride)
+        return _file_perplexity(lm, chosen, path, label, quiet or world_from_env().distributed, sizing)
 
     run = run_each(corpus.files, device, device_map, load_checked, work, _ppl_sums, _ppl_line, quiet)
     n_failed = int(run.sums[7])
@@ -253,9 +252,9 @@ def ppl_each(sources: list[str], config: CacheConfig, load: Load, device: str, d
 
 
 def _file_perplexity(lm: LoadedModel, config: CacheConfig, path: str, label: str, quiet: bool,
-                     sizing: Sizing | None = None, exact_stride: int = 0) -> dict:
+                     sizing: Sizing | None = None) -> dict:
     """One file through a fresh cache: the same tokens and chunks as `cascadectl ppl FILE` (with `sizing`, an
-    input that fits is read exactly, in chunks of `exact_stride`)."""
+    input that fits is read exactly)."""
     report = InputReport()
     n_bytes = 0
 
@@ -268,8 +267,7 @@ def _file_perplexity(lm: LoadedModel, config: CacheConfig, path: str, label: str
     pieces = iter_token_ids(lm.tokenizer, texts())
     n_ids = 0
     if sizing is not None:
-        room = exact_room(lm.max_positions, 0, 0, 0, kv_bytes_per_token(lm.model, "full"), sizing.memory_budget_bytes)
-        config, sizing, pieces = route(pieces, config, sizing, room, exact_stride)
+        config, sizing, pieces = route(pieces, config, sizing, lm.model, lm.max_positions)
     if config.policy == "full":  # positions grow with the input: count it before any model work
         ids = [i for piece in pieces for i in piece]
         config.check_positions(config.sinks, lm.max_positions, len(ids))

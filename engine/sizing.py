@@ -23,6 +23,8 @@ import torch
 
 from .config import CacheConfig
 from .errors import ConfigError
+from .families import kv_geometry
+from .runner import cache_shape
 from .tokens import peek
 
 AUTO = "auto"
@@ -44,6 +46,7 @@ class Sizing:
     kv_bytes_per_token: int  # keys, values and (cascade) scores of one cached token over all layers
     memory_budget_bytes: int
     exact_up_to: int  # input tokens that are read exactly (full attention) with this prompt and answer
+    exact_stride: int  # the exact route's chunks: the requested stride, as --policy full would read
     exact: bool = False  # this input fitted and was read exactly
 
     def as_dict(self) -> dict:
@@ -88,47 +91,22 @@ def parse_memory(text: str | None) -> int | None:
     return int(n)
 
 
-def _text_config(model):
-    config = model.config
-    return getattr(config, "text_config", None) or config
-
-
 def kv_bytes_per_token(model, policy: str = "cascade") -> int:
-    """Bytes one cached token costs over all layers: keys and values in the model's dtype, plus an fp32 score
-    per KV head for the cascade."""
-    cfg = _text_config(model)
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    layers = int(cfg.num_hidden_layers)
-    element = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
-    scores = 4 * kv_heads * layers if policy == "cascade" else 0
-    return 2 * layers * kv_heads * head_dim * element + scores
+    """Bytes one cached token costs over all layers (the geometry the cache itself is built with): keys and
+    values in the model's dtype, plus an fp32 score per KV head for the cascade."""
+    shape = cache_shape(model)
+    element = torch.empty((), dtype=shape.dtype).element_size()
+    scores = 4 * shape.n_kv_heads * shape.n_layers if policy == "cascade" else 0
+    return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * element + scores
 
 
 def speed_cap(model) -> int:
     """The cache size at which attention over it costs what the decoder layers' weights cost per token."""
-    cfg = _text_config(model)
-    heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    layers = _decoder_layers(model)
-    if layers is None:
-        return MIN_CACHE
+    layers = model.model.layers
+    _, head_dim = kv_geometry(model)
     weights = sum(p.numel() for p in layers.parameters())
-    per_slot = 4 * heads * head_dim * len(layers)  # q·k and p·v for every head of every layer
+    per_slot = 4 * int(model.config.num_attention_heads) * head_dim * len(layers)  # q·k and p·v, every head
     return int(2 * weights // per_slot)
-
-
-def _decoder_layers(model):
-    for path in ("model.layers", "model.language_model.layers", "model.decoder.layers", "transformer.h"):
-        module = model
-        for name in path.split("."):
-            module = getattr(module, name, None)
-            if module is None:
-                break
-        if module is not None:
-            return module
-    return None
 
 
 def memory_budget(device: torch.device | str, memory: int | None = None) -> int:
@@ -187,20 +165,24 @@ def long_input_config(base: CacheConfig, model, limit: int, n_sinks: int, extra_
     if size < cascades:
         raise ConfigError(f"no cache fits: the model has {limit:,} positions and the budget is {budget:,} bytes "
                           f"({per_token:,} a cached token); give --cache-size and --memory")
+    given_stride = stride
     if stride is None:
         stride = max(1, min(size // cascades, MAX_STRIDE, max(1, room - size)))
     config = replace(base, cache_size=size, stride=stride)
-    return config, Sizing(cache_size=size, stride=stride, bound=bound, kv_bytes_per_token=per_token,
-                          memory_budget_bytes=budget, exact_up_to=0)
+    return config, Sizing(cache_size=size, stride=config.stride, bound=bound, kv_bytes_per_token=per_token,
+                          memory_budget_bytes=budget, exact_up_to=0,
+                          exact_stride=CacheConfig.stride if given_stride is None else given_stride)
 
 
-def route(pieces: Iterable[list[int]], config: CacheConfig, sizing: Sizing, room: int,
-          stride: int) -> tuple[CacheConfig, Sizing, Iterable[list[int]]]:
-    """Take the exact route when the input (`pieces`) has at most `room` tokens: (config, sizing, pieces) to read
-    it with, `--policy full` at `stride` (the requested one, so that the result is that of `--policy full`
-    bit for bit); a longer input keeps `config` and streams as before, having held at most `room` ids meanwhile."""
+def route(pieces: Iterable[list[int]], config: CacheConfig, sizing: Sizing, model, limit: int,
+          reserved: int = 0) -> tuple[CacheConfig, Sizing, Iterable[list[int]]]:
+    """Take the exact route when the input (`pieces`) fits beside `reserved` tokens of prompt, request and answer
+    (`exact_room`): (config, sizing, pieces) to read it with, `--policy full` at `sizing.exact_stride`, so that
+    the result is that of `--policy full` bit for bit; a longer input keeps `config` and streams as before,
+    having held at most that many ids meanwhile."""
+    room = exact_room(limit, reserved, 0, 0, kv_bytes_per_token(model, "full"), sizing.memory_budget_bytes)
     fitted, pieces = peek(pieces, room)
     sizing = replace(sizing, exact_up_to=room, exact=fitted is not None)
     if fitted is None:
         return config, sizing, pieces
-    return CacheConfig(policy="full", sinks=config.sinks, stride=stride), sizing, [fitted]
+    return CacheConfig(policy="full", sinks=config.sinks, stride=sizing.exact_stride), sizing, [fitted]

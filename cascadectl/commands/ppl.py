@@ -10,8 +10,8 @@ from engine.errors import ConfigError
 from engine.models import load_model
 from engine.perplexity import perplexity
 from engine.runner import Runner
-from engine.sizing import exact_room, kv_bytes_per_token, long_input_config, route
-from engine.tokens import iter_token_ids, rechunk
+from engine.sizing import long_input_config, route
+from engine.tokens import iter_token_ids
 
 from .. import answering as a
 from .. import checkpoints as ck
@@ -113,9 +113,7 @@ def ppl(
 
     pieces = iter_token_ids(lm.tokenizer, texts())
     if len(configs) == 1 and sizings[0] is not None:
-        room = exact_room(lm.max_positions, 0, 0, 0, kv_bytes_per_token(lm.model, "full"),
-                          sizings[0].memory_budget_bytes)
-        configs[0], sizings[0], pieces = route(pieces, configs[0], sizings[0], room, stride)
+        configs[0], sizings[0], pieces = route(pieces, configs[0], sizings[0], lm.model, lm.max_positions)
         Say.info(f"[dim]{sizings[0].describe()}[/]")
     elif any(sizings):
         Say.info(f"[dim]--compare with --cache-size auto: every policy reads through a {sizings[-1].cache_size:,}-token "

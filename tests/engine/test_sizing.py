@@ -71,7 +71,7 @@ def test_speed_bound_follows_the_weights():
     config, sizing = long_input_config(CacheConfig(), model, 1 << 22, 64, 0, budget=1 << 40)
     assert sizing.bound == ("minimum" if speed_cap(model) < MIN_CACHE else "speed")
     assert config.cache_size == max(MIN_CACHE, speed_cap(model)) // 1024 * 1024
-    assert config.stride == config.cache_size // 4
+    assert config.stride == config.cache_size // 4 and sizing.exact_stride == CacheConfig.stride
 
 
 def test_a_given_stride_is_kept():
@@ -104,8 +104,9 @@ def test_peek_holds_back_nothing(n):
 
 def test_route_takes_full_attention_only_when_it_fits():
     model = tiny_model("llama", max_positions=1 << 20)
-    config, sizing = long_input_config(CacheConfig(), model, 1 << 20, 64, 0, budget=1 << 40)
-    exact, fitted, pieces = route([[1, 2, 3]], config, sizing, room=10, stride=512)
+    config, sizing = long_input_config(CacheConfig(), model, 1 << 20, 64, 0, budget=1 << 40, stride=512)
+    assert sizing.exact_stride == 512
+    exact, fitted, pieces = route([[1, 2, 3]], config, sizing, model, limit=30, reserved=20)  # room: 10 tokens
     assert exact == CacheConfig(policy="full", stride=512) and fitted.exact and list(pieces) == [[1, 2, 3]]
-    kept, longer, pieces = route([[1] * 6, [2] * 6], config, sizing, room=10, stride=512)
+    kept, longer, pieces = route([[1] * 6, [2] * 6], config, sizing, model, limit=30, reserved=20)
     assert kept == config and not longer.exact and longer.exact_up_to == 10 and list(pieces) == [[1] * 6, [2] * 6]
