@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cascadectl.main import app
@@ -23,12 +22,7 @@ TEXT = "The harbour committee met on Tuesday and agreed the budget for the repai
 SETTINGS = ["--cache-size", "64", "--stride", "32", "--sinks", "4", "--cascades", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

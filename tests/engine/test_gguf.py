@@ -40,12 +40,7 @@ def home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ids(seed: int = 0, n: int = 48) -> torch.Tensor:
