@@ -136,3 +136,9 @@ class Runner:
         # what the model's LM wrapper adds after the head: gemma's final capping, granite's scaling
         logits = output_logits(self.model.config, self.model.lm_head(hidden).float())
         return logits if self.cache.shape.layer_devices is None else logits.to(self.cache.shape.device)
+
+    def replace_cache(self, cache: KVCache) -> KVCache:
+        """Put `cache` in place of the runner's own (a snapshot's, or a copy to answer from) between chunks, and
+        return the one it replaces; the one way a cache changes hands, so nobody assigns `runner.cache`."""
+        previous, self.cache = self.cache, cache
+        return previous
