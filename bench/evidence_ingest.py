@@ -29,7 +29,7 @@ from engine.models import load_model  # noqa: E402
 from engine.prompt import ASK_INSTRUCTION, ASK_REQUEST, build_prompt  # noqa: E402
 from engine.retention import QuestionGuide  # noqa: E402
 from engine.runner import Runner  # noqa: E402
-from engine.session import ingest  # noqa: E402
+from engine.reading import ingest  # noqa: E402
 
 BOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "pride_and_prejudice.txt")
 

@@ -28,7 +28,7 @@ from bench.common import provenance  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.runner import Runner  # noqa: E402
-from engine.session import ingest  # noqa: E402
+from engine.reading import ingest  # noqa: E402
 from engine.tokens import rechunk  # noqa: E402
 
 BOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "pride_and_prejudice.txt")

@@ -7,15 +7,12 @@ answer to stdout, `finish()` prints the stats line, the retention report and/or 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import sys
 import time
-from array import array
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -28,18 +25,20 @@ from engine.prompt import Prompt
 from engine.evidence import (EvidenceSelector, Selectors, default_slots, probe, quoted_closing, restrict,
                              retrieval_layers, split_slots)
 from engine.retention import QuestionGuide
-from engine.retention_report import SourceMap, iter_mapped_token_ids, retention_report
+from engine.retention_report import SourceMap, retention_report
 from engine.runner import Runner
-from engine.session import answer, check_room, ingest, stop_ids
+from engine.reading import answer, check_room, forked, ingest_steps, stop_ids
 from engine.snapshot import config_of, load_snapshot, save_snapshot
-from engine.sizing import long_input_config, memory_budget, parse_cache_size, parse_memory, route
+from engine.sizing import long_input_config, route
 from engine.tokens import rechunk
 
 from . import checkpoints as ck
-from .common import AnswerInterrupts, ChunkInterrupts, check_output_path, peak_rss_bytes, require_text, versions
+from .common import AnswerInterrupts, check_output_path, peak_rss_bytes, require_text, versions
 from .citations import evidence_fill, evidence_records, print_citations
-from .console import Say, TokenProgress, console, fill_text, human_bytes
-from .inputs import InputReport, iter_segments, total_bytes_estimate
+from .console import Say, console, fill_text, human_bytes
+from .driver import InputTokens, drive, read_all
+from .inputs import InputReport
+from .settings import AutoSize
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-t", rich_help_panel="Generation",
                                         help="Most tokens to generate per answer.")]
@@ -166,15 +165,8 @@ class Session:
 
         With `checkpoint` (a path), the ingest is saved every so often and on Ctrl-C, or resumed from the file
         (`command` names the run in it); Ctrl-C always lands between chunks."""
-        segments = iter_segments(self.sources, report=self.input)
-        tokenized = [0]  # tokens the tokenizer produced so far: runs ahead of the model by up to a 64K piece
-
-        def counted(pieces):
-            for piece in pieces:
-                tokenized[0] += len(piece)
-                yield piece
-
-        pieces = counted(iter_mapped_token_ids(self.lm.tokenizer, segments, self.source_map))
+        tokens = InputTokens(self.lm.tokenizer, self.sources, self.input, self.source_map)
+        pieces = tokens.pieces
         n_prefix = len(self.prompt.prefix_ids)
         known = None
         if self.sizing is not None:  # --cache-size auto: an input that fits is read exactly
@@ -183,10 +175,8 @@ class Session:
                                                      n_prefix + longest_suffix + self.max_tokens)
             self.guided = self.guided and not self.sizing.exact
         if self.config.policy == "full":  # positions grow with the input: count it before any model work
-            ids = array("l")
-            for piece in pieces:
-                ids.extend(piece)
-            pieces, known = [ids.tolist()], len(ids)
+            ids = read_all(pieces)
+            pieces, known = [ids], len(ids)
         q_tokens = self.prompt.question_span[1] - self.prompt.question_span[0] if self.guided else 0
         warning = check_room(self.config, self.n_sinks, self.lm.max_positions, longest_suffix, self.max_tokens,
                              None if known is None else n_prefix + known, q_tokens)
@@ -219,7 +209,6 @@ class Session:
             if checkpoint.resume:
                 resume_at, seconds_before = self._resume(ckpt, guide, selector if keeps else None)
             pieces = ckpt.track(rechunk(ckpt.skip(pieces), self.config.stride))
-        total_bytes = total_bytes_estimate(self.sources)
         start = time.perf_counter() - seconds_before
 
         def save() -> int:
@@ -228,16 +217,15 @@ class Session:
                 queries |= {f"control.{l}": c for l, c in enumerate(selector.control) if c is not None}
             return ckpt.save(self.runner.cache, {"seconds_ingest": time.perf_counter() - start}, queries)
 
-        with TokenProgress("reading", known, self.quiet) as progress, ChunkInterrupts() as stop, \
-                guide if guide is not None else contextlib.nullcontext(), selector:
+        def on_step(done: int) -> None:
+            self.stats.tokens, self.stats.seconds_ingest = done, time.perf_counter() - start
 
-            def on_chunk(done: int) -> None:
-                self.stats.tokens, self.stats.seconds_ingest = done, time.perf_counter() - start
-                total = known or _estimate_total(tokenized[0], self.input.bytes_read, total_bytes)
-                progress.update(done, total, fill_text(self.runner.cache.fill(), evidence_fill(self.runner.cache)))
-                ck.after_chunk(stop, ckpt, done, save, lambda: f"interrupted after {done:,} input tokens")
-
-            n_input = ingest(self.runner, self.prompt.prefix_ids, pieces, on_chunk, resume_at)
+        with guide if guide is not None else contextlib.nullcontext(), selector:
+            n_input = drive(ingest_steps(self.runner, self.prompt.prefix_ids, pieces, resume_at), "reading",
+                            self.quiet, known, tokens.estimate_total,
+                            fill=lambda: fill_text(self.runner.cache.fill(), evidence_fill(self.runner.cache)),
+                            ckpt=ckpt, save=save, partial=lambda done: f"interrupted after {done:,} input tokens",
+                            on_step=on_step) or (resume_at or 0)
         require_text(self.input, self.sources, n_input)  # nothing to answer from: refuse before generating
         Say.skipped(self.input.skipped)
         if ckpt is not None and ckpt.ledger.count > ckpt.saved_at:  # a Ctrl-C while answering resumes here
@@ -256,7 +244,7 @@ class Session:
     def _resume(self, ckpt, guide: QuestionGuide | None, selector: EvidenceSelector | None) -> tuple[int, float]:
         """Put the checkpoint's cache (and the question's queries) in place; (input tokens done, seconds spent)."""
         snap = ckpt.load()
-        self.runner.cache = snap.cache
+        self.runner.replace_cache(snap.cache)
         device = next(self.runner.model.parameters()).device
         for name, holder in (("question", guide and guide.queries), ("control", selector and selector.control)):
             if not holder:
@@ -352,7 +340,7 @@ class Session:
         if warning:
             Say.warn(warning)
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks)
-        self.runner.cache = cache
+        self.runner.replace_cache(cache)
         self.retention = retention
         stored = extra.get("evidence_questions") or []
         if evidence_fill(cache) is None:
@@ -381,21 +369,17 @@ class Session:
         """Stream one answer (to stdout when `echo`); `fork` answers from a copy of the cache, kept for the next.
         `question`: this question's share of a several-question store (`store_index`), whose evidence alone it
         sees (in a copy)."""
-        runner = self.runner
-        base = runner.cache
-        if fork or question is not None:
-            with torch.inference_mode():
-                runner.cache = copy.deepcopy(base)
-            if question is not None:
-                restrict(runner.cache, question)
         text = []
         seconds_before, start = self.stats.seconds_generate, time.perf_counter()
 
         def on_token(_: int) -> None:
             self.stats.generated_tokens += 1
+
+        copied = fork or question is not None
+        keep = (lambda cache: restrict(cache, question)) if question is not None else None
         try:
-            with AnswerInterrupts() as interrupts:
-                for piece in answer(runner, self.lm.tokenizer, suffix_ids, self.max_tokens, sampling,
+            with forked(self.runner, keep) if copied else contextlib.nullcontext(), AnswerInterrupts() as interrupts:
+                for piece in answer(self.runner, self.lm.tokenizer, suffix_ids, self.max_tokens, sampling,
                                     stop_ids(self.lm.tokenizer, self.lm.model), on_token):
                     interrupts.check()
                     text.append(piece)
@@ -408,7 +392,6 @@ class Session:
             if echo:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
-            runner.cache = base
         return "".join(text)
 
     def record(self, generation: dict) -> dict:
@@ -463,62 +446,6 @@ def check_cache_files(save_cache: str | None, load_cache: str | None, checkpoint
         raise ConfigError("--load-cache reads no input, so there is nothing to checkpoint: drop --checkpoint")
     if save_cache:
         check_output_path(save_cache, "--save-cache")
-
-
-def given(ctx: typer.Context, name: str) -> bool:
-    """Was option `name` given (command line or environment), rather than left at its default?"""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
-
-
-def explicit_settings(ctx: typer.Context) -> dict:
-    """Cache settings given explicitly: a --load-cache file must agree with them; the others come from it."""
-    settings = {name: ctx.params[name] for name in CACHE_SETTINGS if name in ctx.params and given(ctx, name)}
-    if "cache_size" in settings:
-        size = parse_cache_size(settings["cache_size"])
-        if size is None:
-            del settings["cache_size"]  # auto: whatever the file holds
-        else:
-            settings["cache_size"] = size
-    return settings
-
-
-@dataclass(frozen=True)
-class AutoSize:
-    """--cache-size auto, as the command line asked for it: --memory (None: a share of what is free) and the
-    stride when given."""
-
-    memory: int | None = None
-    stride: int | None = None
-
-    def budget(self, device) -> int:
-        return memory_budget(device, self.memory)
-
-
-def cache_settings(ctx: typer.Context, policy: str, cache_size: str, memory: str | None,
-                   **settings) -> tuple[CacheConfig, AutoSize | None]:
-    """The CacheConfig the command line asks for, and the auto sizing request when --cache-size is auto."""
-    size = parse_cache_size(cache_size)
-    budget = parse_memory(memory)
-    if size is not None:
-        if budget is not None:
-            Say.info("note: --memory sizes --cache-size auto; with --cache-size given it is not used")
-        return CacheConfig(policy=policy, cache_size=size, **settings), None
-    base = CacheConfig(policy=policy, **{k: v for k, v in settings.items() if k != "stride"})
-    stride = settings.get("stride") if given(ctx, "stride") else None
-    if stride is not None:
-        base = replace(base, stride=min(stride, base.cache_size))
-    return base, AutoSize(budget, stride)
-
-
-CACHE_SETTINGS = ("policy", "cache_size", "cascades", "sinks", "beta", "head_reduce", "stride")
-
-
-def _estimate_total(tokenized: int, bytes_read: int, total_bytes: int) -> int | None:
-    """Tokens expected overall, from the tokens the bytes read so far gave (unknown for stdin)."""
-    if not total_bytes or not bytes_read:
-        return None
-    return int(tokenized * max(total_bytes, bytes_read) / bytes_read)
 
 
 def print_report(retention: dict, max_rows: int = 20) -> None:

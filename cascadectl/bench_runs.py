@@ -42,7 +42,7 @@ def ruler_plan(lm, source, configs: list[CacheConfig], points, seed: int, max_to
 
 def fit_sample(lm, sample, configs: list[CacheConfig], max_tokens: int, question_weight: float,
                skipped: list[dict], warned: set, where: dict | None = None) -> list[CacheConfig]:
-    """The configs that run `sample`, checked (engine.session.check_room) before any model work.
+    """The configs that run `sample`, checked (engine.reading.check_room) before any model work.
 
     Full attention is skipped (once per length and `where`, e.g. the task) where the prompt and answer need more
     positions than the model has, cascade+evidence (once per prompt order) where the question comes only last:

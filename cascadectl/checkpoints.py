@@ -4,7 +4,7 @@ Every command that ingests (ppl, summarize, ask) does the same four things:
 
     ckpt = checkpoints.for_run(opts, lm, config, "ppl")         # None without --checkpoint; checks the options
     snap = ckpt.load() if opts.resume else None                  # cache + state from the file, checked
-    ... ingest, calling after_chunk(stop, ckpt, done, save, partial) after every chunk ...
+    ... driver.drive(steps, ..., ckpt=ckpt, save=...)            # saves when due and on Ctrl-C
     checkpoints.done(ckpt)                                       # the run completed: the file is removed
 
 Exit codes: a checkpoint made with another model, dtype, cache settings, prompt or command, or a --checkpoint path
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -24,8 +24,7 @@ from engine.errors import CascadeError, ConfigError
 from engine.perplexity import PerplexityResult
 from engine.tokens import rechunk
 
-from .common import ChunkInterrupts, check_output_path
-from .console import Say, human_bytes
+from .common import check_output_path
 
 CheckpointFile = Annotated[Optional[str], typer.Option(
     "--checkpoint", rich_help_panel="Checkpoint", show_default=False, metavar="FILE",
@@ -68,19 +67,6 @@ def for_run(opts: CheckpointOptions, lm, config: CacheConfig, command: str, iden
     return Checkpoint(opts.path, lm, config, command, opts.every, identity, labels)
 
 
-def after_chunk(stop: ChunkInterrupts, ckpt: Checkpoint | None, done: int, save: Callable[[], int],
-                partial: Callable[[], str]) -> None:
-    """Between two chunks: checkpoint when due or when Ctrl-C was pressed; then stop if it was."""
-    if ckpt is not None and (stop.requested or ckpt.due(done)):
-        size = save()
-        Say.info(f"[dim]checkpoint: {done:,} input tokens saved to {ckpt.path} ({human_bytes(size)})[/]")
-    if stop.requested:
-        Say.info(partial())
-        if ckpt is not None:
-            Say.info(f"resume with the same command and --resume (checkpoint {ckpt.path})")
-        raise KeyboardInterrupt
-
-
 def done(ckpt: Checkpoint | None) -> None:
     """The run completed: its checkpoint is of no further use."""
     if ckpt is not None and os.path.exists(ckpt.path):
@@ -113,7 +99,7 @@ def ppl_stream(ckpt: Checkpoint | None, opts: CheckpointOptions, runner, source,
         return rechunk(source, runner.config.stride), result
     if opts.resume:
         snap = ckpt.load()
-        runner.cache = snap.cache
+        runner.replace_cache(snap.cache)
         device = next(runner.model.parameters()).device
         result = ppl_result(policy, snap.meta["extra"]["state"], snap.extra_tensors, device)
     return ckpt.track(rechunk(ckpt.skip(source), runner.config.stride)), result

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .flags import render
+
 console = Console(stderr=True, highlight=False)
 
 
@@ -17,23 +19,24 @@ MAX_SKIP_LINES = 10  # skipped inputs listed one per line up to this many; past 
 
 
 class Say:
-    """Messages to stderr, one line each (soft_wrap: never folded); `quiet` silences all but errors."""
+    """Messages to stderr, one line each (soft_wrap: never folded); `quiet` silences all but errors. Settings the
+    engine names (`cache_size`) are shown as their flags (cascadectl/flags.py)."""
 
     quiet = False
 
     @classmethod
     def info(cls, msg: str) -> None:
         if not cls.quiet:
-            console.print(msg, soft_wrap=True)
+            console.print(render(msg), soft_wrap=True)
 
     @classmethod
     def warn(cls, msg: str) -> None:
         if not cls.quiet:
-            console.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=True)  # paths may hold [brackets]
+            console.print(f"[yellow]warning:[/] {escape(render(msg))}", soft_wrap=True)  # paths may hold [brackets]
 
     @staticmethod
     def error(msg: str) -> None:
-        console.print(f"[red]error:[/] {escape(msg)}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(render(msg))}", soft_wrap=True)
 
     @classmethod
     def skipped(cls, entries: list[tuple[str, str]], limit: int = MAX_SKIP_LINES) -> None:

@@ -36,17 +36,20 @@ from engine.distributed import (World, agree, all_reduce_sums, gather_to_main, p
 from engine.errors import CascadeError, ConfigError
 from engine.generate import Sampling
 from engine.models import LoadedModel
-from engine.perplexity import PerplexityResult, perplexity
+from engine.perplexity import PerplexityResult, perplexity_steps
 from engine.prompt import Prompt
 from engine.runner import Runner
 from engine.sizing import Sizing, long_input_config, route
-from engine.tokens import iter_token_ids, rechunk
+from engine.tokens import rechunk
 
-from .answering import AutoSize, Session
+from .answering import Session
 from .common import EXIT_FAILURE, peak_rss_bytes, require_text, versions
-from .console import Say, TokenProgress
+from .console import Say
+from .driver import InputTokens, drive, read_all
+from .flags import render
 from .generation import record as generation_record
-from .inputs import SNIFF_BYTES, InputError, InputReport, is_pdf, iter_segments, looks_binary, walk
+from .inputs import SNIFF_BYTES, InputError, InputReport, is_pdf, looks_binary, walk
+from .settings import AutoSize
 
 Each = Annotated[bool, typer.Option(
     "--each", rich_help_panel="Output",
@@ -194,7 +197,7 @@ def _attempt(work: Work, lm: LoadedModel, path: str, label: str, world: World) -
 
 
 def _reason(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0]
+    text = render((str(e).strip().splitlines() or [""])[0])
     if isinstance(e, (CascadeError, InputError)):
         return text
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
@@ -255,26 +258,19 @@ def _file_perplexity(lm: LoadedModel, config: CacheConfig, path: str, label: str
                      sizing: Sizing | None = None) -> dict:
     """One file through a fresh cache: the same tokens and chunks as `cascadectl ppl FILE` (with `sizing`, an
     input that fits is read exactly)."""
-    report = InputReport()
-    n_bytes = 0
-
-    def texts():
-        nonlocal n_bytes
-        for segment in iter_segments([path], report=report):
-            n_bytes += len(segment.text.encode("utf-8", "replace"))
-            yield segment.text
-
-    pieces = iter_token_ids(lm.tokenizer, texts())
-    n_ids = 0
+    tokens = InputTokens(lm.tokenizer, [path])
+    pieces, n_ids = tokens.pieces, 0
     if sizing is not None:
         config, sizing, pieces = route(pieces, config, sizing, lm.model, lm.max_positions)
     if config.policy == "full":  # positions grow with the input: count it before any model work
-        ids = [i for piece in pieces for i in piece]
+        ids = read_all(pieces)
         config.check_positions(config.sinks, lm.max_positions, len(ids))
         pieces, n_ids = [ids], len(ids)
-    with Runner(lm.model, config, expected_tokens=n_ids) as runner, \
-            TokenProgress(label, n_ids or None, quiet) as progress:
-        result = perplexity(runner, rechunk(pieces, config.stride), on_chunk=progress.update)
+    result = PerplexityResult(config.policy)
+    with Runner(lm.model, config, expected_tokens=n_ids) as runner:
+        drive(perplexity_steps(runner, rechunk(pieces, config.stride), result), label, quiet, n_ids or None,
+              tokens.estimate_total, partial=lambda done: f"interrupted after {done:,} tokens of {path}")
+    report, n_bytes = tokens.report, tokens.text_bytes
     require_text(report, [path], result.n_scored + (result.carry is not None))  # tokens fed (n_tokens: 0 for 1)
     if not result.n_scored:
         raise InputError(f"{path}: a single token; perplexity needs at least two")

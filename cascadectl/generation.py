@@ -6,7 +6,7 @@ from typing import Callable
 
 from engine.generate import Sampling
 from engine.models import LoadedModel
-from engine.session import stop_ids
+from engine.reading import stop_ids
 
 from .console import Say
 

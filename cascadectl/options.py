@@ -1,9 +1,14 @@
 """Options shared by the commands, grouped into the help panels Model, Cache, Prefill, Generation, Output.
 
-Defaults come from engine.config.CacheConfig, so there is no second place that holds them."""
+Defaults come from engine.config.CacheConfig, so there is no second place that holds them. The cache options of
+`ppl`, `summarize` and `ask` are declared once, in `CACHE_OPTIONS`: `@cache_options` puts them into a
+command's signature in place of its `cache: CacheRequest` parameter and hands the command one `CacheRequest`
+(cascadectl/settings.py), the settings object that is passed down from there."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import inspect
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -54,5 +59,41 @@ Stride = Annotated[int, typer.Option("--stride", "-s", rich_help_panel="Prefill"
 Json = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="Print one JSON object on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Output", help="Only errors on stderr.")]
 
-DEFAULTS = dict(policy=_D.policy, cache_size="auto", cascades=_D.cascades, sinks=_D.sinks, beta=_D.beta,
-                head_reduce=_D.head_reduce, stride=_D.stride)
+# name -> (option, default), in --help order; a row added here is an option of every command that reads a cache
+# (and a CacheConfig keyword when CacheConfig has a field of that name: cascadectl/settings.py)
+CACHE_OPTIONS: dict[str, tuple[object, object]] = {
+    "policy": (Policy, _D.policy),
+    "cache_size": (AutoCacheSize, "auto"),
+    "memory": (Memory, None),
+    "cascades": (Cascades, _D.cascades),
+    "sinks": (Sinks, _D.sinks),
+    "beta": (Beta, _D.beta),
+    "head_reduce": (HeadReduce, _D.head_reduce),
+    "stride": (Stride, _D.stride),
+}
+DEFAULTS = {name: default for name, (_, default) in CACHE_OPTIONS.items() if name != "memory"}
+
+
+def cache_options(command: Callable) -> Callable:
+    """Declare `CACHE_OPTIONS` on `command` in place of its `cache` parameter, and call it with
+    `cache=CacheRequest(...)` built from them (typer reads the command's signature, `__signature__` here). The
+    command takes `ctx: typer.Context` too: it says which options were given explicitly."""
+    from .settings import CacheRequest  # settings.py builds on the table above
+
+    signature = inspect.signature(command, eval_str=True)
+    params = []
+    for p in signature.parameters.values():
+        if p.name != "cache":
+            params.append(p)
+            continue
+        params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=option, default=default)
+                   for name, (option, default) in CACHE_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in CACHE_OPTIONS}
+        kwargs["cache"] = CacheRequest.from_command_line(kwargs["ctx"], values)
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    return wrapper

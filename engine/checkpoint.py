@@ -89,14 +89,14 @@ class Checkpoint:
         """A checkpoint of this command with this identity (checked before the cache settings)."""
         extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
         if extra.get("kind") != "checkpoint":
-            raise ConfigError(f"{self.path} is a saved cache, not a checkpoint; use it with --load-cache")
+            raise ConfigError(f"{self.path} is a saved cache, not a checkpoint; use it with `load_cache`")
         if extra.get("command") != self.command:
             raise ConfigError(f"{self.path} is a checkpoint of `{extra.get('command')}`, not of `{self.command}`")
         for key, want in self.identity.items():
             if extra.get(key) != want:
                 what = self.labels.get(key, key)
                 raise ConfigError(f"{self.path} was made with another {what}; use the same one to resume, "
-                                  f"or start over without --resume")
+                                  f"or start over without `resume`")
 
     def skip(self, pieces: Iterable[list[int]]) -> Iterator[list[int]]:
         """The input's token pieces after the ones the loaded checkpoint consumed, once their hash matches.
@@ -118,7 +118,7 @@ class Checkpoint:
         if self.ledger.count < n or self.ledger.hexdigest() != self._expected_sha:
             raise InputChangedError(
                 f"the input changed since {self.path} was written (its first {n:,} tokens differ); "
-                f"resume with the same input, or start over without --resume")
+                f"resume with the same input, or start over without `resume`")
 
         def tail() -> Iterator[list[int]]:
             if rest:

@@ -1,7 +1,7 @@
 """Cache and prefill settings: one frozen dataclass that checks itself.
 
 CLI options map one-to-one onto these fields, so the defaults live here and nowhere else.
-Error messages name the CLI flag to change."""
+Error messages name the setting to change (`cache_size`: engine/errors.py); the CLI shows it as its flag."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -26,41 +26,41 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise ConfigError(f"--policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+            raise ConfigError(f"`policy` must be one of {', '.join(POLICIES)} (got {self.policy!r})")
         if self.head_reduce not in HEAD_REDUCTIONS:
-            raise ConfigError(f"--head-reduce must be one of {', '.join(HEAD_REDUCTIONS)} (got {self.head_reduce!r})")
+            raise ConfigError(f"`head_reduce` must be one of {', '.join(HEAD_REDUCTIONS)} (got {self.head_reduce!r})")
         if self.stride < 1:
-            raise ConfigError(f"--stride must be >= 1 (got {self.stride})")
+            raise ConfigError(f"`stride` must be >= 1 (got {self.stride})")
         if self.sinks < 0:
-            raise ConfigError(f"--sinks must be >= 0 (got {self.sinks})")
+            raise ConfigError(f"`sinks` must be >= 0 (got {self.sinks})")
         if not 0.0 < self.beta < 1.0:
-            raise ConfigError(f"--beta must be strictly between 0 and 1 (got {self.beta})")
+            raise ConfigError(f"`beta` must be strictly between 0 and 1 (got {self.beta})")
         if self.policy == "full":
             return
         if self.cache_size < 1:
-            raise ConfigError(f"--cache-size must be >= 1 (got {self.cache_size})")
+            raise ConfigError(f"`cache_size` must be >= 1 (got {self.cache_size})")
         if self.cascades < 1:
-            raise ConfigError(f"--cascades must be >= 1 (got {self.cascades})")
+            raise ConfigError(f"`cascades` must be >= 1 (got {self.cascades})")
         if self.policy == "cascade" and not self.evidence and self.cache_size % self.cascades:
             raise ConfigError(
-                f"--cache-size ({self.cache_size}) must be a multiple of --cascades ({self.cascades})"
+                f"`cache_size` ({self.cache_size}) must be a multiple of `cascades` ({self.cascades})"
             )
         if self.stride > self.cache_size:
-            raise ConfigError(f"--stride ({self.stride}) must be <= --cache-size ({self.cache_size})")
+            raise ConfigError(f"`stride` ({self.stride}) must be <= `cache_size` ({self.cache_size})")
         if self.evidence < 0:
-            raise ConfigError(f"--evidence must be >= 0 (got {self.evidence})")
+            raise ConfigError(f"`evidence` must be >= 0 (got {self.evidence})")
         if self.evidence:
             if self.policy != "cascade":
-                raise ConfigError(f"--evidence needs --policy cascade (got {self.policy}); use --evidence 0")
+                raise ConfigError(f"`evidence` needs `policy=cascade` (got {self.policy}); use `evidence=0`")
             rest = self.cache_size - self.evidence
             if rest < self.cascades or rest % self.cascades:
                 raise ConfigError(
-                    f"--cache-size ({self.cache_size}) - --evidence ({self.evidence}) = {rest} must be a positive "
-                    f"multiple of --cascades ({self.cascades})")
+                    f"`cache_size` ({self.cache_size}) - `evidence` ({self.evidence}) = {rest} must be a positive "
+                    f"multiple of `cascades` ({self.cascades})")
             if self.stride > rest // self.cascades:
                 raise ConfigError(
-                    f"--stride ({self.stride}) must be <= one sub-cache ({rest // self.cascades} slots) with "
-                    f"--evidence, so that a chosen span is still whole when it is taken")
+                    f"`stride` ({self.stride}) must be <= one sub-cache ({rest // self.cascades} slots) with "
+                    f"`evidence`, so that a chosen span is still whole when it is taken")
 
     def with_evidence(self, slots: int) -> "CacheConfig":
         """This config with `slots` evidence slots, the stride clipped to one sub-cache of what is left (the
@@ -90,10 +90,10 @@ class CacheConfig:
             return
         if self.policy == "full":
             raise CapacityError(
-                f"--policy full needs {n_tokens} positions but the model has {limit}; "
-                f"use --policy cascade or sink for inputs this long"
+                f"`policy=full` needs {n_tokens} positions but the model has {limit}; "
+                f"use `policy` cascade or sink for inputs this long"
             )
         raise CapacityError(
-            f"sinks ({n_sinks}) + --cache-size ({self.cache_size}) + --stride ({self.stride}) = {top + 1} "
-            f"positions, more than the model's {limit}; lower --cache-size or --stride"
+            f"sinks ({n_sinks}) + `cache_size` ({self.cache_size}) + `stride` ({self.stride}) = {top + 1} "
+            f"positions, more than the model's {limit}; lower `cache_size` or `stride`"
         )

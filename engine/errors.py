@@ -1,4 +1,20 @@
-"""Typed engine errors. Each message names the setting to change; only the CLI turns them into exit codes."""
+"""Typed engine errors. Each message names the setting to change; only the CLI turns them into exit codes.
+
+Settings are named as the engine knows them, in backticks: `cache_size`, or `policy=full` for a setting with a
+value. That reads as the keyword to pass from Python (engine/api.py); the CLI shows the same text with its
+flags instead (--cache-size, --policy full: cascadectl/flags.py holds the one table), so no engine module
+spells a CLI flag."""
+from __future__ import annotations
+
+import re
+
+# `name` or `name=value`: a setting named in a message (names are lower-case identifiers)
+SETTING = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def settings_named(message: str) -> list[str]:
+    """The setting names a message refers to, in order."""
+    return [m.group(1) for m in SETTING.finditer(message)]
 
 
 class CascadeError(Exception):
@@ -6,7 +22,13 @@ class CascadeError(Exception):
 
 
 class ConfigError(CascadeError):
-    """Settings that cannot work together (named by their CLI flags)."""
+    """Settings that cannot work together. `setting`: the one to change (by default the first one the message
+    names), for callers that point at it, e.g. a form field or the CLI flag."""
+
+    def __init__(self, message: str = "", setting: str | None = None):
+        super().__init__(message)
+        named = settings_named(message)
+        self.setting = setting if setting is not None else (named[0] if named else None)
 
 
 class CapacityError(ConfigError):

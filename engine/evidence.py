@@ -400,7 +400,7 @@ def calibrate(model, tokenizer, tokens: int = 1024, stride: int = 256, seed: int
     from .bench.text import Noise
     from .config import CacheConfig
     from .prompt import build_prompt
-    from .session import ingest
+    from .reading import ingest
 
     n_layers = len(model.model.layers)
     tokens = min(tokens, int(getattr(model.config, "max_position_embeddings", tokens)))

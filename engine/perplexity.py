@@ -9,7 +9,7 @@ import math
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -57,18 +57,18 @@ class PerplexityResult:
         return self.nll_sum / math.log(2) / n_bytes if n_bytes else float("nan")
 
 
-def perplexity(
+def perplexity_steps(
     runner: Runner,
     chunks: Iterable[list[int]],
-    on_chunk: Callable[[int], None] | None = None,
+    result: PerplexityResult,
     keep_nll: bool = False,
-    result: PerplexityResult | None = None,
-) -> PerplexityResult:
-    """Feed `chunks` (lists of <= stride ids) through `runner`; `on_chunk(tokens_done)` after each chunk.
+) -> Iterator[int]:
+    """Feed `chunks` (lists of <= stride ids) through `runner`, scoring every token into `result` and yielding
+    the tokens fed so far after each chunk (between chunks: `result` and the cache are consistent there, so the
+    driver may checkpoint both).
 
-    `result` continues a run resumed from a checkpoint (its sums, time and carried log-probabilities, with the
-    runner's cache restored); it is updated in place after every chunk, so `on_chunk` may checkpoint it."""
-    result = result if result is not None else PerplexityResult(runner.config.policy)
+    `result` may continue a run resumed from a checkpoint (its sums, time and carried log-probabilities, with
+    the runner's cache restored); it is updated in place after every chunk."""
     device = next(runner.model.parameters()).device
     carry = result.carry  # log-probabilities predicted by the previous chunk's last position [V]
     done = result.n_scored + (carry is not None)  # tokens fed so far: all scored but the very first
@@ -95,6 +95,20 @@ def perplexity(
         done += len(ids)
         result.carry = carry
         result.seconds = time.perf_counter() - start
+        yield done
+
+
+def perplexity(
+    runner: Runner,
+    chunks: Iterable[list[int]],
+    on_chunk: Callable[[int], None] | None = None,
+    keep_nll: bool = False,
+    result: PerplexityResult | None = None,
+) -> PerplexityResult:
+    """`perplexity_steps` run to the end; `on_chunk(tokens_done)` after each chunk. `result`: a run to continue
+    (a checkpoint's), else a fresh one."""
+    result = result if result is not None else PerplexityResult(runner.config.policy)
+    for done in perplexity_steps(runner, chunks, result, keep_nll):
         if on_chunk is not None:
             on_chunk(done)
     return result

@@ -63,7 +63,7 @@ class Sizing:
 
 
 def parse_cache_size(text: str | int) -> int | None:
-    """`--cache-size`: a number of tokens, or "auto" (None)."""
+    """`cache_size`: a number of tokens, or "auto" (None)."""
     if isinstance(text, int):
         return text
     value = str(text).strip().lower()
@@ -72,11 +72,11 @@ def parse_cache_size(text: str | int) -> int | None:
     try:
         return int(value.replace("_", "").replace(",", ""))
     except ValueError:
-        raise ConfigError(f"--cache-size must be a number of tokens or auto (got {text!r})") from None
+        raise ConfigError(f"`cache_size` must be a number of tokens or auto (got {text!r})") from None
 
 
 def parse_memory(text: str | None) -> int | None:
-    """`--memory`: bytes from "8GiB", "512M", "2e9" (None when not given)."""
+    """`memory`: bytes from "8GiB", "512M", "2e9" (None when not given)."""
     if text is None:
         return None
     value = str(text).strip().lower().replace(" ", "")
@@ -85,9 +85,9 @@ def parse_memory(text: str | None) -> int | None:
     try:
         n = float(digits) * _UNITS[unit]
     except (ValueError, KeyError):
-        raise ConfigError(f"--memory must be a size such as 8GiB or 512MB (got {text!r})") from None
+        raise ConfigError(f"`memory` must be a size such as 8GiB or 512MB (got {text!r})") from None
     if not n >= 1 << 20:
-        raise ConfigError(f"--memory must be at least 1MiB (got {text!r})")
+        raise ConfigError(f"`memory` must be at least 1MiB (got {text!r})")
     return int(n)
 
 
@@ -164,7 +164,7 @@ def long_input_config(base: CacheConfig, model, limit: int, n_sinks: int, extra_
     size = size // step * step
     if size < cascades:
         raise ConfigError(f"no cache fits: the model has {limit:,} positions and the budget is {budget:,} bytes "
-                          f"({per_token:,} a cached token); give --cache-size and --memory")
+                          f"({per_token:,} a cached token); give `cache_size` and `memory`")
     given_stride = stride
     if stride is None:
         stride = max(1, min(size // cascades, MAX_STRIDE, max(1, room - size)))

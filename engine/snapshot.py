@@ -302,13 +302,13 @@ def _check_model(path: str, meta: dict, model) -> None:
     made = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     if made.get("hash") != model.model_hash:
         raise ConfigError(f"{path} was made with model {made.get('id')!r} (hash {str(made.get('hash'))[:12]}), "
-                          f"not {model.model_id!r} ({model.model_hash[:12]}); pass --model for that model")
+                          f"not {model.model_id!r} ({model.model_hash[:12]}); pass `model` for that model")
     dtype = _dtype_name(model.dtype)
     if not isinstance(meta.get("dtype"), str):
         raise CascadeError(f"{path} is not a usable cascadectl cache file (bad dtype)")
     if meta.get("dtype") != dtype:
-        raise ConfigError(f"{path} was made with --dtype {_flag_dtype(meta.get('dtype'))}, not "
-                          f"{_flag_dtype(dtype)}; pass --dtype {_flag_dtype(meta.get('dtype'))}")
+        raise ConfigError(f"{path} was made with `dtype={_flag_dtype(meta.get('dtype'))}`, not "
+                          f"{_flag_dtype(dtype)}; pass `dtype={_flag_dtype(meta.get('dtype'))}`")
 
 
 def _check_settings(path: str, meta: dict, expected: dict) -> None:
@@ -325,9 +325,8 @@ def _check_settings(path: str, meta: dict, expected: dict) -> None:
         raise CascadeError(f"{path} is not a usable cascadectl cache file (bad cache settings)") from None
     for name, want in expected.items():
         if name in names and settings[name] != want:
-            flag = f"--{name.replace('_', '-')}"
-            raise ConfigError(f"{path} was made with {flag} {settings[name]}, not {want}; pass {flag} "
-                              f"{settings[name]}")
+            raise ConfigError(f"{path} was made with `{name}={settings[name]}`, not {want}; pass "
+                              f"`{name}={settings[name]}`", setting=name)
 
 
 def _flag_dtype(name) -> str:

@@ -19,6 +19,7 @@ from .. import generation as g
 from .. import options as o
 from ..common import handle_errors, resolve_sources
 from ..console import Say
+from ..settings import CacheRequest, given
 
 Args = Annotated[Optional[list[str]], typer.Argument(
     metavar="SOURCE... QUESTION", show_default=False,
@@ -44,6 +45,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", rich_help_panel="Output", help="
 
 
 @handle_errors
+@o.cache_options
 def ask(
     ctx: typer.Context,
     args: Args = None,
@@ -52,14 +54,7 @@ def ask(
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
     device_map: o.DeviceMap = "none",
-    policy: o.Policy = o.DEFAULTS["policy"],
-    cache_size: o.AutoCacheSize = o.DEFAULTS["cache_size"],
-    memory: o.Memory = None,
-    cascades: o.Cascades = o.DEFAULTS["cascades"],
-    sinks: o.Sinks = o.DEFAULTS["sinks"],
-    beta: o.Beta = o.DEFAULTS["beta"],
-    head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
-    stride: o.Stride = o.DEFAULTS["stride"],
+    cache: CacheRequest = None,  # the cache options (options.CACHE_OPTIONS)
     question_first: QuestionFirst = True,
     question_weight: QuestionWeight = DEFAULT_WEIGHT,
     evidence: Evidence = None,
@@ -118,12 +113,10 @@ def ask(
     if load_cache and args:
         raise ConfigError("--load-cache answers from the file: give no SOURCE, only the question")
     srcs = [] if load_cache else resolve_sources(args)
-    config, auto = (CacheConfig(), None) if load_cache else a.cache_settings(  # a --load-cache file's own
-        ctx, policy, cache_size, memory, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
-        stride=stride)
+    config, auto = (CacheConfig(), None) if load_cache else cache.config()  # a --load-cache file's own
     lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
     first = question_first and len(questions) == 1  # several questions share one question-agnostic ingest
-    if save_cache and first and not a.given(ctx, "question_first"):  # a file that answers any question
+    if save_cache and first and not given(ctx, "question_first"):  # a file that answers any question
         first = False
         Say.info("note: --save-cache reads the input without pinning the question, so that the file answers any "
                  "question; it keeps evidence for this one (--question-first keeps the guided read; the file then "
@@ -147,7 +140,7 @@ def ask(
                    slots, auto, probes) as session:
         longest = max(len(p.suffix_ids) for p in prompts)
         if load_cache:
-            session.load(load_cache, a.explicit_settings(ctx), longest, questions)
+            session.load(load_cache, cache.explicit(), longest, questions)
         else:
             session.read(longest, resumable, "ask")
         if save_cache:

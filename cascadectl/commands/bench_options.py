@@ -14,7 +14,7 @@ from engine.config import CacheConfig
 from engine.errors import ConfigError
 from engine.evidence import default_slots
 
-from ..answering import given
+from ..settings import given
 from ..console import Say
 
 CACHE_SIZE, STRIDE = 512, 256  # small enough that 16x and 64x the cache (8K, 32K tokens) are in reach on a CPU

@@ -16,9 +16,11 @@ from .. import launch
 from .. import options as o
 from ..common import handle_errors, resolve_sources
 from ..console import Say
+from ..settings import CacheRequest
 
 
 @handle_errors
+@o.cache_options
 def summarize(
     ctx: typer.Context,
     sources: o.Sources = None,
@@ -26,14 +28,7 @@ def summarize(
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
     device_map: o.DeviceMap = "none",
-    policy: o.Policy = o.DEFAULTS["policy"],
-    cache_size: o.AutoCacheSize = o.DEFAULTS["cache_size"],
-    memory: o.Memory = None,
-    cascades: o.Cascades = o.DEFAULTS["cascades"],
-    sinks: o.Sinks = o.DEFAULTS["sinks"],
-    beta: o.Beta = o.DEFAULTS["beta"],
-    head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
-    stride: o.Stride = o.DEFAULTS["stride"],
+    cache: CacheRequest = None,  # the cache options (options.CACHE_OPTIONS)
     max_tokens: a.MaxTokens = a.MAX_TOKENS,
     temperature: a.Temperature = None,
     top_p: a.TopP = None,
@@ -81,9 +76,7 @@ def summarize(
     if load_cache and sources:
         raise ConfigError("--load-cache answers from the file: give no SOURCE")
     srcs = [] if load_cache else resolve_sources(sources)
-    config, auto = (CacheConfig(), None) if load_cache else a.cache_settings(  # a --load-cache file's own
-        ctx, policy, cache_size, memory, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
-        stride=stride)
+    config, auto = (CacheConfig(), None) if load_cache else cache.config()  # a --load-cache file's own
     if (out is not None or skip_existing) and not each:
         raise ConfigError("--out and --skip-existing go with --each (one summary file per input file)")
     if each:  # one summary file per input file, maybe over --nproc or torchrun processes, each with its model
@@ -108,7 +101,7 @@ def summarize(
     generation = {"max_tokens": max_tokens, **g.record(sampling, lm), "instruction": request}
     with a.Session(lm, config, srcs, prompt, max_tokens, quiet, sizing=auto) as session:
         if load_cache:
-            session.load(load_cache, a.explicit_settings(ctx), len(prompt.suffix_ids))
+            session.load(load_cache, cache.explicit(), len(prompt.suffix_ids))
         else:
             session.read(len(prompt.suffix_ids), resumable, "summarize")
         if save_cache:

@@ -26,7 +26,7 @@ from ..prompt import build_prompt
 from ..evidence import QUOTE, EvidenceSelector, quoted_closing
 from ..retention import QuestionGuide
 from ..runner import Runner
-from ..session import answer, check_room, ingest, stop_ids
+from ..reading import answer, check_room, ingest, stop_ids
 from .grid import policy_name
 from .text import word_start
 
@@ -129,7 +129,7 @@ def fits_full(sample: PasskeySample, max_tokens: int, limit: int) -> bool:
 
 def check_sample(config: CacheConfig, sample: PasskeySample, limit: int, max_tokens: int,
                  guided: bool) -> str | None:
-    """Fail before any work when `config` cannot run `sample` (engine.session.check_room); a warning or None."""
+    """Fail before any work when `config` cannot run `sample` (engine.reading.check_room); a warning or None."""
     n_sinks = max(config.sinks, len(sample.prefix_ids))
     q = sample.question_span[1] - sample.question_span[0] if guided and sample.question_span else 0
     return check_room(config, n_sinks, limit, len(sample.suffix_ids), max_tokens,

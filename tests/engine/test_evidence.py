@@ -10,7 +10,7 @@ from engine.config import CacheConfig
 from engine.evidence import EvidenceSelector, default_slots, kept_spans
 from engine.retention import QuestionGuide
 from engine.runner import Runner
-from engine.session import ingest
+from engine.reading import ingest
 from tests.engine.tiny import tiny_model
 
 PREFIX = 12

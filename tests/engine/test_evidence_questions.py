@@ -11,7 +11,7 @@ from engine.evidence import EvidenceSelector, Probed, Selectors, kept_spans, pro
 from engine.prompt import Prompt
 from engine.retention import QuestionGuide
 from engine.runner import Runner
-from engine.session import ingest
+from engine.reading import ingest
 from tests.engine.tiny import tiny_model
 
 PREFIX = 12

@@ -7,7 +7,7 @@ from engine.evidence import EvidenceSelector, kept_spans, quoted_closing
 from engine.prompt import ASK_INSTRUCTION, ASK_REQUEST, PASSAGES_HEADER, build_prompt, quote_ids
 from engine.retention import QuestionGuide
 from engine.runner import Runner
-from engine.session import ingest
+from engine.reading import ingest
 from tests.cli.fakes import ByteTokenizer
 from tests.engine.tiny import tiny_model
 

@@ -4,7 +4,7 @@ import torch
 from engine.config import CacheConfig
 from engine.retention import QuestionGuide, question_attention
 from engine.runner import Runner
-from engine.session import ingest
+from engine.reading import ingest
 from tests.engine.tiny import tiny_model
 
 CONFIG = CacheConfig(cache_size=32, cascades=4, sinks=4, stride=8, beta=0.9)

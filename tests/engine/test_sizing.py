@@ -14,7 +14,7 @@ from tests.engine.tiny import tiny_model
 def test_parse_cache_size():
     assert parse_cache_size("auto") is None and parse_cache_size(" AUTO ") is None
     assert parse_cache_size("4096") == 4096 and parse_cache_size("65_536") == 65536 and parse_cache_size(7) == 7
-    with pytest.raises(ConfigError, match="--cache-size must be a number of tokens or auto"):
+    with pytest.raises(ConfigError, match="`cache_size` must be a number of tokens or auto"):
         parse_cache_size("lots")
 
 
@@ -23,7 +23,7 @@ def test_parse_memory():
     assert parse_memory("8GiB") == 8 << 30 and parse_memory("512MB") == 512 << 20 and parse_memory("2e9") == 2e9
     assert parse_memory("1.5 g") == int(1.5 * (1 << 30))
     for bad in ("much", "12 parsecs", "-3G", "10"):
-        with pytest.raises(ConfigError, match="--memory"):
+        with pytest.raises(ConfigError, match="`memory`"):
             parse_memory(bad)
 
 

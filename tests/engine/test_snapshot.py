@@ -174,13 +174,13 @@ def test_other_format_version(tmp_path, lm):
 def test_other_model_dtype_and_settings(tmp_path, lm):
     other = loaded(lm.model, model_hash="1" * 64)
     path = saved(tmp_path, other)
-    assert "--model" in refused(path, lm, kind=ConfigError)
+    assert "`model`" in refused(path, lm, kind=ConfigError)
     path = saved(tmp_path, lm)
     bf16 = LoadedModel(**{**lm.__dict__, "dtype": torch.bfloat16})
-    assert "--dtype fp32" in refused(path, bf16, kind=ConfigError)
+    assert "`dtype=fp32`" in refused(path, bf16, kind=ConfigError)
     msg = refused(path, lm, {"cache_size": 64, "stride": 8}, kind=ConfigError)
-    assert "--cache-size 32" in msg and "64" in msg
-    assert "--beta" in refused(path, lm, {"beta": 0.5}, kind=ConfigError)
+    assert "`cache_size=32`" in msg and "64" in msg
+    assert "`beta=" in refused(path, lm, {"beta": 0.5}, kind=ConfigError)
 
 
 def test_well_signed_but_inconsistent_file(tmp_path, lm):

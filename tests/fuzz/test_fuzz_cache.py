@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from engine.config import CacheConfig
 from engine.errors import CascadeError
 from engine.runner import Runner
-from engine.session import ingest
+from engine.reading import ingest
 from tests.fuzz.budget import QUICK_EXAMPLES, fuzz_for, per_example_timeout
 from tests.fuzz.hostile import fast_lm
 

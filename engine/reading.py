@@ -2,15 +2,20 @@
 
     runner = Runner(model, config, n_sinks=max(config.sinks, len(prompt.prefix_ids)))   # the prefix is pinned
     check_room(config, runner.n_sinks, limit, len(prompt.suffix_ids), max_tokens)
-    ingest(runner, prompt.prefix_ids, token_pieces, on_chunk)      # prefix, then the input in stride chunks
+    for done in ingest_steps(runner, prompt.prefix_ids, token_pieces):   # prefix, then the input in chunks
+        ...                                                              # between chunks: progress, checkpoints
     for text in answer(runner, tokenizer, prompt.suffix_ids, max_tokens, ...):   # request, then decoding
         ...
 
+`ingest_steps` yields once per input chunk, so whoever drives it (the CLI's one loop, cascadectl/driver.py; a
+notebook; `ingest` below) decides what happens between chunks, where the cache is whole and may be saved.
 Only the last position's logits are ever computed (no LM head over the input). Decoding goes through the same
 cache, which keeps evicting, so with `cascade` and `sink` positions stay below sinks + cache + stride however
 long the input and the answer are."""
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -48,33 +53,33 @@ def check_room(
     """Fail before any work when reading and answering cannot fit the model's positions; returns a warning or None.
 
     `cascade`/`sink` positions never pass sinks + cache + stride (+ `extra_positions`, the question queries of
-    question-guided retention); `full` needs prefix + input + request + --max-tokens positions, so it needs
+    question-guided retention); `full` needs prefix + input + request + `max_tokens` positions, so it needs
     `n_prefix_and_input`. The warning says when the request and answer outgrow the newest sub-cache, which then
     starts to evict the request while the answer is being written."""
     if max_tokens < 1:
-        raise ConfigError(f"--max-tokens must be >= 1 (got {max_tokens})")
+        raise ConfigError(f"`max_tokens` must be >= 1 (got {max_tokens})")
     if config.policy == "full":
         total = (n_prefix_and_input or 0) + n_suffix + max_tokens
         if total > limit:
             raise CapacityError(
-                f"--policy full needs {total:,} positions (prompt and input {n_prefix_and_input:,} + request "
-                f"{n_suffix} + --max-tokens {max_tokens}) but the model has {limit:,}; lower --max-tokens or use "
-                f"--policy cascade or sink"
+                f"`policy=full` needs {total:,} positions (prompt and input {n_prefix_and_input:,} + request "
+                f"{n_suffix} + `max_tokens` {max_tokens}) but the model has {limit:,}; lower `max_tokens` or use "
+                f"`policy` cascade or sink"
             )
         return None
     config.check_positions(n_sinks, limit)
     top = config.max_position(n_sinks) + extra_positions
     if top >= limit:
         raise CapacityError(
-            f"sinks ({n_sinks}) + --cache-size ({config.cache_size}) + --stride ({config.stride}) + the question "
-            f"({extra_positions} tokens) = {top + 1} positions, more than the model's {limit}; lower --cache-size "
-            f"or --stride"
+            f"sinks ({n_sinks}) + `cache_size` ({config.cache_size}) + `stride` ({config.stride}) + the question "
+            f"({extra_positions} tokens) = {top + 1} positions, more than the model's {limit}; lower `cache_size` "
+            f"or `stride`"
         )
     newest = config.cache_size // config.n_cascades
     if n_suffix + max_tokens > newest:
         return (
-            f"the request ({n_suffix} tokens) + --max-tokens ({max_tokens}) exceed the newest sub-cache "
-            f"({newest} slots): the request may be evicted while answering; raise --cache-size or lower --max-tokens"
+            f"the request ({n_suffix} tokens) + `max_tokens` ({max_tokens}) exceed the newest sub-cache "
+            f"({newest} slots): the request may be evicted while answering; raise `cache_size` or lower `max_tokens`"
         )
     return None
 
@@ -84,18 +89,18 @@ def _feed(runner: Runner, ids: list[int]) -> torch.Tensor:
     return runner.step(torch.tensor([ids], dtype=torch.long, device=device))
 
 
-def ingest(
+def ingest_steps(
     runner: Runner,
     prefix_ids: list[int],
     token_pieces: Iterable[list[int]],
-    on_chunk: Callable[[int], None] | None = None,
     resume_at: int | None = None,
-) -> int:
-    """Feed the pinned prefix, then the input in chunks of `stride` tokens; returns the input's token count.
+) -> Iterator[int]:
+    """Feed the pinned prefix, then the input in chunks of `stride` tokens, yielding the input tokens done after
+    each input chunk (between chunks: the cache is whole there).
 
-    `on_chunk(input_tokens_done)` is called after each input chunk. The prefix lands in the sinks when the runner
-    was built with n_sinks >= len(prefix_ids). `resume_at`: the runner's cache comes from a checkpoint that
-    already holds the prefix and that many input tokens, and `token_pieces` holds the rest of the input."""
+    The prefix lands in the sinks when the runner was built with n_sinks >= len(prefix_ids). `resume_at`: the
+    runner's cache comes from a checkpoint that already holds the prefix and that many input tokens, and
+    `token_pieces` holds the rest of the input."""
     stride = runner.config.stride
     if resume_at is None:
         for ids in rechunk([prefix_ids], stride):
@@ -104,9 +109,39 @@ def ingest(
     for ids in rechunk(token_pieces, stride):
         _feed(runner, ids)
         done += len(ids)
+        yield done
+
+
+def ingest(
+    runner: Runner,
+    prefix_ids: list[int],
+    token_pieces: Iterable[list[int]],
+    on_chunk: Callable[[int], None] | None = None,
+    resume_at: int | None = None,
+) -> int:
+    """`ingest_steps` run to the end; returns the input's token count. `on_chunk(input_tokens_done)` is called
+    after each input chunk."""
+    done = resume_at or 0
+    for done in ingest_steps(runner, prefix_ids, token_pieces, resume_at):
         if on_chunk is not None:
             on_chunk(done)
     return done
+
+
+@contextmanager
+def forked(runner: Runner, keep: Callable | None = None) -> Iterator:
+    """Run the block on a copy of the runner's cache (answers append to the cache: the next question must find
+    it as the ingest left it); `keep(copy)` may narrow the copy first (engine.evidence.restrict). The runner's
+    own cache is back in place afterwards, whatever happened."""
+    with torch.inference_mode():
+        twin = copy.deepcopy(runner.cache)
+    if keep is not None:
+        keep(twin)
+    base = runner.replace_cache(twin)
+    try:
+        yield twin
+    finally:
+        runner.replace_cache(base)
 
 
 class TextStream:

@@ -10,7 +10,7 @@ from engine.generate import generate
 from engine.prompt import build_prompt, chat_frame
 from engine.retention_report import SourceMap, iter_mapped_token_ids, retention_report
 from engine.runner import Runner
-from engine.session import TextStream, answer, check_room, ingest, stop_ids
+from engine.reading import TextStream, answer, check_room, ingest, stop_ids
 from tests.cli.fakes import ByteTokenizer
 from tests.engine.tiny import tiny_model
 
@@ -58,16 +58,16 @@ def test_stop_ids_include_end_of_turn():
 def test_check_room_names_the_flag():
     cascade = CacheConfig(cache_size=512, cascades=4, sinks=4, stride=64)
     assert check_room(cascade, 20, 8192, 30, 64) is None
-    assert "--max-tokens" in check_room(cascade, 20, 8192, 30, 200)  # request + answer > newest sub-cache
-    with pytest.raises(CapacityError, match="--cache-size"):
+    assert "`max_tokens`" in check_room(cascade, 20, 8192, 30, 200)  # request + answer > newest sub-cache
+    with pytest.raises(CapacityError, match="`cache_size`"):
         check_room(cascade, 20, 590, 30, 64)
     with pytest.raises(CapacityError, match="question"):
         check_room(cascade, 20, 600, 30, 64, extra_positions=30)  # fits without the question
     full = CacheConfig(policy="full")
     assert check_room(full, 20, 8192, 30, 100, n_prefix_and_input=8000) is None
-    with pytest.raises(CapacityError, match="--max-tokens"):
+    with pytest.raises(CapacityError, match="`max_tokens`"):
         check_room(full, 20, 8192, 30, 200, n_prefix_and_input=8000)
-    with pytest.raises(ConfigError, match="--max-tokens"):
+    with pytest.raises(ConfigError, match="`max_tokens`"):
         check_room(cascade, 20, 8192, 30, 0)
 
 
