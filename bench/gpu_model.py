@@ -242,7 +242,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="131072,1048576")
     ap.add_argument("--stride", type=int, default=4096)
-    ap.add_argument("--cache-size", type=int, default=65536)
+    ap.add_argument("--cache-size", default="65536",
+                    help="tokens, or auto: what `--cache-size auto` picks for this model on this card for an input "
+                         "too long to read exactly (engine/sizing.py; cascades, sinks and stride become its own)")
     ap.add_argument("--cascades", type=int, default=8)
     ap.add_argument("--sinks", type=int, default=64)
     ap.add_argument("--beta", type=float, default=0.9999)
@@ -295,6 +297,14 @@ def main() -> None:
     emit({"part": "full_attention_1M_kv", "kv_bytes": kv, "kv_GiB": kv / 2**30, "card_bytes": card,
           "fits": bool(card and kv < card), "note": "computed, not run"})
 
+    if args.cache_size == "auto":  # the CLI's default, for an input longer than the model's positions
+        from engine.sizing import long_input_config, memory_budget
+        base = CacheConfig(policy="cascade", beta=args.beta)
+        limit = int(model.config.max_position_embeddings)
+        auto, sizing = long_input_config(base, model, limit, base.sinks, 0, memory_budget(dev))
+        args.cache_size, args.cascades, args.sinks, args.stride = auto.cache_size, auto.cascades, auto.sinks, auto.stride
+        emit({"part": "auto_size", **sizing.as_dict(), "cascades": auto.cascades, "sinks": auto.sinks})
+    args.cache_size = int(args.cache_size)
     tokens = [int(x) for x in args.tokens.split(",") if x]
     last = None  # (tokens, seconds) of the last complete ingest
     for i, n in enumerate(tokens):

@@ -30,6 +30,7 @@ from cascade_kernels.rope import apply_rope, rotate_half, rotate_queries  # noqa
 from .cache.base import KVCache
 from .errors import UnsupportedModelError
 from .families import SUPPORTED_FAMILIES, LayerAttention, layer_attentions
+from .slot_decode import decode_in_place
 
 
 @dataclass
@@ -50,6 +51,8 @@ class StepContext:
     key_hook: Callable[..., None] | None = None
     # (cos, sin, ema) on every other device that holds layers, when the model is spread over several (device_map)
     per_device: dict[torch.device, tuple[Tensor, Tensor, Tensor | None]] | None = None
+    # a CPU decode step: cos, sin covering every slot's own index too, for the in-place path (engine/slot_decode.py)
+    slot_tables: tuple[Tensor, Tensor] | None = None
 
     def tables(self, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """cos, sin and EMA weights on `layer`'s device."""
@@ -87,7 +90,12 @@ def _forward(attn: nn.Module, ctx_ref: list[StepContext | None], fam: LayerAtten
         # Triton launches on the current CUDA device, not the tensors': make it this layer's when layers are spread
         on_layer = torch.cuda.device(q.device) if ctx.per_device is not None and q.is_cuda else nullcontext()
         # soft-capped layers, and local-window ones with keys beyond their window, take the torch paths
-        if ctx.score_hook is None and fam.plain(cos.shape[0]) and paged_supported(q, k):  # rotated in the kernels
+        if ctx.slot_tables is not None and ctx.score_hook is None and fam.plain(cos.shape[0]):  # CPU decode
+            long_cos, long_sin = fam.tables(*ctx.slot_tables)
+            out, scores = decode_in_place(ctx.cache, layer, q, q_rot, k, v, long_cos, long_sin,
+                                          (ctx.slot_tables[0].data_ptr(), fam.rope_kind, fam.use_rope),
+                                          fam.scaling, ema, ctx.head_reduce)
+        elif ctx.score_hook is None and fam.plain(cos.shape[0]) and paged_supported(q, k):  # rotated in the kernels
             k_buf, v_buf, order = ctx.cache.past_slots(layer)  # pre-RoPE buffers, slot of each age rank
             with on_layer:
                 out, scores = chunk_attention_paged(q_rot, k_buf, v_buf, order, k, v, cos, sin, fam.scaling, ema,

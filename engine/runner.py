@@ -9,6 +9,7 @@ transfers but the activations' own hops between devices and one small index copy
 """
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 
 import torch
@@ -53,6 +54,8 @@ class Runner:
         self.query_hook = None  # idem, while the question is read
         self.key_hook = None  # set by the evidence store (engine/evidence.py): scores each chunk's keys
         self.after_step = None  # idem: called with the step's ids [B, L] after its cache commit
+        # CPU decode steps read the cache in place (engine/slot_decode.py); False: the plain gather path (bench/tests)
+        self.in_place_decode = True
         self._stack = ExitStack()
         self._ctx_ref = self._stack.enter_context(patched_attention(model))
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}  # device -> cos, sin [size, D]
@@ -100,7 +103,8 @@ class Runner:
         ema = ema_weights(n_new, self.config.beta, ids.device) if self.cache.needs_scores else None
         self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
                                        self.query_hook, key_hook=self.key_hook,
-                                       per_device=self._other_devices(past + n_new, n_new))
+                                       per_device=self._other_devices(past + n_new, n_new),
+                                       slot_tables=self._slot_tables(past, n_new))
         try:
             # Our attention takes positions and masking from the cache (ctx cos/sin, causal chunk), so the model is
             # handed a ready-made 4D mask that transformers passes through untouched: otherwise its mask builder
@@ -113,6 +117,15 @@ class Runner:
         if self.after_step is not None:
             self.after_step(ids)
         return hidden
+
+    def _slot_tables(self, past: int, n_new: int) -> tuple[Tensor, Tensor] | None:
+        """For a decode step on the CPU, tables long enough for the in-place path (engine/slot_decode.py): the
+        query is rotated up to past + capacity there. None elsewhere, and under CASCADECTL_KERNELS=ref."""
+        shape = self.cache.shape
+        if (n_new != 1 or not self.in_place_decode or shape.device.type != "cpu" or shape.layer_devices is not None
+                or os.environ.get("CASCADECTL_KERNELS") == "ref"):
+            return None
+        return self.rotary(past + 1 + self.cache.past_slots(0)[0].shape[2])
 
     def _no_mask(self, device: torch.device) -> Tensor:
         """A [1, 1, 1, 1] placeholder mask (never read by our attention), one per device."""

@@ -22,8 +22,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .slot_keys import SlotKeys, pieces
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class KVCache(ABC):
         self.n_sinks = n_sinks  # the first n_sinks tokens of the stream are kept forever
         self.seen = 0  # tokens consumed so far (absolute index of the next token)
         self.n_new = 0  # tokens of the chunk in flight
+        self._written: np.ndarray | None = None  # physical slots the planned chunk writes (None: unknown, any)
+        self._slot_keys: SlotKeys | None = None  # made by the first CPU decode step that reads the cache in place
+        self._pieces: list | None = None
 
     @property
     @abstractmethod
@@ -76,6 +82,7 @@ class KVCache(ABC):
     def begin(self, n_new: int) -> None:
         """Plan the insertion of the next `n_new` tokens."""
         self.n_new = n_new
+        self._written, self._pieces = None, None
         self._plan(n_new)
 
     @abstractmethod
@@ -100,6 +107,26 @@ class KVCache(ABC):
         self._commit()
         self.seen += self.n_new
         self.n_new = 0
+        self._touch(self._written)
+
+    def _touch(self, slots: np.ndarray | None) -> None:
+        """Slots whose keys just changed (None: any): their slot-rotated copy is stale."""
+        if self._slot_keys is not None:
+            self._slot_keys.invalidate(slots)
+
+    def slot_keys(self, layer: int, cos: Tensor, sin: Tensor, key: tuple) -> Tensor:
+        """The layer's key buffer rotated at each physical slot's index (engine/cache/slot_keys.py); `cos`, `sin`
+        cover every slot, `key` names the tables they come from."""
+        if self._slot_keys is None:
+            self._slot_keys = SlotKeys(self.shape.n_layers)
+        return self._slot_keys.keys(layer, self.past_slots(layer)[0], cos, sin, key)
+
+    def pieces(self) -> list[tuple[str, int, int, int]]:
+        """The current chunk's visible tokens as runs of consecutive slots and gathered rest, in age order
+        (engine/cache/slot_keys.py `pieces`); computed once per chunk, on the host."""
+        if self._pieces is None:
+            self._pieces = pieces(self.past_slots(0)[2].cpu().numpy())
+        return self._pieces
 
     def _commit(self) -> None:
         pass

@@ -252,6 +252,8 @@ class CascadeCache(KVCache):
             plans.append(_finish(plan, self.n_sinks + i * self.width, self.n_sinks))
             times = self._passed_on(plans[-1], times)
         self._plans = plans
+        sinks = np.arange(self.n_sinks_filled, self.n_sinks_filled + to_sinks)
+        self._written = np.concatenate([sinks] + [plan.write_slot for plan in plans])
         chain = _chain(plans) if n_new == 1 and not to_sinks and plans else _ints(())
         # every ring's index lists, the written slots and the chain, sent to each device in one copy
         flat = [getattr(plan, name) for plan in plans for name in _INDEX_FIELDS]

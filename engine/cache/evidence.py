@@ -98,6 +98,7 @@ class EvidenceCascadeCache(CascadeCache):
                 self.dead[source - self.n_sinks] = True
         if not moves:
             return
+        self._touch(np.asarray([d for d, _ in moves], dtype=np.int64))  # written now, before the chunk's attention
         dst, src = (torch.tensor(x, dtype=torch.long) for x in zip(*moves))
         for layer in range(self.shape.n_layers):
             dev = self.k[layer].device

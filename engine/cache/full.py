@@ -1,6 +1,7 @@
 """`full`: keep every token. The exactness baseline (quadratic time, linear memory)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,8 +25,10 @@ class DenseCache(KVCache):
 
     def _plan(self, n_new: int) -> None:
         need = self.seen + n_new
+        self._written = np.arange(self.seen, need)
         if need <= self.capacity:
             return
+        self._touch(None)
         # amortised doubling; only `full` ever grows, and it is refused past the model's position limit anyway
         new_cap = max(need, 2 * self.capacity)
         for buffers in (self.k, self.v):

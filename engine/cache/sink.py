@@ -3,6 +3,7 @@
 Layout per layer: `[ S sinks | ring of N slots ]`. Scores are not needed, so attention can skip them."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,7 @@ class SinkWindowCache(KVCache):
         dst = list(range(self.n_sinks_filled, self.n_sinks_filled + to_sinks))
         dst += [self.n_sinks + (self.head + rest - kept + j) % self.window for j in range(kept)]
         dev = self.shape.device
+        self._written = np.asarray(dst, dtype=np.int64)
         self._src = torch.tensor(src, dtype=torch.long, device=dev)
         self._dst = torch.tensor(dst, dtype=torch.long, device=dev)
         self._order = self._age_order(self.head, self.count)

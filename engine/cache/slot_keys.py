@@ -1,0 +1,82 @@
+"""Keys rotated at their *slot*: what lets a CPU decode step read the cache in place.
+
+A cached key is stored before RoPE and rotated at its rank in the age order (docs/ALGORITHM.md §2), and ranks move
+on every step (each push shifts a whole ring by one), so the plain path gathers every cached key into age order and
+rotates all of them again on every token. But a ring's visible tokens lie in at most two runs of consecutive
+physical slots, and inside a run rank = slot + c for one constant c. RoPE scores depend only on the difference of
+positions, so for a query at position P
+
+    (R(P) q) · (R(slot + c) k)  =  (R(P - c) q) · (R(slot) k)
+
+and `R(slot) k` never changes while the slot holds the same token. `SlotKeys` keeps that copy of each layer's key
+buffer (one extra key buffer, in the keys' dtype) and re-rotates only the slots written since it was last read,
+which a policy names when it plans a chunk (`KVCache._written`; unknown means all). A decode step then rotates
+its query once per run instead of every key (engine/slot_decode.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade_kernels.rope import apply_rope
+
+
+class SlotKeys:
+    """Per layer: the key buffer rotated at each slot's own index, brought up to date lazily."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.stale: list[list[np.ndarray] | None] = [None] * n_layers  # None: every slot
+        self.tables: list[tuple | None] = [None] * n_layers  # which rotary tables the copy was built with
+
+    def invalidate(self, slots: np.ndarray | None) -> None:
+        """Slots whose key changed (None: any); a copy that would need most of its slots again is rebuilt whole."""
+        for layer, pending in enumerate(self.stale):
+            if pending is None:
+                continue
+            if slots is None or sum(map(len, pending)) + len(slots) > 256:
+                self.stale[layer] = None
+            else:
+                pending.append(slots)
+
+    def keys(self, layer: int, k_buf: Tensor, cos: Tensor, sin: Tensor, key: tuple) -> Tensor:
+        """The layer's keys [B, Hkv, capacity, D] rotated at their slot index; `cos`/`sin` cover every slot and
+        `key` names the tables they come from (a different key rebuilds the copy)."""
+        mirror, pending = self.k[layer], self.stale[layer]
+        capacity = k_buf.shape[2]
+        if mirror is None or mirror.shape != k_buf.shape or pending is None or self.tables[layer] != key:
+            mirror = self.k[layer] = apply_rope(k_buf, cos[:capacity], sin[:capacity])
+            self.tables[layer] = key
+        elif pending:
+            slots = torch.from_numpy(np.unique(np.concatenate(pending))).to(k_buf.device)
+            mirror.index_copy_(2, slots, apply_rope(k_buf.index_select(2, slots), cos[slots], sin[slots]))
+        self.stale[layer] = []
+        return mirror
+
+
+MIN_RUN = 32  # shorter runs of consecutive slots are gathered and rotated at their ranks, as the plain path does
+
+
+def pieces(order: np.ndarray, min_run: int = MIN_RUN) -> list[tuple[str, int, int, int]]:
+    """The age order [n] of physical slots as pieces, in age order: ("run", first slot, first rank, length) for a
+    run of at least `min_run` consecutive slots, ("gather", 0, first rank, length) for what lies between them."""
+    n = len(order)
+    if n == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(order) != 1) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [n]])
+    out: list[tuple[str, int, int, int]] = []
+    gather_from = None
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if b - a >= min_run:
+            if gather_from is not None:
+                out.append(("gather", 0, gather_from, a - gather_from))
+                gather_from = None
+            out.append(("run", int(order[a]), a, b - a))
+        elif gather_from is None:
+            gather_from = a
+    if gather_from is not None:
+        out.append(("gather", 0, gather_from, n - gather_from))
+    return out

@@ -1,0 +1,86 @@
+"""A CPU decode step that reads the cache in place: no gather of the past, no re-rotation of every cached key.
+
+The plain path (engine/attention.py) gathers every cached key and value into age order, rotates all keys at their
+ranks and attends over the copy: per token and layer that is three copies of the cache and a RoPE pass over it,
+about 40% of a CPU decode step at cache 4096 (docs/BENCHMARKS.md, "Where a CPU decode step goes"). Here the keys
+come from the cache's slot-rotated copy (engine/cache/slot_keys.py): for each run of consecutive slots the query is
+rotated once to P - c (c = rank - slot along the run) and multiplied with the run's keys as they lie; short runs
+between them (an evidence store's spans, dead slots) are gathered and rotated at their ranks as before. The
+softmax is taken over every piece at once in age order (so the scores come out in the order the cache expects),
+and P·V reads the value buffer in place with the probabilities scattered to the physical slots.
+
+Same contract and numerics as `cascade_kernels.chunk_attention.chunk_attention_few` for one query: logits and
+softmax in float32, P·V in the values' dtype; only where each key is rotated differs (at its slot instead of its
+rank), which moves results within rounding (tests/engine/test_slot_decode.py holds it to the plain path).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cascade_kernels.rope import apply_rope
+
+from .cache.base import KVCache
+
+
+def decode_in_place(
+    cache: KVCache,
+    layer: int,
+    q: Tensor,
+    q_rot: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    tables_key: tuple,
+    scale: float,
+    ema: Tensor | None,
+    head_reduce: str,
+) -> tuple[Tensor, Tensor | None]:
+    """One query over the cache's visible tokens and its own key: (out [B, Hq, 1, D], scores or None).
+
+    q: the query before RoPE [B, Hq, 1, D], q_rot the same rotated at its position P = n_past; k_new, v_new
+    [B, Hkv, 1, D] before RoPE; cos, sin this layer's tables for positions 0 .. at least P + capacity; scores
+    as `chunk_attention` gives them (EMA-weighted, reduced over the KV group, the unscored leading tokens
+    dropped), columns in age order."""
+    b, hq, _, d = q.shape
+    k_buf, v_buf, order = cache.past_slots(layer)
+    hkv, capacity = k_buf.shape[1], k_buf.shape[2]
+    g = hq // hkv
+    p_pos = cache.n_past
+    parts = cache.pieces()
+    runs = [piece for piece in parts if piece[0] == "run"]
+    logits = []
+    if runs:
+        slot_k = cache.slot_keys(layer, cos, sin, tables_key)
+        shift = torch.tensor([p_pos - rank + slot for _, slot, rank, _ in runs], device=q.device)
+        q_runs = apply_rope(q.expand(b, hq, len(runs), d), cos[shift], sin[shift])  # [B, Hq, R, D]
+        q_runs = q_runs.float().view(b, hkv, g, len(runs), d)
+    qg = q_rot.float().view(b, hkv, g, d)
+    r = 0
+    for kind, slot, rank, n in parts:
+        if kind == "run":
+            keys = slot_k[:, :, slot : slot + n]
+            logits.append(q_runs[:, :, :, r] @ keys.float().transpose(-1, -2))
+            r += 1
+        else:
+            keys = k_buf.index_select(2, order[rank : rank + n])
+            keys = apply_rope(keys, cos[rank : rank + n], sin[rank : rank + n])
+            logits.append(qg @ keys.float().transpose(-1, -2))
+    own = apply_rope(k_new, cos[p_pos : p_pos + 1], sin[p_pos : p_pos + 1])
+    logits.append(qg @ own.float().transpose(-1, -2))
+    p = torch.cat(logits, dim=-1).mul_(scale).softmax(dim=-1)  # [B, Hkv, G, n_past + 1], age order
+    n_past = p.shape[-1] - 1
+    top = int(order.max()) + 1 if n_past else 0  # P·V over the used prefix of the buffer
+    p16 = p.to(v_buf.dtype)
+    if n_past:
+        spread = p16.new_zeros(b, hkv, g, top).index_copy_(3, order, p16[..., :n_past])
+        out = spread @ v_buf[:, :, :top] + p16[..., n_past:] @ v_new
+    else:
+        out = p16 @ v_new
+    out = out.view(b, hq, 1, d).to(q.dtype)
+    if ema is None:
+        return out, None
+    col = p * ema.to(p.device, torch.float32)
+    scores = col.amax(dim=2) if head_reduce == "max" else col.mean(dim=2)
+    return out, scores[:, :, cache.n_unscored :]
