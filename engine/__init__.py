@@ -4,7 +4,7 @@ The public Python API is engine/api.py, re-exported here (`import engine; lm = e
 imported on first use, so `import engine.config` stays as light as it was."""
 
 _API = ("CacheConfig", "Document", "GREEDY", "LoadedModel", "PerplexityResult", "Prompt", "Sampling", "ask",
-        "ask_prompt", "load", "open_model", "perplexity", "read", "summarize", "summary_prompt", "tokens")
+        "ask_prompt", "load", "open_model", "perplexity_of", "read", "summarize", "summary_prompt", "token_ids")
 __all__ = list(_API)
 
 

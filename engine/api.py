@@ -3,7 +3,7 @@ and cache files. Re-exported by `engine` (`import engine; engine.open_model()`).
 
     lm = open_model()                                   # the embedded SmolLM2-135M; never downloads
     config = CacheConfig(cache_size=256, stride=64)     # any policy: "cascade" (default), "sink", "full"
-    perplexity(lm, text, config).ppl
+    perplexity_of(lm, text, config).ppl
     doc = read(lm, text, config, summary_prompt(lm))    # one pass; the cache is the document's memory
     doc.answer()                                        # from a copy: ask again, or save it
     doc.save("book.kv"); load(lm, "book.kv").answer()   # the same answer, without reading the text again
@@ -27,8 +27,9 @@ from .runner import Runner
 from .snapshot import config_of, load_snapshot, save_snapshot
 from .tokens import iter_token_ids, rechunk
 
-__all__ = ["CacheConfig", "Document", "GREEDY", "LoadedModel", "PerplexityResult", "Prompt", "Sampling",
-           "ask", "ask_prompt", "load", "open_model", "perplexity", "read", "summarize", "summary_prompt", "tokens"]
+# (not `perplexity` or `tokens`: `engine.perplexity` and `engine.tokens` are modules)
+__all__ = ["CacheConfig", "Document", "GREEDY", "LoadedModel", "PerplexityResult", "Prompt", "Sampling", "ask",
+           "ask_prompt", "load", "open_model", "perplexity_of", "read", "summarize", "summary_prompt", "token_ids"]
 
 Text = str | Iterable[str] | Iterable[list[int]]  # a string, text pieces, or token-id pieces
 
@@ -40,7 +41,7 @@ def open_model(model: str | None = None, device: str = "auto", dtype: str = "aut
     return load_model(model, device, dtype, device_map=device_map)
 
 
-def tokens(lm: LoadedModel, text: Text) -> Iterator[list[int]]:
+def token_ids(lm: LoadedModel, text: Text) -> Iterator[list[int]]:
     """Token-id pieces of `text`, tokenized as a stream (a long text is never held as one tokenizer call)."""
     if isinstance(text, str):
         return iter_token_ids(lm.tokenizer, [text])
@@ -58,11 +59,11 @@ def _chain(first, rest) -> Iterator:
     yield from rest
 
 
-def perplexity(lm: LoadedModel, text: Text, config: CacheConfig = CacheConfig(), keep_nll: bool = False) -> \
+def perplexity_of(lm: LoadedModel, text: Text, config: CacheConfig = CacheConfig(), keep_nll: bool = False) -> \
         PerplexityResult:
     """Perplexity of `text` read once through `config`'s cache (`full` counts the text first: its positions
     must fit the model's)."""
-    pieces = tokens(lm, text)
+    pieces = token_ids(lm, text)
     n = 0
     if config.policy == "full":
         ids = [i for piece in pieces for i in piece]
@@ -131,7 +132,7 @@ def read(lm: LoadedModel, text: Text, config: CacheConfig = CacheConfig(), promp
     the prompt's request and `max_tokens` of answer)."""
     prompt = prompt if prompt is not None else summary_prompt(lm)
     n_sinks = max(config.sinks, len(prompt.prefix_ids))
-    pieces, known = tokens(lm, text), None
+    pieces, known = token_ids(lm, text), None
     if config.policy == "full":  # positions grow with the input: count it first
         ids = [i for piece in pieces for i in piece]
         pieces, known = [ids], len(prompt.prefix_ids) + len(ids)

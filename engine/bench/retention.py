@@ -14,7 +14,6 @@ baseline. NLL is the mean over the segment's tokens but the first (nothing can p
 `gap` = prose tokens between the end of the first copy and the start of the second."""
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 
 from ..config import CacheConfig
 from ..perplexity import perplexity
+from ..reading import forked
 from ..runner import Runner
 from ..tokens import rechunk
 
@@ -122,13 +122,8 @@ def run_sample(model, config: CacheConfig, sample: RetentionSample, gaps: list[i
         for gap in gaps:
             feed(sample.gap_ids[done:gap])  # chunks end exactly at the gap point
             done = gap
-            main = runner.cache
-            with torch.inference_mode():
-                runner.cache = copy.deepcopy(main)
-            try:
+            with forked(runner):  # the segment is read from a copy: the next gap continues the main stream
                 run.nll[gap] = _segment_nll(runner, seg)
-            finally:
-                runner.cache = main
             run.tokens += len(seg)
             if on_tokens is not None:
                 on_tokens(len(seg))

@@ -73,7 +73,7 @@ def test_round_trip_continues_bit_identically(tmp_path, policy, dtype):
     assert meta["extra"] == {"note": "x"} and meta["n_sinks"] == 6 and snap.config_of(meta) == config
     assert torch.equal(extra["carry"], torch.arange(5.0))
     with Runner(lm.model, snap.config_of(meta), n_sinks=meta["n_sinks"]) as runner:
-        runner.cache = cache
+        runner.replace_cache(cache)
         got = feed(runner, parts[7:])
         assert runner.cache.seen == seen
     for a, b in zip(expected, got):

@@ -183,7 +183,7 @@ def check(data: bytes) -> None:
             raise
         # Accepted: the cache must take the next chunk (a file can be signed by anyone).
         with Runner(lm().model, snapshot.config_of(snap.meta), n_sinks=snap.meta["n_sinks"]) as runner:
-            runner.cache = snap.cache
+            runner.replace_cache(snap.cache)
             try:
                 runner.step(torch.tensor([[5, 6, 7]]))
             except CascadeError:
