@@ -26,12 +26,12 @@ one program per (b, KV head), a D-wide vector per step.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
+from . import dispatch
 from ._triton import jit as _jit
 from ._triton import tl, triton
 
@@ -131,7 +131,7 @@ def push_token(k_buf: Tensor, v_buf: Tensor, score_buf: Tensor, idx_buf: Tensor,
                s_new: Tensor, chain: Tensor, t: int, n_sinks: int) -> None:
     """Dispatcher: the Triton kernel on CUDA where triton is installed, the torch reference elsewhere (and under
     CASCADECTL_KERNELS=ref)."""
-    if k_buf.is_cuda and triton is not None and os.environ.get("CASCADECTL_KERNELS") != "ref":
+    if dispatch.push_path(k_buf) == "triton":
         push_token_triton(k_buf, v_buf, score_buf, idx_buf, k_new, v_new, s_new, chain, t, n_sinks)
     else:
         push_token_ref(k_buf, v_buf, score_buf, idx_buf, k_new, v_new, s_new, chain, t, n_sinks)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import _key_sources, _online_softmax
 from ._triton import jit as _jit
 from ._triton import tl, triton
-from .rope import _load_either, _load_rotated_either
+from .blocks import key_sources, online_softmax
+from .rope import load_either, load_rotated_either
 
 # PROGRAMS_PER_SM sets the key splits (split-K) so that batch 1 fills the GPU.
 DECODE_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4)
@@ -32,13 +32,13 @@ LAUNCH_DEFAULTS = dict(MERGE_BLOCK_N=1024)
 
 @_jit
 def _split_step(s, cols, c_ok, row, g_ok, LOGITS, n_k, m_i, l_i, WITH_SCORES: tl.constexpr):
-    """The online-softmax statistics of one key block of a split (`_online_softmax`), keys past the split
+    """The online-softmax statistics of one key block of a split (`online_softmax`), keys past the split
     masked off; for the scores, first the raw logits of the GROUP heads at LOGITS[row, cols]. The caller then
     loads v and accumulates: loading v here, before the statistics, changes the compiled schedule."""
     s = tl.where(c_ok[None, :], s, float("-inf"))
     if WITH_SCORES:
         tl.store(LOGITS + row[:, None] * n_k + cols[None, :], s, mask=g_ok[:, None] & c_ok[None, :])
-    m_new, l_i, p, alpha = _online_softmax(s, m_i, l_i)
+    m_new, l_i, p, alpha = online_softmax(s, m_i, l_i)
     return m_new, l_i, p, alpha
 
 
@@ -52,17 +52,25 @@ def _store_partials(PART_M, PART_L, PART_O, part, g_ok, offs_d, m_i, l_i, acc, H
 
 
 @_jit
-def _decode_split_kernel(
-    Q, K, V, LOGITS, PART_M, PART_L, PART_O,
+def _split_kernel(
+    Q, K, V, ORDER, KN, VN, COS, SIN, LOGITS, PART_M, PART_L, PART_O,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    n_k, n_kv_heads, n_splits, split_len, qk_scale,
+    stride_knb, stride_knh, stride_knn,
+    stride_vnb, stride_vnh, stride_vnn,
+    stride_cs,
+    n_past, n_k, n_kv_heads, n_splits, split_len, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    WITH_SCORES: tl.constexpr,
+    WITH_SCORES: tl.constexpr, PAGED: tl.constexpr,
 ):
     """Decode (one query), split-K: program (split, b·Hkv) takes the GROUP query heads of a KV head over
-    `split_len` keys; writes a partial (max, sum, unnormalised out) and, for the scores, the raw logits."""
+    `split_len` keys; writes a partial (max, sum, unnormalised out) and, for the scores, the raw logits.
+
+    PAGED: straight from the cache (kernels/paged_attention.py): key j < n_past is the cache's slot ORDER[j] of
+    K, V, key n_past the step's own (KN, VN), and every key is rotated at its position j on load (n_k is then
+    n_past + 1; the argument is not read). Otherwise K, V hold the n_k keys in order, already rotated, and
+    ORDER, KN, VN, COS, SIN are not read."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)
@@ -70,11 +78,22 @@ def _decode_split_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < GROUP
     heads = kvh * GROUP + offs_g  # [BLOCK_G]; rows past GROUP are padding for the matrix unit
+    HALF: tl.constexpr = HEAD_DIM // 2
     offs_n = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    if PAGED:
+        p_q = Q + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
+        q1 = tl.load(p_q, mask=g_ok[:, None], other=0.0)
+        q2 = tl.load(p_q + HALF, mask=g_ok[:, None], other=0.0)
+    else:
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
+    if PAGED:
+        kn_base = KN + b * stride_knb + kvh * stride_knh
+        vn_base = VN + b * stride_vnb + kvh * stride_vnh
+        n_k = n_past + 1
     row = b * n_kv_heads * GROUP + heads  # flat (b, h) index
     start = pid_s * split_len
     end = tl.minimum(start + split_len, n_k)
@@ -83,67 +102,24 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        c_ok = cols < end
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=c_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale
+        if PAGED:
+            c_ok, in_c, is_new, slot = key_sources(ORDER, cols, n_past, end, True)
+            new_row = cols - n_past  # 0 for the step's key; the other lanes are masked off
+            k1t, k2t = load_rotated_either(  # [D/2, BLOCK_N]
+                k_base + slot[None, :] * stride_kn + offs_h[:, None], kn_base + new_row[None, :] * stride_knn
+                + offs_h[:, None], COS + cols[None, :] * stride_cs + offs_h[:, None],
+                SIN + cols[None, :] * stride_cs + offs_h[:, None], in_c[None, :], is_new[None, :], HALF)
+            s = tl.dot(q2, k2t, tl.dot(q1, k1t)) * qk_scale
+        else:
+            c_ok = cols < end
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=c_ok[None, :], other=0.0)
+            s = tl.dot(q, kt) * qk_scale
         m_i, l_i, p, alpha = _split_step(s, cols, c_ok, row, g_ok, LOGITS, n_k, m_i, l_i, WITH_SCORES)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    _store_partials(PART_M, PART_L, PART_O, row * n_splits + pid_s, g_ok, offs_d, m_i, l_i, acc, HEAD_DIM)
-
-
-@_jit
-def _decode_split_paged_kernel(
-    Q, KC, VC, ORDER, KN, VN, COS, SIN, LOGITS, PART_M, PART_L, PART_O,
-    stride_qb, stride_qh,
-    stride_kcb, stride_kch, stride_kcn,
-    stride_vcb, stride_vch, stride_vcn,
-    stride_knb, stride_knh, stride_knn,
-    stride_vnb, stride_vnh, stride_vnn,
-    stride_cs,
-    n_past, n_kv_heads, n_splits, split_len, qk_scale,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    WITH_SCORES: tl.constexpr,
-):
-    """`_decode_split_kernel` straight from the cache (kernels/paged_attention.py): key j < n_past is the cache's
-    slot ORDER[j], key n_past is the step's own (KN, VN); every key is rotated at its position j on load."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_kv_heads).to(tl.int64)
-    kvh = (pid_bh % n_kv_heads).to(tl.int64)
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs_g = tl.arange(0, BLOCK_G)
-    g_ok = offs_g < GROUP
-    heads = kvh * GROUP + offs_g
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, HALF)
-    offs_d = tl.arange(0, HEAD_DIM)
-    p_q = Q + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
-    q1 = tl.load(p_q, mask=g_ok[:, None], other=0.0)
-    q2 = tl.load(p_q + HALF, mask=g_ok[:, None], other=0.0)
-    kc_base = KC + b * stride_kcb + kvh * stride_kch
-    vc_base = VC + b * stride_vcb + kvh * stride_vch
-    kn_base = KN + b * stride_knb + kvh * stride_knh
-    vn_base = VN + b * stride_vnb + kvh * stride_vnh
-    n_k = n_past + 1
-    row = b * n_kv_heads * GROUP + heads
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, n_k)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        c_ok, in_c, is_new, slot = _key_sources(ORDER, cols, n_past, end, True)
-        new_row = cols - n_past  # 0 for the step's key; the other lanes are masked off
-        k1t, k2t = _load_rotated_either(  # [D/2, BLOCK_N]
-            kc_base + slot[None, :] * stride_kcn + offs_h[:, None], kn_base + new_row[None, :] * stride_knn + offs_h[:, None],
-            COS + cols[None, :] * stride_cs + offs_h[:, None], SIN + cols[None, :] * stride_cs + offs_h[:, None],
-            in_c[None, :], is_new[None, :], HALF)
-        s = tl.dot(q2, k2t, tl.dot(q1, k1t)) * qk_scale
-        m_i, l_i, p, alpha = _split_step(s, cols, c_ok, row, g_ok, LOGITS, n_k, m_i, l_i, WITH_SCORES)
-        v = _load_either(vc_base + slot[:, None] * stride_vcn + offs_d[None, :],
-                         vn_base + new_row[:, None] * stride_vnn + offs_d[None, :], in_c[:, None], is_new[:, None])
+        if PAGED:
+            v = load_either(v_base + slot[:, None] * stride_vn + offs_d[None, :],
+                            vn_base + new_row[:, None] * stride_vnn + offs_d[None, :], in_c[:, None], is_new[:, None])
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=c_ok[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     _store_partials(PART_M, PART_L, PART_O, row * n_splits + pid_s, g_ok, offs_d, m_i, l_i, acc, HEAD_DIM)
 
@@ -200,10 +176,10 @@ def _n_programs_wanted(device: torch.device, per_sm: int) -> int:
     return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(q: torch.Tensor, n_kv_heads: int, n_k: int, decode_config: dict | None) -> tuple[int, int, dict]:
+def _split(q: torch.Tensor, n_kv_heads: int, n_k: int, decode_config: dict) -> tuple[int, int, dict]:
     """(n_splits, split_len, kernel config): enough splits that batch 1 fills the GPU, none of them empty. The
     config keeps the launch options (LAUNCH_DEFAULTS) for the caller to pop."""
-    cfg = {**LAUNCH_DEFAULTS, **(decode_config or DECODE_CONFIG)}
+    cfg = {**LAUNCH_DEFAULTS, **decode_config}
     per_sm = cfg.pop("PROGRAMS_PER_SM")
     block_n = cfg["BLOCK_N"]
     n_bh = q.shape[0] * n_kv_heads
@@ -244,44 +220,41 @@ def _merge(q, parts, n_kv_heads, n_k, n_splits, ema, n_sinks, head_reduce, block
     return out, (scores if ema is not None else None)
 
 
-def _decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config=None):
+def decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config=None):
     """One query per head: split the keys so that batch 1 still fills the GPU, then merge the splits."""
+    strides = (*k.stride()[:3], *v.stride()[:3]) + (0,) * 7  # ORDER, KN, VN, COS, SIN are not read
+    return _split_and_merge(q, (k, v, k, k, v, k, k), strides, 0, k.shape[2], qk_scale, ema, n_sinks, head_reduce,
+                            decode_config or DECODE_CONFIG, paged=False)
+
+
+def decode_paged_triton(q, k_cache, v_cache, order, n_past, k_new, v_new, cos, sin, qk_scale, ema, n_sinks,
+                        head_reduce, decode_config=None):
+    """`decode_triton` over [cache slots order[:n_past] | the step's own key], rotating keys on load
+    (the contract of cascade_kernels.paged_attention.chunk_attention_paged for L == 1)."""
+    strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
+               cos.stride(0))
+    return _split_and_merge(q, (k_cache, v_cache, order, k_new, v_new, cos, sin), strides, n_past, n_past + 1,
+                            qk_scale, ema, n_sinks, head_reduce, decode_config or PAGED_DECODE_CONFIG, paged=True)
+
+
+def _split_and_merge(q, sources, strides, n_past, n_k, qk_scale, ema, n_sinks, head_reduce, decode_config, paged):
+    """Both kernels: `sources` = (K, V, ORDER, KN, VN, COS, SIN) and their strides, as `_split_kernel` takes them."""
     b, hq, _, d = q.shape
-    hkv, n_k = k.shape[1], k.shape[2]
+    hkv = sources[0].shape[1]
     g = hq // hkv
     n_splits, split_len, cfg = _split(q, hkv, n_k, decode_config)
     merge_block = cfg.pop("MERGE_BLOCK_N")
     parts = _partials(q, n_splits, n_k, ema is not None)
-    _decode_split_kernel[(n_splits, b * hkv)](
-        q, k, v, parts[3], *parts[:3],
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        n_k, hkv, n_splits, split_len, qk_scale,
-        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=ema is not None, **cfg,
+    _split_kernel[(n_splits, b * hkv)](
+        q, *sources, parts[3], *parts[:3],
+        q.stride(0), q.stride(1), *strides,
+        n_past, n_k, hkv, n_splits, split_len, qk_scale,
+        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=ema is not None,
+        PAGED=paged, **cfg,
     )
     return _merge(q, parts, hkv, n_k, n_splits, ema, n_sinks, head_reduce, merge_block)
 
 
-def _decode_paged_triton(q, k_cache, v_cache, order, n_past, k_new, v_new, cos, sin, qk_scale, ema, n_sinks,
-                         head_reduce, decode_config=None):
-    """`_decode_triton` over [cache slots order[:n_past] | the step's own key], rotating keys on load
-    (the contract of cascade_kernels.paged_attention.chunk_attention_paged for L == 1)."""
-    b, hq, _, d = q.shape
-    hkv = k_cache.shape[1]
-    g, n_k = hq // hkv, n_past + 1
-    n_splits, split_len, cfg = _split(q, hkv, n_k, decode_config or PAGED_DECODE_CONFIG)
-    merge_block = cfg.pop("MERGE_BLOCK_N")
-    parts = _partials(q, n_splits, n_k, ema is not None)
-    _decode_split_paged_kernel[(n_splits, b * hkv)](
-        q, k_cache, v_cache, order, k_new, v_new, cos, sin, parts[3], *parts[:3],
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_new.stride(0), k_new.stride(1), k_new.stride(2),
-        v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        cos.stride(0),
-        n_past, hkv, n_splits, split_len, qk_scale,
-        GROUP=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=d, WITH_SCORES=ema is not None, **cfg,
-    )
-    return _merge(q, parts, hkv, n_k, n_splits, ema, n_sinks, head_reduce, merge_block)
+# the old private names, for kernels/chunk_attention.py until its Triton part moves to kernels/prefill_triton.py
+_decode_triton = decode_triton
+_decode_paged_triton = decode_paged_triton

@@ -4,18 +4,18 @@ pairs), applied with the model's own cos/sin tables so that any RoPE scaling is 
 `apply_rope` is the torch form. `rotate_queries` is what the engine calls for a chunk's queries: on CUDA one Triton
 kernel (`_rope_kernel`: one read and one write of x, against three elementwise passes and launches in torch), the
 torch form elsewhere. The Triton device functions below also rotate key tiles inside the attention kernels
-(kernels/paged_attention.py, kernels/decode_attention.py): a key is loaded as its two halves k1 = k[:D/2] and
+(kernels/prefill_kernels.py, kernels/decode_attention.py): a key is loaded as its two halves k1 = k[:D/2] and
 k2 = k[D/2:], rotated in fp32 as (k1·c1 − k2·s1, k2·c2 + k1·s2) and rounded back to the input dtype, so that
 q·k = q1·k1' + q2·k2' is two dots over D/2 and the rotated key is never written to memory.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import Tensor
 
+from . import dispatch
 from ._triton import jit as _jit
 from ._triton import tl, triton
 
@@ -47,7 +47,7 @@ def _rotate(k1, k2, c1, c2, s1, s2):
 
 
 @_jit
-def _load_either(p_cache, p_new, in_cache, in_new):
+def load_either(p_cache, p_new, in_cache, in_new):
     """A tile whose rows (or columns) come from the cache where `in_cache` and from the chunk where `in_new`;
     zero elsewhere. The masks are disjoint, so each element is read from memory at most once."""
     return tl.where(in_cache, tl.load(p_cache, mask=in_cache, other=0.0), tl.load(p_new, mask=in_new, other=0.0))
@@ -64,7 +64,7 @@ def _rope_tables(p_cos, p_sin, ok, HALF: tl.constexpr):
 
 
 @_jit
-def _load_rotated(p_key, p_cos, p_sin, ok, HALF: tl.constexpr):
+def load_rotated(p_key, p_cos, p_sin, ok, HALF: tl.constexpr):
     """Rotated key halves from one source: p_key points at each key's first half, p_cos/p_sin at its position's
     table row (any tile layout: [N, D/2] or transposed [D/2, N])."""
     k1 = tl.load(p_key, mask=ok, other=0.0)
@@ -74,10 +74,10 @@ def _load_rotated(p_key, p_cos, p_sin, ok, HALF: tl.constexpr):
 
 
 @_jit
-def _load_rotated_either(p_cache, p_new, p_cos, p_sin, in_cache, in_new, HALF: tl.constexpr):
+def load_rotated_either(p_cache, p_new, p_cos, p_sin, in_cache, in_new, HALF: tl.constexpr):
     """Rotated key halves whose keys come from the cache (through its slots) or from the chunk, per row."""
-    k1 = _load_either(p_cache, p_new, in_cache, in_new)
-    k2 = _load_either(p_cache + HALF, p_new + HALF, in_cache, in_new)
+    k1 = load_either(p_cache, p_new, in_cache, in_new)
+    k2 = load_either(p_cache + HALF, p_new + HALF, in_cache, in_new)
     c1, c2, s1, s2 = _rope_tables(p_cos, p_sin, in_cache | in_new, HALF)
     return _rotate(k1, k2, c1, c2, s1, s2)
 
@@ -97,7 +97,7 @@ def _rope_kernel(
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = (rows < n_t)[:, None]
     offs_h = tl.arange(0, HALF)[None, :]
-    r1, r2 = _load_rotated(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xt + offs_h,
+    r1, r2 = load_rotated(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xt + offs_h,
                            COS + rows[:, None] * stride_cs + offs_h, SIN + rows[:, None] * stride_cs + offs_h,
                            ok, HALF)
     p_out = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_h
@@ -126,8 +126,6 @@ def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, block_t: int = 64) -> Tenso
 def rotate_queries(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Dispatcher for a chunk's queries, x [B, H, T, D] with cos/sin [T, D]: the Triton kernel on CUDA for 16-bit
     inputs and head dims 32-256 (powers of two); `apply_rope` otherwise and under CASCADECTL_KERNELS=ref."""
-    d = x.shape[-1]
-    if (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and cos.dtype == x.dtype
-            and d in (32, 64, 128, 256) and os.environ.get("CASCADECTL_KERNELS") != "ref"):
+    if dispatch.rope_path(x, cos) == "triton":
         return rope_triton(x, cos, sin)
     return apply_rope(x, cos, sin)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cascade_kernels._triton as kt
+from cascade_kernels import dispatch
 from cascade_kernels.cache_push import push_token, push_token_ref
 from tests.kernels.interpreter import interpreted
 
@@ -119,23 +120,28 @@ def test_cuda_kernel_equals_reference(name, d, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_cache_decode_equals_the_reference_path(monkeypatch):
+def test_cuda_cache_decode_equals_the_reference_path():
     """The engine's cache on CUDA: a prefill, then 200 single-token steps, once through the kernel and once with
     CASCADECTL_KERNELS=ref (the torch reference); same random inputs, bitwise the same cache afterwards."""
+    results = []
+    for reference in (True, False):  # CASCADECTL_KERNELS=ref, then the kernel
+        with dispatch.use_reference(reference):
+            results.append(_cascade_decode())
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def _cascade_decode() -> list[torch.Tensor]:
+    """Layer 0's buffers after a prefill and 200 single-token steps of a CUDA cascade on seeded random inputs."""
     from engine.cache.base import CacheShape
     from engine.cache.cascade import CascadeCache
 
-    results = []
-    for kernels_env in ("ref", "triton"):
-        monkeypatch.setenv("CASCADECTL_KERNELS", kernels_env)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        cache = CascadeCache(CacheShape(1, 2, 4, 64, torch.bfloat16, torch.device("cuda")), 5, 48, 4, 0.99)
-        for n in [30, 20, 1, 7] + [1] * 200:
-            cache.begin(n)
-            k, v = (torch.randn(2, 4, n, 64, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2))
-            score = torch.rand(2, 4, cache.n_past - cache.n_sinks_filled + n, generator=gen, device="cuda")
-            cache.update(0, k, v, score)
-            cache.end()
-        results.append([t.clone() for t in (cache.k[0], cache.v[0], cache.score[0], cache.idx[0])])
-    for got, want in zip(*results):
-        assert torch.equal(got, want)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cache = CascadeCache(CacheShape(1, 2, 4, 64, torch.bfloat16, torch.device("cuda")), 5, 48, 4, 0.99)
+    for n in [30, 20, 1, 7] + [1] * 200:
+        cache.begin(n)
+        k, v = (torch.randn(2, 4, n, 64, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2))
+        score = torch.rand(2, 4, cache.n_past - cache.n_sinks_filled + n, generator=gen, device="cuda")
+        cache.update(0, k, v, score)
+        cache.end()
+    return [t.clone() for t in (cache.k[0], cache.v[0], cache.score[0], cache.idx[0])]

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import cascade_kernels.chunk_attention as ca
+import cascade_kernels.prefill_triton as pt
+from cascade_kernels import dispatch
 from cascade_kernels.chunk_attention import chunk_attention_cpu, chunk_attention_ref, ema_weights
 from tests.kernels.interpreter import interpreted
 
@@ -122,18 +124,18 @@ def test_no_softcap_no_window_is_bit_identical():
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 2, 40, 40 + 37, 32, 3, "max"), (1, 4, 4, 16, 16, 16, 0, "mean"),
-                                   (2, 6, 2, 5, 5 + 50, 32, 1, "max")], ids=str)
+                                   (2, 6, 2, 5, 5 + 50, 32, 1, "max"), (1, 8, 2, 1, 1 + 77, 32, 3, "mean")], ids=str)
 def test_interpreted_kernels_match_ref(monkeypatch, shape):
     """Forward and scores pass with small blocks: several query and key blocks, ragged ends, a chunk with no
-    cache, one shorter than a block."""
+    cache, one shorter than a block; one query (decode: split-K over the keys, then the merge)."""
     b, hq, hkv, n_q, n_k, d, n_sinks, reduce = shape
     torch.manual_seed(zlib.crc32(repr(shape).encode()))
     q, k, v = _inputs(b, hq, hkv, n_q, n_k, d, torch.float32)
     ema = ema_weights(n_q, 0.99)
     blocks = dict(fwd_config=dict(BLOCK_M=16, BLOCK_N=16),
-                  scores_config=dict(BLOCK_M=16, BLOCK_N=16))
+                  scores_config=dict(BLOCK_M=16, BLOCK_N=16), decode_config=dict(BLOCK_N=16, PROGRAMS_PER_SM=1))
     run = lambda m: m.chunk_attention_triton(q, k, v, d**-0.5, ema, n_sinks, reduce, **blocks)  # noqa: E731
-    interp = interpreted(monkeypatch, "chunk_attention", run)
+    interp = interpreted(monkeypatch, "prefill_triton", run)
     out, scores = run(interp)
     ref_out, ref_scores = chunk_attention_ref(q, k, v, d**-0.5, ema, n_sinks, reduce)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
@@ -144,7 +146,7 @@ def test_interpreted_kernels_match_ref(monkeypatch, shape):
 
 gpu = pytest.mark.gpu
 needs_triton = pytest.mark.skipif(
-    ca.triton is None or not torch.cuda.is_available(), reason="needs triton and a CUDA device"
+    pt.triton is None or not torch.cuda.is_available(), reason="needs triton and a CUDA device"
 )
 
 GPU_SHAPES = [
@@ -175,13 +177,13 @@ def test_triton_matches_ref(shape, dtype):
     for temperature in (1.0, 4.0):  # flat and peaked softmax
         q, k, v = _inputs(b, hq, hkv, n_q, n_k, d, dtype, "cuda", temperature)
         ema = ema_weights(n_q, 0.999, "cuda")
-        out, scores = ca.chunk_attention_triton(q, k, v, d**-0.5, ema, n_sinks, reduce)
+        out, scores = pt.chunk_attention_triton(q, k, v, d**-0.5, ema, n_sinks, reduce)
         ref_out, ref_scores = chunk_attention_ref(q, k, v, d**-0.5, ema, n_sinks, reduce)
         atol, rtol, s_rtol = GPU_TOL[dtype]
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
         _check_scores(scores, ref_scores, s_rtol)
-        out_only, none = ca.chunk_attention_triton(q, k, v, d**-0.5, None, n_sinks, reduce)
+        out_only, none = pt.chunk_attention_triton(q, k, v, d**-0.5, None, n_sinks, reduce)
         assert none is None
         torch.testing.assert_close(out_only, ref_out, atol=atol, rtol=rtol)
 
@@ -199,9 +201,9 @@ def test_triton_engine_layout_and_repeatability(n_q):
     big_v = torch.randn_like(big_k)
     k, v = big_k[:, :, 50 : 50 + n_k], big_v[:, :, 50 : 50 + n_k]
     ema = ema_weights(n_q, 0.9999, "cuda")
-    assert ca.triton_supports(q, k)
+    assert dispatch.triton_supports(q, k)
     out1, s1 = ca.chunk_attention(q, k, v, d**-0.5, ema, 64, "max")
-    out2, s2 = ca.chunk_attention_triton(q, k, v, d**-0.5, ema, 64, "max")
+    out2, s2 = pt.chunk_attention_triton(q, k, v, d**-0.5, ema, 64, "max")
     assert torch.equal(out1, out2) and torch.equal(s1, s2)
     ref_out, ref_scores = chunk_attention_ref(q, k, v, d**-0.5, ema, 64, "max")
     torch.testing.assert_close(out1, ref_out, atol=2e-2, rtol=2e-2)
@@ -213,13 +215,13 @@ def test_triton_engine_layout_and_repeatability(n_q):
 def test_dispatcher_choices(monkeypatch):
     q = torch.randn(1, 4, 8, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 20, 128, device="cuda", dtype=torch.bfloat16)
-    assert ca.triton_supports(q, k)
-    assert not ca.triton_supports(q.float(), k.float())
-    assert not ca.triton_supports(q[..., :96], k[..., :96])
+    assert dispatch.triton_supports(q, k)
+    assert not dispatch.triton_supports(q.float(), k.float())
+    assert not dispatch.triton_supports(q[..., :96], k[..., :96])
     called = []
     monkeypatch.setattr(ca, "chunk_attention_ref", lambda *a: called.append(1) or (None, None))
-    monkeypatch.setenv("CASCADECTL_KERNELS", "ref")
-    ca.chunk_attention(q, k, k, 0.1, ema_weights(8, 0.9, "cuda"))
+    with dispatch.use_reference():  # what CASCADECTL_KERNELS=ref asks for
+        ca.chunk_attention(q, k, k, 0.1, ema_weights(8, 0.9, "cuda"))
     assert called == [1]
 
 

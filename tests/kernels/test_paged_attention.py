@@ -10,7 +10,6 @@ bf16, so it runs fp32 and fp16; bf16 is covered on CUDA: `python -m pytest -m gp
 """
 from __future__ import annotations
 
-import sys
 import zlib
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 
 import cascade_kernels.chunk_attention as ca
 import cascade_kernels.paged_attention as pa
+import cascade_kernels.prefill_triton as pt
 from engine import attention
 from engine.config import CacheConfig
 from engine.runner import Runner
@@ -25,7 +25,7 @@ from cascade_kernels.chunk_attention import chunk_attention_ref, ema_weights
 from cascade_kernels.paged_attention import chunk_attention_paged, chunk_attention_paged_ref, materialise
 from cascade_kernels.rope import apply_rope
 from tests.engine.tiny import tiny_model
-from tests.kernels.interpreter import PACKAGE, interpreted
+from tests.kernels.interpreter import interpreted
 
 # (B, Hq, Hkv, L, P, capacity, D, sinks, head_reduce): P keys visible in a cache of `capacity` slots
 SHAPES = [
@@ -119,9 +119,9 @@ def test_materialise_rotates_key_j_at_position_j():
 
 @pytest.fixture
 def interp(monkeypatch):
-    """The interpreted paged_attention module, usable for this test; skips where it cannot run."""
+    """The interpreted launchers (kernels/prefill_triton.py), usable for this test; skips where they cannot run."""
     x = paged_inputs((1, 2, 2, 1, 3, 4, 64, 0, "max"), torch.float32)
-    return interpreted(monkeypatch, "paged_attention", lambda module: module.chunk_attention_paged_triton(**x))
+    return interpreted(monkeypatch, "prefill_triton", lambda module: module.chunk_attention_paged_triton(**x))
 
 
 @pytest.mark.parametrize("dtype", list(INTERP_TOL), ids=str)
@@ -159,7 +159,7 @@ def test_interpreted_materialise_and_prerotate(interp, shape):
 
 def test_interpreted_kernels_agree_with_the_unpaged_kernels(interp):
     """The paged kernels on the cache equal the existing kernels on the materialised, rotated keys."""
-    unpaged = sys.modules[f"{PACKAGE}.chunk_attention"]
+    unpaged = interp  # the same kernels, PAGED off
     for shape in SHAPES[1], SHAPES[3]:
         x = paged_inputs(shape, torch.float32)
         k_all, v_all = materialise(x["k_cache"], x["v_cache"], x["order"], x["k_new"], x["v_new"], x["cos"], x["sin"])
@@ -242,7 +242,7 @@ def test_engine_through_interpreted_kernels(interp, monkeypatch):
 # ---- Triton on CUDA
 
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(ca.triton is None or not torch.cuda.is_available(), reason="needs triton and CUDA")
+needs_cuda = pytest.mark.skipif(pt.triton is None or not torch.cuda.is_available(), reason="needs triton and CUDA")
 
 GPU_SHAPES = [
     (1, 32, 8, 1, 65600, 65600, 128, 64, "max"),  # decode over a full 64K cache (split-K)
@@ -288,11 +288,11 @@ def test_triton_matches_ref(shape, dtype):
     for temperature in (1.0, 4.0):  # flat and peaked softmax
         x = paged_inputs(shape, dtype, "cuda", temperature)
         for prerotate in (False, True):  # keys rotated in the kernels, or once into a scratch copy
-            got = pa.chunk_attention_paged_triton(**x, prerotate=prerotate)
+            got = pt.chunk_attention_paged_triton(**x, prerotate=prerotate)
             check(got, fp32_rope_ref(x), GPU_TOL[dtype])
             check_engine_rope(got, chunk_attention_paged_ref(**x), GPU_TOL_ENGINE_ROPE[dtype])
         x["ema"] = None
-        check(pa.chunk_attention_paged_triton(**x), fp32_rope_ref(x), GPU_TOL[dtype])
+        check(pt.chunk_attention_paged_triton(**x), fp32_rope_ref(x), GPU_TOL[dtype])
 
 
 @gpu
@@ -314,7 +314,7 @@ def test_triton_engine_layout_dispatch_and_repeatability(n_q):
             ema_weights(n_q, 0.9999, dev), 64, "max")
     assert pa.paged_supported(q, k_cache)
     out1, s1 = chunk_attention_paged(*args)
-    out2, s2 = pa.chunk_attention_paged_triton(*args)
+    out2, s2 = pt.chunk_attention_paged_triton(*args)
     assert torch.equal(out1, out2) and torch.equal(s1, s2)
     check_engine_rope((out1, s1), chunk_attention_paged_ref(*args), GPU_TOL_ENGINE_ROPE[dt])
 
@@ -324,11 +324,11 @@ def test_triton_engine_layout_dispatch_and_repeatability(n_q):
 @pytest.mark.parametrize(("n_q", "prerotate"), [(1, None), (256, False), (256, True)])
 def test_triton_no_host_sync(n_q, prerotate):
     x = paged_inputs((1, 32, 8, n_q, 20000, 20000, 128, 64, "max"), torch.bfloat16, "cuda")
-    pa.chunk_attention_paged_triton(**x, prerotate=prerotate)  # compile outside the check
+    pt.chunk_attention_paged_triton(**x, prerotate=prerotate)  # compile outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _, scores = pa.chunk_attention_paged_triton(**x, prerotate=prerotate)
+        _, scores = pt.chunk_attention_paged_triton(**x, prerotate=prerotate)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert scores.shape == (1, 8, 20000 + n_q - 64)
@@ -345,7 +345,7 @@ def test_engine_on_cuda_checks_every_call(monkeypatch, config):
     def checked(*args):
         assert pa.paged_supported(args[0], args[1])
         want = chunk_attention_paged_ref(*args)
-        check_engine_rope(pa.chunk_attention_paged_triton(*args), want, GPU_TOL_ENGINE_ROPE[torch.bfloat16])
+        check_engine_rope(pt.chunk_attention_paged_triton(*args), want, GPU_TOL_ENGINE_ROPE[torch.bfloat16])
         calls.append(args[0].shape[2])
         return want
 

@@ -1,0 +1,90 @@
+"""Which implementation of each kernel family runs: the one place that reads CASCADECTL_KERNELS and asks where
+the Triton kernels can run.
+
+Every family has a torch reference beside its kernels. The entry points ask here once per call and branch:
+
+    attention_path(q, k)  chunk_attention, chunk_attention_paged: "ref" (forced), "cpu" (torch's fused CPU
+                          kernels), "triton" (CUDA, 16-bit, head dim 64/128) or "torch" (another device or dtype:
+                          SDPA without scores, the reference with them)
+    rope_path(x, cos)     rotate_queries: "triton" (CUDA, 16-bit, head dim 32-256) or "torch"
+    push_path(k_buf)      push_token: "triton" (CUDA) or "ref"
+
+CASCADECTL_KERNELS=ref forces the torch references everywhere. The variable is read on the first question and
+kept for the process (the entry points run once per layer and step); `use_reference` overrides it for a block,
+which is how tests switch paths after the first call.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ._triton import triton
+
+ENV = "CASCADECTL_KERNELS"
+_forced: bool | None = None  # None until the environment is read (or `use_reference` sets it)
+
+
+def wants_reference(environ: Mapping[str, str]) -> bool:
+    """Whether an environment asks for the torch references: CASCADECTL_KERNELS=ref."""
+    return environ.get(ENV) == "ref"
+
+
+def reference_only() -> bool:
+    """CASCADECTL_KERNELS=ref, read from the environment once per process (or as `use_reference` says)."""
+    global _forced
+    if _forced is None:
+        _forced = wants_reference(os.environ)
+    return _forced
+
+
+@contextmanager
+def use_reference(flag: bool = True) -> Iterator[None]:
+    """Inside the block the torch references run (flag True) or the kernels where they can (False), whatever
+    CASCADECTL_KERNELS says; afterwards the previous choice holds again."""
+    global _forced
+    before = _forced
+    _forced = flag
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def triton_supports(q: Tensor, k: Tensor) -> bool:
+    """The Triton attention kernels' domain: CUDA, 16-bit floats, head dim 64 or 128, and triton importable."""
+    return (
+        triton is not None
+        and q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and k.dtype == q.dtype
+        and q.shape[-1] in (64, 128)
+    )
+
+
+def attention_path(q: Tensor, k: Tensor) -> Literal["ref", "cpu", "triton", "torch"]:
+    """Where a chunk's attention over keys like `k` runs (q [B, Hq, L, D])."""
+    if reference_only():
+        return "ref"
+    if q.device.type == "cpu":
+        return "cpu"
+    if triton_supports(q, k):
+        return "triton"
+    return "torch"
+
+
+def rope_path(x: Tensor, cos: Tensor) -> Literal["triton", "torch"]:
+    """Where a chunk's queries x [B, H, T, D] are rotated with tables like `cos`."""
+    if (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and cos.dtype == x.dtype
+            and x.shape[-1] in (32, 64, 128, 256) and not reference_only()):
+        return "triton"
+    return "torch"
+
+
+def push_path(k_buf: Tensor) -> Literal["triton", "ref"]:
+    """Where a decoded token is pushed through the cascade's rings held in buffers like `k_buf`."""
+    return "triton" if k_buf.is_cuda and triton is not None and not reference_only() else "ref"
