@@ -1,25 +1,23 @@
 """What `summarize` and `ask` share: read the input once with progress, stream answers, print stats and reports.
 
 A `Session` owns the runner for one input: `read()` streams the pinned prefix and the input through the cache
-(progress on stderr; checkpoints and resume with `--checkpoint`), or `load()` takes the cache from a
-`--save-cache` file instead; `save()` writes that file; `answer()` appends a closing request and streams the
-answer to stdout, `finish()` prints the stats line, the retention report and/or the JSON document."""
+(cascadectl/driver.py: progress on stderr; checkpoints and resume with `--checkpoint`), or `load()` takes the
+cache from a `--save-cache` file instead (the file itself: cascadectl/cache_files.py); `save()` writes that
+file; `answer()` appends a closing request and streams the answer to stdout, `finish()` prints the stats line,
+the retention report and/or the JSON document (cascadectl/run_report.py)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Annotated, Optional
+from dataclasses import asdict
 
-import typer
 from rich.markup import escape
-from rich.table import Table
 
 from engine.checkpoint import ids_sha256
 from engine.config import CacheConfig
-from engine.errors import CascadeError, ConfigError
+from engine.errors import CascadeError
 from engine.generate import Sampling
 from engine.prompt import Prompt
 from engine.evidence import (EvidenceSelector, Selectors, default_slots, probe, quoted_closing, restrict,
@@ -28,88 +26,19 @@ from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, retention_report
 from engine.runner import Runner
 from engine.reading import answer, check_room, forked, ingest_steps, stop_ids
-from engine.snapshot import config_of, load_snapshot, save_snapshot
 from engine.sizing import long_input_config, route
 from engine.tokens import rechunk
 
+from . import cache_files
 from . import checkpoints as ck
-from .common import AnswerInterrupts, check_output_path, peak_rss_bytes, require_text, versions
+from .common import AnswerInterrupts, require_text, versions
 from .citations import evidence_fill, evidence_records, print_citations
-from .console import Say, console, fill_text, human_bytes
+from .console import Say, fill_text
 from .driver import InputTokens, drive, read_all
 from .inputs import InputReport
+from .run_report import Stats, print_report
 from .settings import AutoSize
 
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-t", rich_help_panel="Generation",
-                                        help="Most tokens to generate per answer.")]
-# Unset sampling options come from the model's generation_config; the embedded SmolLM2 sets none, so it is greedy.
-Temperature = Annotated[Optional[float], typer.Option(
-    "--temperature", rich_help_panel="Generation", show_default=False,
-    help="0 = greedy (argmax); higher samples more freely. Default: the model's generation_config, which samples "
-         "only when it sets do_sample (the embedded SmolLM2 sets nothing: greedy).")]
-TopP = Annotated[Optional[float], typer.Option(
-    "--top-p", rich_help_panel="Generation", show_default=False,
-    help="Sample among the fewest tokens whose probability reaches P, 0 < P <= 1 (asks for sampling). Default: "
-         "the model's top_p (embedded: off).")]
-TopK = Annotated[Optional[int], typer.Option(
-    "--top-k", rich_help_panel="Generation", show_default=False,
-    help="Sample among the K likeliest tokens, 0 = off (asks for sampling). Default: the model's top_k "
-         "(embedded: off).")]
-MinP = Annotated[Optional[float], typer.Option(
-    "--min-p", rich_help_panel="Generation", show_default=False,
-    help="Drop tokens less likely than P x the likeliest one, 0 <= P <= 1 (asks for sampling). Default: the "
-         "model's min_p (embedded: off).")]
-RepeatPenalty = Annotated[Optional[float], typer.Option(
-    "--repeat-penalty", rich_help_panel="Generation", show_default=False,
-    help="> 1 lowers the logits of tokens already in the answer (greedy too; 1 = off). Default: the model's "
-         "repetition_penalty (embedded: off).")]
-NoRepeatNgram = Annotated[Optional[int], typer.Option(
-    "--no-repeat-ngram", rich_help_panel="Generation", show_default=False, metavar="N",
-    help="Never write the same N tokens twice in one answer (greedy too; 0 = off). Default: the model's "
-         "no_repeat_ngram_size; when the model sets no repetition control and --repeat-penalty is not given, 4 "
-         "(small models loop otherwise). --temperature 0 is plain greedy: only what is given applies.")]
-Seed = Annotated[int, typer.Option("--seed", rich_help_panel="Generation", help="Sampling seed.")]
-Report = Annotated[bool, typer.Option("--report", rich_help_panel="Output",
-                                      help="Print on stderr how the cached tokens spread over the input.")]
-Words = Annotated[Optional[int], typer.Option("--words", "-w", rich_help_panel="Generation", show_default=False,
-                                              help="Target length of the answer in words.")]
-Instruction = Annotated[Optional[str], typer.Option("--instruction", "-i", rich_help_panel="Generation",
-                                                    show_default=False, help="Replace the request to the model.")]
-SaveCache = Annotated[Optional[str], typer.Option(
-    "--save-cache", rich_help_panel="Cache file", show_default=False, metavar="FILE",
-    help="Write the cache to FILE after reading the input (its size is the cache's, not the input's).")]
-LoadCache = Annotated[Optional[str], typer.Option(
-    "--load-cache", rich_help_panel="Cache file", show_default=False, metavar="FILE",
-    help="Answer from a --save-cache FILE instead of reading an input; its cache settings apply.")]
-MAX_TOKENS = 256
-
-
-@dataclass
-class Stats:
-    tokens: int = 0  # input tokens read
-    seconds_ingest: float = 0.0
-    generated_tokens: int = 0
-    seconds_generate: float = 0.0
-    kv_cache_bytes: int = 0
-    loaded_from: str | None = None  # the --load-cache file the input's cache came from
-
-    def as_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "tokens_per_s": self.tokens / self.seconds_ingest if self.seconds_ingest else 0.0,
-            "decode_tokens_per_s": self.generated_tokens / self.seconds_generate if self.seconds_generate else 0.0,
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
-
-    def line(self) -> str:
-        d = self.as_dict()
-        read = (f"loaded {self.tokens:,} input tokens from {self.loaded_from} in {self.seconds_ingest:.1f} s"
-                if self.loaded_from else
-                f"read {self.tokens:,} tokens in {self.seconds_ingest:.1f} s ({d['tokens_per_s']:,.0f} tok/s)")
-        return (f"{read} · "
-                f"wrote {self.generated_tokens} tokens in {self.seconds_generate:.1f} s "
-                f"({d['decode_tokens_per_s']:.1f} tok/s) · peak memory {human_bytes(d['peak_rss_bytes'])} · "
-                f"KV cache {human_bytes(self.kv_cache_bytes)}")
 
 
 class Session:
@@ -297,52 +226,27 @@ class Session:
         `pinned_question`: the question read before the input, when there was one; the file then answers only
         that question (the cache kept what it asked about). `questions`: the probed questions whose evidence
         the store holds, in order (the file answers any question; these with their evidence)."""
-        extra = {
-            "kind": "ingest",
-            "evidence_questions": list(questions) if self._store_index is not None else [],
-            "prefix_tokens": len(self.prompt.prefix_ids),
-            "prefix_sha256": ids_sha256(self.prompt.prefix_ids),
-            "pinned_question": pinned_question,
-            "input_tokens": self.stats.tokens,
-            "seconds_ingest": self.stats.seconds_ingest,
-            "input": self._input_record(),
-            "source_map": {"starts": self.source_map.starts, "labels": self.source_map.labels},
-            "retention": self.retention,
-        }
-        size = save_snapshot(path, self.runner.cache, self.lm, self.config, extra)
-        Say.info(f"[dim]saved the cache to {path} ({human_bytes(size)}): answer from it with --load-cache[/]")
+        cache_files.save(path, self.runner.cache, self.lm, self.config, cache_files.IngestRecord(
+            prompt=self.prompt, pinned_question=pinned_question,
+            evidence_questions=list(questions) if self._store_index is not None else [],
+            input_tokens=self.stats.tokens, seconds_ingest=self.stats.seconds_ingest, input=self._input_record(),
+            source_map=self.source_map, retention=self.retention))
 
     def load(self, path: str, explicit: dict, longest_suffix: int, questions: list[str] = ()) -> None:
         """Take the cache from a `--save-cache` file instead of reading an input (`explicit`: settings given on
         the command line, which must agree with the file's)."""
         start = time.perf_counter()
-
-        def inspect(meta: dict) -> None:  # before the settings: what the file is matters more
-            extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
-            if extra.get("kind") != "ingest":
-                raise ConfigError(f"{path} is a checkpoint, not a saved cache: resume it with --checkpoint {path} "
-                                  f"--resume")
-            pinned = extra.get("pinned_question")
-            if pinned is not None and list(questions) != [pinned]:
-                raise ConfigError(f"{path} was read with the question {pinned!r} pinned before the input, so it "
-                                  f"only answers that question; save it with --no-question-first to ask any")
-
-        cache, meta, _ = load_snapshot(path, self.lm, explicit, inspect)
-        extra = meta["extra"]
-        try:
-            tokens, retention, record = int(extra["input_tokens"]), dict(extra["retention"]), dict(extra["input"])
-            str(record["sha256"])
-        except (KeyError, TypeError, ValueError):
-            raise CascadeError(f"{path} is not a usable saved cache (no record of its input)") from None
-        self.config, self.n_sinks, self.loaded = config_of(meta), meta["n_sinks"], {**record, "cache_file": path}
+        saved = cache_files.load(path, self.lm, explicit, questions)
+        cache = saved.cache
+        self.config, self.n_sinks, self.loaded = saved.config, saved.n_sinks, {**saved.input, "cache_file": path}
         warning = check_room(self.config, self.n_sinks, self.lm.max_positions, longest_suffix, self.max_tokens,
                              cache.seen if self.config.policy == "full" else None)
         if warning:
             Say.warn(warning)
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks)
         self.runner.replace_cache(cache)
-        self.retention = retention
-        stored = extra.get("evidence_questions") or []
+        self.retention = saved.retention
+        stored = saved.evidence_questions
         if evidence_fill(cache) is None:
             if questions:
                 Say.info(f"[dim]note: {escape(path)} holds no evidence spans (read without the question first): "
@@ -354,13 +258,9 @@ class Session:
                     if k is None:
                         Say.info(f"[dim]note: {escape(path)} holds no evidence for {escape(repr(q))} (it was read "
                                  f"with other questions): a fact stated once far back may be missing[/]")
-            try:
-                smap = extra["source_map"]
-                source_map = SourceMap(list(smap["starts"]), [tuple(label) for label in smap["labels"]])
-                self._records(int(extra["prefix_tokens"]), source_map, self._store_index)
-            except (KeyError, TypeError, ValueError):
-                raise CascadeError(f"{path} is not a usable saved cache (no record of its input)") from None
-        self.stats.tokens, self.stats.loaded_from = tokens, path
+            prefix_tokens, source_map = saved.source_map()
+            self._records(prefix_tokens, source_map, self._store_index)
+        self.stats.tokens, self.stats.loaded_from = saved.input_tokens, path
         self.stats.seconds_ingest = time.perf_counter() - start
         self.stats.kv_cache_bytes = cache.nbytes()
 
@@ -435,40 +335,3 @@ class Session:
             print_report(self.retention)
         Say.info(f"[dim]{self.stats.line()}[/]")
         ck.done(self._checkpoint)
-
-
-def check_cache_files(save_cache: str | None, load_cache: str | None, checkpoint: ck.CheckpointOptions) -> None:
-    """Option errors of --save-cache, --load-cache and --checkpoint, before any model is loaded or input read."""
-    checkpoint.check()
-    if save_cache and load_cache:
-        raise ConfigError("--save-cache and --load-cache together: the file already holds this cache")
-    if load_cache and checkpoint.path:
-        raise ConfigError("--load-cache reads no input, so there is nothing to checkpoint: drop --checkpoint")
-    if save_cache:
-        check_output_path(save_cache, "--save-cache")
-
-
-def print_report(retention: dict, max_rows: int = 20) -> None:
-    """The retention report as tables on stderr (even with --quiet: it was asked for)."""
-    n = retention["input_tokens"]
-    guided = " (question-guided)" if retention.get("question_guided") else ""
-    console.print(f"[bold]Retention{guided}[/]: {retention['kept_mean']:,.0f} of {n:,} input tokens cached per KV "
-                  f"head on average ({retention['kept_layer0']:,.0f} at layer 0), beside "
-                  f"{retention['pinned_prefix_tokens']} pinned prompt tokens")
-    sections = [("tenth", retention["by_tenth"], lambda r: f"{r['tenth']}/10")]
-    if len(retention["by_file"]) > 1:
-        sections.append(("file", retention["by_file"], lambda r: r["source"]))
-    if retention["by_page"]:
-        sections.append(("page", retention["by_page"], lambda r: f"{r['source']} p.{r['page']}"))
-    for title, rows, label in sections:
-        table = Table(box=None, pad_edge=False)
-        table.add_column(title, overflow="fold")
-        for col in ("tokens", "kept (layer 0)", "kept (mean)", "share kept"):
-            table.add_column(col, justify="right", no_wrap=True)
-        table.add_column("", no_wrap=True)
-        for r in rows[:max_rows]:
-            table.add_row(label(r), f"{r['tokens']:,}", f"{r['kept_layer0']:,.0f}", f"{r['kept_mean']:,.0f}",
-                          f"{100 * r['kept_fraction']:.1f}%", "█" * round(20 * r["kept_fraction"]))
-        console.print(table)
-        if len(rows) > max_rows:
-            console.print(f"[dim]... {len(rows) - max_rows} more {title}s in --json[/]")

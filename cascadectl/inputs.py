@@ -10,16 +10,16 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
-import logging
 import os
 import stat
 import sys
 import threading
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
+
+from .pdf import PdfProblem, iter_pdf_pages, one_line
 
 __all__ = [
     "FILE_HEADER",
@@ -161,112 +161,6 @@ def _iter_text(fh: BinaryIO, head: bytes, report: InputReport) -> Iterator[str]:
         yield text
 
 
-# --- PDF -----------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_pypdf() -> Iterator[None]:
-    """Keep pypdf's recoverable-problem chatter off stderr. Never held across a `yield` of ours."""
-    logger = logging.getLogger("pypdf")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class _PdfProblem(Exception):
-    """A PDF cannot be read; `reason` is the short form for the report, `message` the full one-line advice."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-def _open_pdf(fh: BinaryIO, path: str) -> tuple[Any, int]:
-    """A decrypted `PdfReader` over the open file `fh` and its page count, or `_PdfProblem`."""
-    from pypdf import PdfReader  # imported here: a text-only run should not pay for importing pypdf
-    from pypdf import PasswordType
-    from pypdf.errors import DependencyError
-
-    # pypdf is third-party code parsing untrusted bytes; any exception it raises means "this file is broken".
-    try:
-        with _quiet_pypdf():
-            # A file object (not the path): given a path, pypdf reads the whole file into memory.
-            reader = PdfReader(fh)
-            if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
-                raise _PdfProblem(
-                    "password-protected PDF",
-                    f"{path} is password-protected; decrypt it first (e.g. qpdf --decrypt --password=... "
-                    f"{path} decrypted.pdf) and pass the decrypted copy",
-                )
-            n_pages = len(reader.pages)  # loads the page tree, so that a broken one is reported as such
-    except _PdfProblem:
-        raise
-    except DependencyError as exc:
-        raise _PdfProblem(
-            "encrypted PDF needs the 'cryptography' package",
-            f"{path} uses encryption that needs an extra package ({_one_line(exc)}); "
-            "install it with `pip install cryptography` or decrypt the file first (e.g. qpdf --decrypt)",
-        ) from exc
-    except Exception as exc:
-        raise _PdfProblem(
-            "PDF could not be parsed",
-            f"{path} could not be parsed as a PDF ({_one_line(exc)}); check that the file is complete or re-save it",
-        ) from exc
-    return reader, n_pages
-
-
-def _no_surrogates(text: str) -> str:
-    """Replace lone surrogates (from broken font maps) with U+FFFD: they cannot be encoded, hashed or tokenized."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
-    return text
-
-
-def _iter_pdf_pages(fh: BinaryIO, path: str, report: InputReport) -> Iterator[tuple[int, str]]:
-    """Yield `(page_number, text)` for each page with text, extracting one page per step.
-
-    A page whose extraction fails is recorded as skipped; a file with no text at all raises `_PdfProblem`.
-    """
-    reader, n_pages = _open_pdf(fh, path)
-    n_failed = 0
-    any_text = False
-    for index in range(n_pages):
-        try:
-            with _quiet_pypdf():
-                text = _no_surrogates(reader.pages[index].extract_text() or "")
-        except Exception as exc:  # one bad page (odd font, broken stream) should not lose the rest of the book
-            n_failed += 1
-            report.skip(f"{path} page {index + 1}", f"text extraction failed: {_one_line(exc, 80)}")
-            continue
-        report.pages_read += 1
-        if text.strip():
-            any_text = True
-            yield index + 1, text
-    if not any_text:
-        if n_pages and n_failed == n_pages:
-            raise _PdfProblem(
-                "PDF could not be parsed",
-                f"{path} could not be parsed: text extraction failed on every page; try re-saving or converting it",
-            )
-        raise _PdfProblem(
-            "PDF has no extractable text",
-            f"{path} has no extractable text (scanned images?); run OCR on it first (e.g. ocrmypdf {path} ocr.pdf)",
-        )
-
-
 # --- files and folders ---------------------------------------------------------------------------------------------
 
 
@@ -281,7 +175,7 @@ def is_pdf(path: str, head: bytes) -> bool:
 
 
 def _reason_for(exc: OSError) -> str:
-    return f"unreadable: {exc.strerror or _one_line(exc)}"
+    return f"unreadable: {exc.strerror or one_line(exc)}"
 
 
 def _shown(path: str) -> str:
@@ -360,7 +254,7 @@ class _Stream:
             if not direct:
                 self.report.skip(name, _reason_for(exc))
                 return
-            raise InputError(f"{name}: {exc.strerror or _one_line(exc)}; check the file's permissions") from exc
+            raise InputError(f"{name}: {exc.strerror or one_line(exc)}; check the file's permissions") from exc
         with fh:
             try:
                 head = fh.read(SNIFF_BYTES)
@@ -368,7 +262,7 @@ class _Stream:
                 if not direct:
                     self.report.skip(name, _reason_for(exc))
                     return
-                raise InputError(f"{name}: {exc.strerror or _one_line(exc)}; check that the file is readable") from exc
+                raise InputError(f"{name}: {exc.strerror or one_line(exc)}; check that the file is readable") from exc
             if is_pdf(path, head):
                 yield from self._pdf(fh, name, direct)
             elif looks_binary(head):
@@ -387,7 +281,7 @@ class _Stream:
         try:
             fh = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
         except OSError as exc:
-            reason = exc.strerror or _one_line(exc)
+            reason = exc.strerror or one_line(exc)
             raise InputError(f"{_shown(path)}: cannot be read ({reason}); give a text or PDF file") from exc
         with fh:
             yield from self._stream(fh, _shown(path))
@@ -396,7 +290,7 @@ class _Stream:
         try:
             head = stream.read(SNIFF_BYTES)
         except OSError as exc:  # e.g. stdin opened write-only (`0>file`) or a device that fails
-            raise InputError(f"{source} cannot be read ({exc.strerror or _one_line(exc)}); "
+            raise InputError(f"{source} cannot be read ({exc.strerror or one_line(exc)}); "
                              "give a file or pipe text in") from exc
         if head.startswith(_PDF_MAGIC):
             raise InputError(f"{source} is a PDF; PDFs cannot be piped, pass the file's path instead")
@@ -417,7 +311,7 @@ class _Stream:
                     yield self._segment(chunk, source, None, content=True)
         except OSError as exc:  # a read failing half-way (I/O error, a vanished network mount)
             done = self.report.bytes_read - bytes_before
-            reason = f"{exc.strerror or _one_line(exc)} after {done:,} bytes"
+            reason = f"{exc.strerror or one_line(exc)} after {done:,} bytes"
             if direct:
                 raise InputError(f"{source}: reading failed ({reason}); copy the file somewhere readable") from exc
             self.report.skip(source, f"unreadable: {reason}")
@@ -432,7 +326,7 @@ class _Stream:
             raise InputError(f"{path} is a PDF read from a pipe; save it to a file and pass that path instead")
         started = False
         try:
-            for page, text in _iter_pdf_pages(fh, path, self.report):
+            for page, text in iter_pdf_pages(fh, path, self.report):
                 if not started:
                     started = True
                     if self.headers:
@@ -440,7 +334,7 @@ class _Stream:
                 yield self._segment(PAGE_HEADER.format(page=page), path, page, content=False)
                 for chunk in _chunks(text):
                     yield self._segment(chunk, path, page, content=True)
-        except _PdfProblem as problem:
+        except PdfProblem as problem:
             if direct:
                 raise InputError(problem.message) from problem.__cause__
             self.report.skip(path, problem.reason)

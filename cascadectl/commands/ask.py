@@ -14,6 +14,7 @@ from engine.evidence import QUOTE
 from engine.retention import DEFAULT_WEIGHT
 
 from .. import answering as a
+from .. import cache_files as cf
 from .. import checkpoints as ck
 from .. import generation as g
 from .. import options as o
@@ -59,19 +60,19 @@ def ask(
     question_weight: QuestionWeight = DEFAULT_WEIGHT,
     evidence: Evidence = None,
     quote: Quote = QUOTE,
-    max_tokens: a.MaxTokens = a.MAX_TOKENS,
-    temperature: a.Temperature = None,
-    top_p: a.TopP = None,
-    top_k: a.TopK = None,
-    min_p: a.MinP = None,
-    repeat_penalty: a.RepeatPenalty = None,
-    no_repeat_ngram: a.NoRepeatNgram = None,
-    seed: a.Seed = 0,
+    max_tokens: g.MaxTokens = g.MAX_TOKENS,
+    temperature: g.Temperature = None,
+    top_p: g.TopP = None,
+    top_k: g.TopK = None,
+    min_p: g.MinP = None,
+    repeat_penalty: g.RepeatPenalty = None,
+    no_repeat_ngram: g.NoRepeatNgram = None,
+    seed: g.Seed = 0,
     json_out: o.Json = False,
     quiet: Quiet = False,
-    report: a.Report = False,
-    save_cache: a.SaveCache = None,
-    load_cache: a.LoadCache = None,
+    report: g.Report = False,
+    save_cache: cf.SaveCache = None,
+    load_cache: cf.LoadCache = None,
     checkpoint: ck.CheckpointFile = None,
     checkpoint_every: ck.CheckpointEvery = ck.DEFAULT_EVERY,
     resume: ck.Resume = False,
@@ -95,7 +96,7 @@ def ask(
     Say.quiet = quiet
     sampling_for = g.sampling_for(temperature, top_p, top_k, min_p, repeat_penalty, seed, no_repeat_ngram)
     resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
-    a.check_cache_files(save_cache, load_cache, resumable)
+    cf.check_cache_files(save_cache, load_cache, resumable)
     args = list(args or [])
     questions = list(question or [])
     if not questions:

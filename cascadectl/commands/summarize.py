@@ -9,6 +9,7 @@ from engine.models import load_model
 from engine.prompt import build_prompt, summary_instruction
 
 from .. import answering as a
+from .. import cache_files as cf
 from .. import checkpoints as ck
 from .. import corpus
 from .. import generation as g
@@ -29,25 +30,25 @@ def summarize(
     dtype: o.Dtype = "auto",
     device_map: o.DeviceMap = "none",
     cache: CacheRequest = None,  # the cache options (options.CACHE_OPTIONS)
-    max_tokens: a.MaxTokens = a.MAX_TOKENS,
-    temperature: a.Temperature = None,
-    top_p: a.TopP = None,
-    top_k: a.TopK = None,
-    min_p: a.MinP = None,
-    repeat_penalty: a.RepeatPenalty = None,
-    no_repeat_ngram: a.NoRepeatNgram = None,
-    seed: a.Seed = 0,
-    words: a.Words = None,
-    instruction: a.Instruction = None,
+    max_tokens: g.MaxTokens = g.MAX_TOKENS,
+    temperature: g.Temperature = None,
+    top_p: g.TopP = None,
+    top_k: g.TopK = None,
+    min_p: g.MinP = None,
+    repeat_penalty: g.RepeatPenalty = None,
+    no_repeat_ngram: g.NoRepeatNgram = None,
+    seed: g.Seed = 0,
+    words: g.Words = None,
+    instruction: g.Instruction = None,
     json_out: o.Json = False,
     quiet: o.Quiet = False,
-    report: a.Report = False,
+    report: g.Report = False,
     each: corpus.Each = False,
     out: corpus.Out = None,
     skip_existing: corpus.SkipExisting = False,
     nproc: launch.Nproc = None,
-    save_cache: a.SaveCache = None,
-    load_cache: a.LoadCache = None,
+    save_cache: cf.SaveCache = None,
+    load_cache: cf.LoadCache = None,
     checkpoint: ck.CheckpointFile = None,
     checkpoint_every: ck.CheckpointEvery = ck.DEFAULT_EVERY,
     resume: ck.Resume = False,
@@ -72,7 +73,7 @@ def summarize(
     launch.require_each(nproc, each)
     sampling_for = g.sampling_for(temperature, top_p, top_k, min_p, repeat_penalty, seed, no_repeat_ngram)
     resumable = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
-    a.check_cache_files(save_cache, load_cache, resumable)
+    cf.check_cache_files(save_cache, load_cache, resumable)
     if load_cache and sources:
         raise ConfigError("--load-cache answers from the file: give no SOURCE")
     srcs = [] if load_cache else resolve_sources(sources)
