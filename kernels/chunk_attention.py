@@ -30,13 +30,22 @@ from torch import Tensor
 from ._blocks import _online_softmax, _store_forward
 from ._triton import LOG2E, tl, triton
 from ._triton import jit as _jit
+from .cpu_attention import chunk_attention_blocks
 from .decode_attention import _decode_triton
 
 
-def ema_weights(n_queries: int, beta: float, device: torch.device | str = "cpu") -> Tensor:
-    """(1 - β) β^(L-1-m) for m = 0 .. L-1, float32: query m's share of the EMA after the whole chunk."""
+def ema_weights(n_queries: int, beta: float, device: torch.device | str = "cpu", last: int | None = None) -> Tensor:
+    """(1 - β) β^(L-1-m) for m = 0 .. L-1, float32: query m's share of the EMA after the whole chunk.
+
+    `last` = R (`--scores last:R`, docs/ALGORITHM.md §3): only the last R queries weigh, scaled by
+    (1 - β^L) / (1 - β^R) so that the chunk adds the score mass of all L queries; the others weigh 0, which every
+    kernel accepts (log 0 = -inf bias on CUDA) and the CPU pass skips."""
     exponent = torch.arange(n_queries - 1, -1, -1, device=device, dtype=torch.float64)
-    return ((1 - beta) * torch.pow(torch.tensor(beta, dtype=torch.float64), exponent)).float()
+    w = (1 - beta) * torch.pow(torch.tensor(beta, dtype=torch.float64), exponent)
+    if last is not None and last < n_queries:
+        w[: n_queries - last] = 0.0
+        w *= (1 - beta**n_queries) / (1 - beta**last)
+    return w.float()
 
 
 def causal_mask(n_queries: int, n_keys: int, device: torch.device | str = "cpu") -> Tensor:
@@ -272,43 +281,26 @@ def chunk_attention_cpu(
     n_sinks: int = 0,
     head_reduce: str = "max",
 ) -> tuple[Tensor, Tensor | None]:
-    """Same contract as `chunk_attention_ref`, built from torch's fused CPU flash-attention kernel.
-
-    Pass 1: output and per-query LSE, cache keys (unmasked) and chunk keys (square causal) merged by LSE.
-    Pass 2, the exact scores, is flash attention run backwards: the keys act as queries over the chunk's queries,
-    with the per-query bias log w_m - lse_m folded into two extra dimensions (split hi/lo so that bf16 inputs
-    keep the bias to ~1e-5). Its log-sum-exp is log Σ_m w_m p(m, j), exactly the EMA column sum; no [L, K]
-    probability matrix is ever materialised. Costs about two flash passes."""
+    """Same contract as `chunk_attention_ref`. A few queries (decode): `chunk_attention_few`. A chunk: one pass
+    block by block that yields the output and the exact EMA column sums from the same float32 probabilities
+    (`chunk_attention_blocks`, kernels/cpu_attention.py); at layer shape in bf16 it is 3x faster than the flash
+    pass plus the flash-run-backwards score pass it replaced, and faster than the flash output alone. Only float32
+    and float16 without scores keep torch's fused flash kernel (cache keys unmasked and chunk keys square causal,
+    merged by LSE), which is faster there (bench/cpu_scores.py, docs/BENCHMARKS.md)."""
     b, hq, n_q, d = q.shape
     hkv, n_k = k.shape[1], k.shape[2]
     g, n_c = hq // hkv, n_k - n_q
     if n_q <= FEW_QUERIES:  # decode steps: the fused kernel's per-call overhead dwarfs a [G, K] softmax
         return chunk_attention_few(q, k, v, scale, ema, n_sinks, head_reduce)
+    if ema is not None or q.dtype == torch.bfloat16:
+        out, col = chunk_attention_blocks(q, k, v, scale, ema)
+        return out, None if col is None else _reduce_heads(col, head_reduce, n_sinks)
     kq, vq = _groups(k, g), _groups(v, g)
-    o2, l2 = _flash_cpu(q, kq[:, :, n_c:], vq[:, :, n_c:], 0.0, True, scale=scale)
+    out, lse = _flash_cpu(q, kq[:, :, n_c:], vq[:, :, n_c:], 0.0, True, scale=scale)
     if n_c:
         o1, l1 = _flash_cpu(q, kq[:, :, :n_c], vq[:, :, :n_c], 0.0, False, scale=scale)
-        out, lse = _merge(o1, l1, o2, l2)
-        out = out.to(q.dtype)
-    else:
-        out, lse = o2, l2
-    if ema is None:
-        return out, None
-    bias = (torch.log(ema) - lse) / scale  # [B, Hq, L]; the kernel multiplies every dimension by `scale`
-    hi = bias.to(q.dtype)
-    lo = (bias - hi.float()).to(q.dtype)
-    q_aug = torch.cat([q, hi.unsqueeze(-1), lo.unsqueeze(-1)], dim=-1)  # [B, Hq, L, D+2]
-    ones = k.new_ones(b, hkv, n_k, 2)
-    k_aug = _groups(torch.cat([k, ones], dim=-1), g)  # [B, Hq, K, D+2]
-    zeros = q.new_zeros(b, hq, n_q, d + 2)  # values are irrelevant, only the LSE is used (stride-0 views are 10x slower)
-    col = torch.empty(b, hq, n_k, dtype=torch.float32, device=q.device)
-    if n_c:
-        col[:, :, :n_c] = _flash_cpu(k_aug[:, :, :n_c], q_aug, zeros, 0.0, False, scale=scale)[1]
-    # chunk key j is seen by queries m >= j: reversing both orders makes that a square top-left causal mask
-    rev = _flash_cpu(k_aug[:, :, n_c:].flip(2), q_aug.flip(2), zeros, 0.0, True, scale=scale)[1]
-    col[:, :, n_c:] = rev.flip(2)
-    col = torch.exp(col).view(b, hkv, g, n_k)
-    return out, _reduce_heads(col, head_reduce, n_sinks)
+        out = _merge(o1, l1, out, lse)[0].to(q.dtype)
+    return out, None
 
 
 # Block shapes per head dim, the fastest of bench/prefill_latency.py --tune on an H100 (docs/BENCHMARKS_GPU.md);
