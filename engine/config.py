@@ -23,6 +23,8 @@ class CacheConfig:
     head_reduce: str = "max"  # how the query heads of one KV group are combined into one score
     # slots of cache_size set aside for whole spans that the question chose (engine/evidence.py); cascade only
     evidence: int = 0
+    # which queries of a prefill chunk feed the scores: "exact" = all, "last:R" = its last R (ALGORITHM.md §3)
+    scores: str = "exact"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -33,6 +35,8 @@ class CacheConfig:
             raise ConfigError(f"`stride` must be >= 1 (got {self.stride})")
         if self.sinks < 0:
             raise ConfigError(f"`sinks` must be >= 0 (got {self.sinks})")
+        if self.scores != "exact" and self.score_queries is None:
+            raise ConfigError(f"`scores` must be 'exact' or 'last:R' with an integer R >= 1 (got {self.scores!r})")
         if not 0.0 < self.beta < 1.0:
             raise ConfigError(f"`beta` must be strictly between 0 and 1 (got {self.beta})")
         if self.policy == "full":
@@ -69,6 +73,15 @@ class CacheConfig:
             return replace(self, evidence=0)
         width = (self.cache_size - slots) // self.cascades
         return replace(self, evidence=slots, stride=max(1, min(self.stride, width)))
+
+    @property
+    def score_queries(self) -> int | None:
+        """R of `scores="last:R"` (only a chunk's last R queries feed the EMA scores); None for "exact" and for
+        anything malformed (which __post_init__ rejects)."""
+        kind, _, count = self.scores.partition(":")
+        if kind != "last" or not count.isdigit() or int(count) < 1:
+            return None
+        return int(count)
 
     @property
     def n_cascades(self) -> int:

@@ -100,7 +100,8 @@ class Runner:
             )
         self.cache.begin(n_new)
         cos, sin = self.rotary(past + n_new)
-        ema = ema_weights(n_new, self.config.beta, ids.device) if self.cache.needs_scores else None
+        scored = self.config.score_queries  # None: every query of the chunk (exact); R: its last R
+        ema = ema_weights(n_new, self.config.beta, ids.device, scored) if self.cache.needs_scores else None
         self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
                                        self.query_hook, key_hook=self.key_hook,
                                        per_device=self._other_devices(past + n_new, n_new),
@@ -139,8 +140,8 @@ class Runner:
         shape = self.cache.shape
         if shape.layer_devices is None:
             return None
-        needs_ema = self.cache.needs_scores
-        return {d: (*self.rotary(n, d), ema_weights(n_new, self.config.beta, d) if needs_ema else None)
+        needs_ema, scored = self.cache.needs_scores, self.config.score_queries
+        return {d: (*self.rotary(n, d), ema_weights(n_new, self.config.beta, d, scored) if needs_ema else None)
                 for d in shape.devices[1:]}
 
     @torch.inference_mode()
