@@ -1,6 +1,6 @@
 """What reading a PDF costs next to the model: the input layer's share of a `summarize` ingest.
 
-Builds an N-page PDF from the bundled novel (~500 tokens a page, written by tests/cli/pdfs.py's dependency-free
+Builds an N-page PDF from the bundled novel (~500 tokens a page, written by bench/fixtures.py's dependency-free
 writer), then measures on the same machine, one after the other:
 
 1. the input path alone — pypdf page by page, markers, UTF-8 accounting, tokenization, the source map — exactly
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 from bench.common import peak_rss_mib, provenance  # noqa: E402
 from cascadectl.inputs import InputReport, iter_segments  # noqa: E402
@@ -35,7 +35,7 @@ from engine.config import CacheConfig  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.retention_report import SourceMap, iter_mapped_token_ids  # noqa: E402
 from engine.runner import Runner  # noqa: E402
-from tests.cli.pdfs import write_pdf  # noqa: E402
+from bench.fixtures import write_pdf  # noqa: E402
 
 LINES_PER_PAGE = 40
 

@@ -1,7 +1,7 @@
 """Repeat the launch test's two-process run and count the runs whose stderr or exit status is wrong.
 
-`cascadectl ppl CORPUS --each --json --nproc 2` over the corpus of tests/cli/test_launch.py (four small files,
-one empty) with its tiny random model: every run must exit 1 (the empty file) with exactly one `error:` line
+`cascadectl ppl CORPUS --each --json --nproc 2` over the corpus of tests/cli/test_launch.py (bench/fixtures.py: four small
+files, one empty) with its tiny random model: every run must exit 1 (the empty file) with exactly one `error:` line
 (rank 0's summary). Bad runs are appended, with their stderr, to --log. Load the machine beside it to shake out
 races, e.g. two `python3 -c "while True: pass"`.
 
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 from bench.common import provenance  # noqa: E402
-from tests.cli.test_corpus import SMALL, _byte_model_dir, _corpus  # noqa: E402
-from tests.cli.test_launch import _worker_env  # noqa: E402
+from bench.fixtures import SMALL, byte_model_dir, corpus, worker_env  # noqa: E402
 
 
 def main() -> None:
@@ -31,14 +30,14 @@ def main() -> None:
     ap.add_argument("--log", default="launch_bad.log")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="launch-stress-") as tmp:
-        model = _byte_model_dir(Path(tmp) / "model")
-        folder = _corpus(Path(tmp) / "corpus", {"empty.txt": ""})
+        model = byte_model_dir(Path(tmp) / "model")
+        folder = corpus(Path(tmp) / "corpus", {"empty.txt": ""})
         cmd = [sys.executable, "-m", "cascadectl", "ppl", str(folder), "--each", "--json", "--model", str(model),
                "--device", "cpu", "--dtype", "fp32", *SMALL, "--nproc", "2"]
         end, runs, bad = time.monotonic() + args.seconds, 0, 0
         while time.monotonic() < end:
             runs += 1
-            done = subprocess.run(cmd, env=_worker_env(), capture_output=True, text=True, timeout=300)
+            done = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
             errors = sum(line.startswith("error:") for line in done.stderr.splitlines())
             if errors != 1 or done.returncode != 1:
                 bad += 1

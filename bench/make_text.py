@@ -1,9 +1,9 @@
 """Write the first N tokens (embedded tokenizer) of the bundled novel, repeated as needed, as text on stdout."""
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 from bench.common import book_ids  # noqa: E402
 from engine.models import load_model  # noqa: E402

@@ -23,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 from bench.common import provenance  # noqa: E402
-from tests.cli.pdfs import write_pdf  # noqa: E402
-from tests.fuzz.hostile import write_tiny_model  # noqa: E402
+from bench.fixtures import write_pdf, write_tiny_model  # noqa: E402
 
 MiB = 1 << 20
 WORDS = [f"w{i:04d}" for i in range(2000)]

@@ -1,4 +1,5 @@
-"""Session fixtures: the embedded model is loaded (and converted on first use) once per test run."""
+"""Shared fixtures: the embedded model, loaded (and converted on first use) once per test run; `tiny`, the tiny fake
+model in place of every command's; one torch thread."""
 import pytest
 import torch
 
@@ -17,3 +18,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny(monkeypatch) -> dict[str, int]:
+    """Every command that loads a model (ppl, summarize, ask, bench passkey/retention/ruler) gets the tiny fake
+    model of tests/cli/fakes.py instead, for this test. Returns {"n": 8192}, the fake model's max positions, which a
+    test may lower before it runs a command. A module that wants it for every test says
+    `pytestmark = pytest.mark.usefixtures("tiny")`."""
+    from cascadectl.commands import ask, bench_passkey, bench_retention, bench_ruler, ppl, summarize
+    from tests.cli.fakes import fake_lm
+
+    positions = {"n": 8192}
+    for module in (ppl, summarize, ask, bench_passkey, bench_retention, bench_ruler):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: fake_lm(positions["n"]))
+    return positions

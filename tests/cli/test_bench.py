@@ -4,23 +4,13 @@ import sys
 
 import pytest
 
-from cascadectl.commands import bench_passkey, bench_retention
-from cascadectl.commands import ppl as ppl_command
-from tests.cli.fakes import fake_lm, invoke
+from cascadectl.commands import bench_passkey
+from tests.cli.fakes import invoke
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CACHE = ["--cache-size", "128", "--stride", "64", "--sinks", "4", "--cascades", "4"]
 PASSKEY = ["bench", "passkey", "--lengths", "450,700", "--depths", "0.2,0.8", "--max-tokens", "6", *CACHE]
 TEXT = "The morning was grey and the lane was quiet. Nobody came to the door of the old house that day. " * 60
-
-
-@pytest.fixture
-def tiny(monkeypatch):
-    positions = {"n": 8192}
-    monkeypatch.setattr(bench_passkey, "load_model", lambda *a, **k: fake_lm(positions["n"]))
-    monkeypatch.setattr(bench_retention, "load_model", lambda *a, **k: fake_lm(positions["n"]))
-    monkeypatch.setattr(ppl_command, "load_model", lambda *a, **k: fake_lm(positions["n"]))
-    return positions
 
 
 @pytest.fixture

@@ -3,21 +3,19 @@ import json
 
 import pytest
 
-from cascadectl.commands import bench_passkey, bench_ruler
-from tests.cli.fakes import fake_lm, invoke
+from tests.cli.fakes import invoke
 from tests.cli.test_bench import CACHE, one_line_error
 
 RULER = ["bench", "ruler", "--lengths", "700", *CACHE]
 EVIDENCE = ["--evidence", "32"]  # the default (1/8 of the cache in 32-token spans) is 0 for a 128-token cache
 
 
+pytestmark = pytest.mark.usefixtures("tiny")  # the tiny fake model for every command (tests/conftest.py)
+
+
 @pytest.fixture(autouse=True)
-def tiny(monkeypatch, tmp_path):
+def home(monkeypatch, tmp_path):
     monkeypatch.setenv("CASCADECTL_HOME", str(tmp_path / "home"))  # the retrieval layers' calibration file
-    positions = {"n": 8192}
-    monkeypatch.setattr(bench_ruler, "load_model", lambda *a, **k: fake_lm(positions["n"]))
-    monkeypatch.setattr(bench_passkey, "load_model", lambda *a, **k: fake_lm(positions["n"]))
-    return positions
 
 
 

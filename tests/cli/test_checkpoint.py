@@ -14,7 +14,7 @@ from cascadectl.commands import ppl as ppl_command
 from engine import snapshot
 from engine.checkpoint import Checkpoint
 from engine.runner import Runner
-from tests.cli.fakes import fake_lm, invoke, use_fake_model
+from tests.cli.fakes import fake_lm, invoke
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 10
 SMALL = ["--cache-size", "64", "--stride", "32", "--sinks", "4", "--cascades", "4"]  # ~28 chunks of 32 tokens
@@ -23,9 +23,7 @@ VARIED = " ".join(random.Random(0).choice(TEXT.split() + ["Bingley", "Netherfiel
 GEN = ["--cache-size", "192", "--cascades", "2", "--max-tokens", "8"]  # room for the request in sub-cache 0
 
 
-@pytest.fixture(autouse=True)
-def tiny(monkeypatch):
-    use_fake_model(monkeypatch)
+pytestmark = pytest.mark.usefixtures("tiny")  # the tiny fake model for every command (tests/conftest.py)
 
 
 @pytest.fixture

@@ -17,30 +17,14 @@ import torch
 
 from engine import distributed as dist_helpers
 from engine.errors import CascadeError
-from tests.cli.fakes import invoke, use_fake_model
-from tests.engine.tiny import tiny_model
+from tests.cli.fakes import invoke
+from bench.fixtures import SMALL, TEXTS, byte_model_dir, corpus
 
-SMALL = ["--cache-size", "64", "--stride", "16", "--sinks", "4", "--cascades", "4"]
-TEXTS = {
-    "a.txt": "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3,
-    "b.md": "# Notes\n\nThe cascade keeps the most attended tokens, twice as far back each level. " * 2,
-    "sub/c.txt": "However little known the feelings or views of such a man may be on his first entering. " * 4,
-}
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def tiny(monkeypatch):
-    use_fake_model(monkeypatch)
+pytestmark = pytest.mark.usefixtures("tiny")  # the tiny fake model for every command (tests/conftest.py)
 
-
-
-def _corpus(folder: Path, extra: dict[str, str] | None = None) -> Path:
-    for name, text in {**TEXTS, **(extra or {})}.items():
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return folder
 
 
 def _single(path: Path) -> dict:
@@ -50,7 +34,7 @@ def _single(path: Path) -> dict:
 
 
 def test_rows_equal_single_file_runs_and_total_is_token_weighted(tmp_path):
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     result = invoke(["ppl", str(folder), "--each", *SMALL, "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -75,7 +59,7 @@ def test_rows_equal_single_file_runs_and_total_is_token_weighted(tmp_path):
 
 
 def test_a_failing_file_is_reported_and_the_others_complete(tmp_path):
-    folder = _corpus(tmp_path / "corpus", {"empty.txt": "", "one.txt": "x"})
+    folder = corpus(tmp_path / "corpus", {"empty.txt": "", "one.txt": "x"})
     (folder / ".hidden").write_text("not read")
     (folder / "blob.bin").write_bytes(b"\0\1\2" * 100)
     result = invoke(["ppl", str(folder), "--each", *SMALL, "--json"])
@@ -99,14 +83,14 @@ def test_a_failing_file_is_reported_and_the_others_complete(tmp_path):
     (["--checkpoint", "x.ckpt"], "--checkpoint"),
 ])
 def test_each_refuses_what_it_cannot_do(tmp_path, args, flag):
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     result = invoke(["ppl", str(folder), "--each", *SMALL, *args], input="some text")
     assert result.exit_code == 2, result.output
     assert flag in result.stderr and "Traceback" not in result.output
 
 
 def test_summaries_mirror_the_tree_with_an_index(tmp_path):
-    folder = _corpus(tmp_path / "corpus", {"empty.txt": ""})
+    folder = corpus(tmp_path / "corpus", {"empty.txt": ""})
     out = folder / "summaries"  # inside the input folder: never read back as input
     args = ["summarize", str(folder), "--each", "--out", str(out), *SMALL, "--max-tokens", "8"]
     result = invoke(args)
@@ -133,7 +117,7 @@ def test_summaries_mirror_the_tree_with_an_index(tmp_path):
     (["--each", "--out", "x", "--save-cache", "y.kv"], "--skip-existing"),
 ])
 def test_summarize_each_options_go_together(tmp_path, args, flag):
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     result = invoke(["summarize", str(folder), *SMALL, *args])
     assert result.exit_code == 2, result.output
     assert flag in result.stderr and "Traceback" not in result.output
@@ -170,20 +154,6 @@ def test_one_process_world_needs_no_process_group():
         dist_helpers.world_from_env({"WORLD_SIZE": "2", "RANK": "5"})
 
 
-def _byte_model_dir(folder: Path) -> Path:
-    """A tiny random llama with a byte-level tokenizer (256 ids, no merges), loadable with --model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(folder)
-    tiny_model("llama", max_positions=1024).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -192,8 +162,8 @@ def _free_port() -> int:
 
 def test_two_gloo_processes_match_one(tmp_path):
     """torchrun, 2 CPU processes (gloo): the same per-file numbers as one process, gathered on rank 0."""
-    model = _byte_model_dir(tmp_path / "model")
-    folder = _corpus(tmp_path / "corpus", {"empty.txt": ""})
+    model = byte_model_dir(tmp_path / "model")
+    folder = corpus(tmp_path / "corpus", {"empty.txt": ""})
     args = ["ppl", str(folder), "--each", "--json", "--model", str(model), "--device", "cpu", "--dtype", "fp32",
             *SMALL]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -5,17 +5,19 @@ import json
 import pytest
 
 from cascadectl.citations import printable
-from tests.cli.fakes import invoke, use_fake_model
+from tests.cli.fakes import invoke
 
 VARIED = ("Mr. Bingley came to Netherfield. The ball was long, and Darcy was proud. " * 30)
 FACT = " The code of the vault is 48213. "
 SMALL = ["--cache-size", "192", "--cascades", "2", "--sinks", "4", "--stride", "32", "--max-tokens", "6"]
 
 
+pytestmark = pytest.mark.usefixtures("tiny")  # the tiny fake model for every command (tests/conftest.py)
+
+
 @pytest.fixture(autouse=True)
-def tiny(monkeypatch, tmp_path):
+def home(monkeypatch, tmp_path):
     monkeypatch.setenv("CASCADECTL_HOME", str(tmp_path / "home"))
-    use_fake_model(monkeypatch)
 
 
 

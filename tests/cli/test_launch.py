@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from cascadectl import launch
 from cascadectl.main import app
 from tests.cli.fakes import use_fake_model
-from tests.cli.test_corpus import SMALL, TEXTS, _byte_model_dir, _corpus
+from bench.fixtures import SMALL, TEXTS, byte_model_dir, corpus, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("file", "status", "error", "tokens", "scored_tokens", "nll_sum", "nll_sq_sum", "ppl", "ppl_err")
@@ -29,18 +29,11 @@ KEYS = ("file", "status", "error", "tokens", "scored_tokens", "nll_sum", "nll_sq
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return _byte_model_dir(tmp_path_factory.mktemp("model"))
-
-
-def _worker_env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+    return byte_model_dir(tmp_path_factory.mktemp("model"))
 
 
 def _cascadectl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cascadectl", *args], env=_worker_env(), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cascadectl", *args], env=worker_env(), capture_output=True,
                           text=True, timeout=300)
 
 
@@ -58,7 +51,7 @@ def _in_process(*args: str):
 
 
 def test_two_processes_give_one_process_numbers_and_one_line_per_failure(tmp_path, model_dir):
-    folder = _corpus(tmp_path / "corpus", {"empty.txt": ""})
+    folder = corpus(tmp_path / "corpus", {"empty.txt": ""})
     args = ["ppl", str(folder), "--each", "--json", "--model", str(model_dir), "--device", "cpu", "--dtype",
             "fp32", *SMALL]
     one = _in_process(*args)
@@ -79,7 +72,7 @@ def test_two_processes_give_one_process_numbers_and_one_line_per_failure(tmp_pat
 
 
 def test_summarize_each_over_two_processes_writes_every_summary_and_the_index_once(tmp_path, model_dir):
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     out = tmp_path / "summaries"
     done = _cascadectl("summarize", str(folder), "--each", "--out", str(out), "--model", str(model_dir),
                        "--device", "cpu", "--dtype", "fp32", *SMALL, "--max-tokens", "4", "--nproc", "2")
@@ -110,7 +103,7 @@ def no_launch(monkeypatch):
 
 @pytest.mark.parametrize("command", [["ppl"], ["summarize"]])
 def test_nproc_without_each_is_a_usage_error(tmp_path, no_launch, command):
-    source = _corpus(tmp_path / "corpus") / "a.txt"
+    source = corpus(tmp_path / "corpus") / "a.txt"
     result = CliRunner().invoke(app, [*command, str(source), *SMALL, "--nproc", "2"])
     assert result.exit_code == 2, result.output
     assert "--nproc" in result.stderr and "--each" in result.stderr and len(result.stderr.splitlines()) == 1
@@ -125,14 +118,14 @@ def test_nproc_without_each_is_a_usage_error(tmp_path, no_launch, command):
     (["--nproc", "2", "missing-folder"], "missing-folder"),
 ])
 def test_bad_options_are_one_line_before_any_worker_starts(tmp_path, no_launch, args, says):
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     result = CliRunner().invoke(app, ["ppl", str(folder), "--each", *SMALL, *args])
     assert result.exit_code in (1, 2), result.output  # a missing path is a runtime failure, the rest usage
     assert says in result.stderr and len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
 
 
 def test_summarize_out_is_checked_before_any_worker_starts(tmp_path, no_launch):
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     (tmp_path / "file").write_text("x")
     result = CliRunner().invoke(app, ["summarize", str(folder), "--each", "--out", str(tmp_path / "file"),
                                       *SMALL, "--nproc", "2"])
@@ -142,12 +135,12 @@ def test_summarize_out_is_checked_before_any_worker_starts(tmp_path, no_launch):
 def test_nproc_under_torchrun_is_refused(tmp_path, no_launch, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    result = CliRunner().invoke(app, ["ppl", str(_corpus(tmp_path / "c")), "--each", *SMALL, "--nproc", "2"])
+    result = CliRunner().invoke(app, ["ppl", str(corpus(tmp_path / "c")), "--each", *SMALL, "--nproc", "2"])
     assert result.exit_code == 2 and "torchrun" in result.stderr, result.output
 
 
 def test_one_process_runs_here(tmp_path, no_launch):
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     args = ["ppl", str(folder), "--each", "--device", "cpu", *SMALL, "--json"]
     plain = CliRunner().invoke(app, args)
     assert plain.exit_code == 0, plain.output
@@ -177,7 +170,7 @@ def test_workers_get_the_same_arguments_and_torchrun_environment(tmp_path, monke
         return 1
 
     monkeypatch.setattr(launch, "supervise", fake_supervise)
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     given = ["ppl", str(folder), "-n", "64", "--stride=16", "--each", "--sinks", "4", "--nproc", "3", "--json", "-q",
              "--device", "cpu", "--beta", "0.99"]
     result = CliRunner().invoke(app, given)
@@ -199,7 +192,7 @@ def test_summarize_workers_keep_values_that_look_like_options(tmp_path, monkeypa
     use_fake_model(monkeypatch)
     seen = {}
     monkeypatch.setattr(launch, "supervise", lambda commands, envs, out, err: seen.update(argv=commands[0][3:]))
-    folder = _corpus(tmp_path / "corpus")
+    folder = corpus(tmp_path / "corpus")
     given = ["summarize", str(folder), "--each", "--out", str(tmp_path / "s"), "--instruction", "-be brief-",
              "--max-tokens", "4", "--nproc", "2"]
     assert CliRunner().invoke(app, given).exit_code == 0

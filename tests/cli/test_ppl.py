@@ -10,9 +10,7 @@ TEXT = "It is a truth universally acknowledged, that a single man in possession 
 SMALL = ["--cache-size", "128", "--stride", "32", "--sinks", "4", "--cascades", "4"]
 
 
-@pytest.fixture(autouse=True)
-def tiny(monkeypatch):
-    monkeypatch.setattr(ppl_command, "load_model", lambda *a, **k: fake_lm())
+pytestmark = pytest.mark.usefixtures("tiny")  # the tiny fake model for every command (tests/conftest.py)
 
 
 

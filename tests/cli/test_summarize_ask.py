@@ -4,16 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.fakes import invoke, use_fake_model
+from tests.cli.fakes import invoke
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 8
 SMALL = ["--cache-size", "128", "--stride", "32", "--sinks", "4", "--cascades", "4", "--max-tokens", "12"]
 BOOK = Path(__file__).resolve().parents[2] / "data" / "pride_and_prejudice.txt"
-
-
-@pytest.fixture
-def tiny(monkeypatch):
-    use_fake_model(monkeypatch)
 
 
 @pytest.fixture

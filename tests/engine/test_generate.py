@@ -26,7 +26,7 @@ def _run(model, ids, sampling=GREEDY, n=40, **kw):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def model_and_prompt():
     model = tiny_model(seed=6)
     return model, torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(7))
 
@@ -48,8 +48,8 @@ def test_greedy_is_argmax_with_no_processors():
         assert next_token(logits, sampling, sampling.processors(), [int(logits.argmax())], None) == logits.argmax()
 
 
-def test_sampling_is_reproducible_and_stops(tiny):
-    model, ids = tiny
+def test_sampling_is_reproducible_and_stops(model_and_prompt):
+    model, ids = model_and_prompt
     hot = Sampling(temperature=1.0, seed=11)
     runs = [_run(model, ids, hot) for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 40  # also: decoding past the cache size keeps working
@@ -57,8 +57,8 @@ def test_sampling_is_reproducible_and_stops(tiny):
     assert _run(model, ids, hot, stop_ids={stop}) == runs[0][: runs[0].index(stop)]
 
 
-def test_filtered_sampling_is_reproducible_by_seed(tiny):
-    model, ids = tiny
+def test_filtered_sampling_is_reproducible_by_seed(model_and_prompt):
+    model, ids = model_and_prompt
     warm = Sampling(temperature=1.5, top_k=40, top_p=0.95, min_p=0.01, repeat_penalty=1.1, seed=3)
     first = _run(model, ids, warm)
     assert first == _run(model, ids, warm)
@@ -66,8 +66,8 @@ def test_filtered_sampling_is_reproducible_by_seed(tiny):
     assert first != _run(model, ids)  # not greedy
 
 
-def test_top_k_1_is_greedy(tiny):
-    model, ids = tiny
+def test_top_k_1_is_greedy(model_and_prompt):
+    model, ids = model_and_prompt
     assert _run(model, ids, Sampling(temperature=0.7, top_k=1, seed=5)) == _run(model, ids)
 
 
@@ -83,8 +83,8 @@ def test_repetition_penalty_is_transformers_processor():
     assert next_token(logits, sampling, sampling.processors(), [], None) == 3
 
 
-def test_repetition_penalty_changes_greedy_decoding(tiny):
-    model, ids = tiny
+def test_repetition_penalty_changes_greedy_decoding(model_and_prompt):
+    model, ids = model_and_prompt
     plain = _run(model, ids)
     assert _run(model, ids, Sampling(repeat_penalty=1.0)) == plain
     penalised = _run(model, ids, Sampling(repeat_penalty=3.0))
@@ -112,8 +112,8 @@ def test_settings_come_from_the_model_unless_given():
     assert greedy_penalised == Sampling(repeat_penalty=1.3)  # do_sample unset: its temperature is not used
 
 
-def test_no_repeat_ngram_never_writes_an_ngram_twice(tiny):
-    model, ids = tiny
+def test_no_repeat_ngram_never_writes_an_ngram_twice(model_and_prompt):
+    model, ids = model_and_prompt
     out = _run(model, ids, Sampling(no_repeat_ngram=3))
     grams = [tuple(out[i:i + 3]) for i in range(len(out) - 2)]
     assert len(grams) == len(set(grams))

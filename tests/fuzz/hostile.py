@@ -1,21 +1,20 @@
-"""Hostile inputs and fast stand-in models, shared by the bad-input suite, the fuzz targets and the memory bench.
+"""Hostile inputs and fast stand-in models, shared by the bad-input suite and the fuzz targets.
 
 Everything here is generated on the spot (nothing is downloaded): PDFs that are images only, truncated or have a
 broken cross-reference table; byte-level mutations of valid files; a word-hashing tokenizer and a one-layer model
-that keep CLI runs over megabytes of text fast; and `write_tiny_model`, a random-weight llama saved as safetensors
-with a word-level tokenizer, so that a real `cascadectl ... --model DIR` subprocess can run in seconds.
+that keep CLI runs over megabytes of text fast; and `write_tiny_model` (bench/fixtures.py, which the memory bench
+shares), a random-weight llama saved as safetensors with a word-level tokenizer, so that a real
+`cascadectl ... --model DIR` subprocess can run in seconds.
 """
 from __future__ import annotations
 
 import re
 import zlib
-from pathlib import Path
 
 import torch
 
+from bench.fixtures import assemble, pdf_bytes, tiny_model, write_tiny_model  # noqa: F401 - write_tiny_model: re-exported
 from engine.models import LoadedModel
-from tests.cli.pdfs import assemble, pdf_bytes
-from tests.engine.tiny import tiny_model
 
 # --- PDFs --------------------------------------------------------------------------------------------------------
 
@@ -94,33 +93,3 @@ def fast_lm(max_chars: int = 256, max_positions: int = 8192) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=WordHashTokenizer(max_chars), model_id="one-layer llama (test)",
                        model_hash="1" * 64, family="llama", max_positions=max_positions,
                        device=torch.device("cpu"), dtype=torch.float32)
-
-
-# --- a tiny model on disk ------------------------------------------------------------------------------------------
-
-
-def write_tiny_model(folder: Path, words: list[str] | None = None, max_chars: int = 256, layers: int = 1,
-                     hidden: int = 32, max_positions: int = 8192, seed: int = 0) -> Path:
-    """Save a random-weight llama (safetensors) and a word-level tokenizer that `--model folder` loads.
-
-    The tokenizer splits on whitespace and cuts longer runs into `max_chars` pieces; `words` are its vocabulary
-    (anything else is `<unk>`), so generated text made of those words gives varied token ids.
-    """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(set(words or [])))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S{1,%d}" % max_chars), behavior="removed", invert=True)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
-                         max_position_embeddings=max_positions, tie_word_embeddings=False)
-    from transformers.utils import logging as hf_logging
-
-    torch.manual_seed(seed)
-    hf_logging.disable_progress_bar()  # "Writing model shards" would land on the caller's stderr
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    return Path(folder)
