@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 import cascade_kernels.chunk_attention as ca  # noqa: E402
+import cascade_kernels.prefill_triton as pt  # noqa: E402
 from bench.prefill_latency import DEV, DT, HKV, HQ, D, chunk_flops, emitter, gpu_time, provenance  # noqa: E402
 
 
@@ -62,8 +62,8 @@ def chunk(args, emit) -> None:
     def run(fc, sc, what):
         q, k, v = data[1.0][:3]
         try:
-            t4 = gpu_time(lambda: ca.chunk_attention_triton(q, k, v, scale, None, fwd_config=fc), reps=args.reps)
-            t6 = gpu_time(lambda: ca.chunk_attention_triton(q, k, v, scale, ema, args.sinks, "max", fwd_config=fc,
+            t4 = gpu_time(lambda: pt.chunk_attention_triton(q, k, v, scale, None, fwd_config=fc), reps=args.reps)
+            t6 = gpu_time(lambda: pt.chunk_attention_triton(q, k, v, scale, ema, args.sinks, "max", fwd_config=fc,
                                                             scores_config=sc), reps=args.reps)
         except Exception as exc:  # a candidate that fails to compile or runs out of resources
             print(f"{what} {fc} {sc}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
@@ -71,7 +71,7 @@ def chunk(args, emit) -> None:
         row = dict(section="chunk", what=what, fwd_config=fc, scores_config=sc, L=n_q, K=n_k, fwd_ms=t4 * 1e3,
                    fwd_tflops=f4 / t4 / 1e12, both_ms=t6 * 1e3, both_tflops=f6 / t6 / 1e12, scores_ms=(t6 - t4) * 1e3)
         for temperature, (q, k, v, ref_out, ref_scores) in data.items():
-            out, scores = ca.chunk_attention_triton(q, k, v, scale, ema, args.sinks, "max", fwd_config=fc,
+            out, scores = pt.chunk_attention_triton(q, k, v, scale, ema, args.sinks, "max", fwd_config=fc,
                                                     scores_config=sc)
             row.update({f"t{temperature:.0f}_{key}": val for key, val in
                         errors(out, scores, ref_out, ref_scores).items()})
@@ -79,19 +79,19 @@ def chunk(args, emit) -> None:
         return row
 
     best = None
-    for fc in _configs(args.fwd, ca.FWD_CONFIG[D]):
-        row = run(fc, dict(ca.SCORES_CONFIG[D]), "fwd")
+    for fc in _configs(args.fwd, pt.FWD_CONFIG[D]):
+        row = run(fc, dict(pt.SCORES_CONFIG[D]), "fwd")
         if row and (best is None or row["fwd_ms"] < best["fwd_ms"]):
             best = row
-    fwd = best["fwd_config"] if best else dict(ca.FWD_CONFIG[D])
+    fwd = best["fwd_config"] if best else dict(pt.FWD_CONFIG[D])
     best_sc = None
-    for sc in _configs(args.scores, ca.SCORES_CONFIG[D]):
+    for sc in _configs(args.scores, pt.SCORES_CONFIG[D]):
         row = run(fwd, sc, "scores")
         if row and (best_sc is None or row["scores_ms"] < best_sc["scores_ms"]):
             best_sc = row
     if args.best_out:  # the fastest forward and scores pass, for a following prefill_latency run
         with open(args.best_out, "w") as f:
-            json.dump(dict(fwd=fwd, scores=best_sc["scores_config"] if best_sc else ca.SCORES_CONFIG[D]), f)
+            json.dump(dict(fwd=fwd, scores=best_sc["scores_config"] if best_sc else pt.SCORES_CONFIG[D]), f)
 
 
 def main() -> None:

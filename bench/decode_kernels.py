@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 import cascade_kernels.chunk_attention as ca  # noqa: E402
 import cascade_kernels.decode_attention as da  # noqa: E402
-import cascade_kernels.paged_attention as pa  # noqa: E402
+import cascade_kernels.prefill_triton as pt  # noqa: E402
 from bench.common import provenance  # noqa: E402
 from bench.prefill_latency import graph_time, rotary  # noqa: E402 - the same shapes: D 128, bf16, CUDA
 from engine.cache.base import CacheShape  # noqa: E402
@@ -103,7 +102,7 @@ def main() -> None:
     best = (None, float("inf"))
     for cfg in candidates(args.grid):
         try:
-            t = graph_time(lambda: pa.chunk_attention_paged_triton(q, k_buf, v_buf, order, k_new, v_new, cos, sin,
+            t = graph_time(lambda: pt.chunk_attention_paged_triton(q, k_buf, v_buf, order, k_new, v_new, cos, sin,
                                                                    scale, ema, args.sinks, "max", decode_config=cfg))
         except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported and skipped
             emit(dict(part="paged", config=cfg, error=f"{type(exc).__name__}: {str(exc)[:120]}"))
@@ -113,8 +112,8 @@ def main() -> None:
             best = (cfg, t)
     emit(dict(part="paged_best", config=best[0], us=round(best[1] * 1e6, 2), **common))
 
-    k_all, v_all = pa.materialise_triton(k_buf, v_buf, order, k_new, v_new, cos, sin)
-    t = graph_time(lambda: ca.chunk_attention_triton(q, k_all, v_all, scale, ema, args.sinks, "max"))
+    k_all, v_all = pt.materialise_triton(k_buf, v_buf, order, k_new, v_new, cos, sin)
+    t = graph_time(lambda: pt.chunk_attention_triton(q, k_all, v_all, scale, ema, args.sinks, "max"))
     emit(dict(part="unpaged", config=da.DECODE_CONFIG, us=round(t * 1e6, 2), GBps=round(kv_bytes / t / 1e9),
               **common))
     t = graph_time(lambda: F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=True))

@@ -1,6 +1,6 @@
 """Decode attention (one query per head) with the exact EMA scores, split over the keys.
 
-Same contract as `cascade_kernels.chunk_attention.chunk_attention_triton` for L == 1: q [B, Hq, 1, D] (rotated),
+Same contract as `chunk_attention_triton` (kernels/prefill_triton.py, which calls these) for L == 1: q [B, Hq, 1, D] (rotated),
 k, v [B, Hkv, K, D]. Batch 1 decode has only B·Hkv (query head group, key) pairs, far too few programs to fill a
 GPU, so the keys are split (split-K): one kernel writes each split's partial softmax statistics, unnormalised
 output and (for the scores) the raw base-2 logits; a second kernel merges the splits into out and, per key, the
@@ -253,8 +253,3 @@ def _split_and_merge(q, sources, strides, n_past, n_k, qk_scale, ema, n_sinks, h
         PAGED=paged, **cfg,
     )
     return _merge(q, parts, hkv, n_k, n_splits, ema, n_sinks, head_reduce, merge_block)
-
-
-# the old private names, for kernels/chunk_attention.py until its Triton part moves to kernels/prefill_triton.py
-_decode_triton = decode_triton
-_decode_paged_triton = decode_paged_triton
