@@ -13,6 +13,7 @@ from engine.sizing import long_input_config, route
 
 from .. import checkpoints as ck
 from .. import corpus
+from .. import corpus_ppl
 from .. import launch
 from .. import options as o
 from .. import plot as plots
@@ -79,7 +80,7 @@ def ppl(
             corpus.list_corpus(srcs)  # a missing path fails here, once, not in every worker
             return launch.run_workers(n, ctx)
         load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
-        return corpus.ppl_each(srcs, configs[0], load, device, device_map, json_out, quiet, auto)
+        return corpus_ppl.ppl_each(srcs, configs[0], load, device, device_map, json_out, quiet, auto)
     opts = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     opts.check()
     if opts.path and len(configs) > 1:

@@ -12,6 +12,7 @@ from .. import answering as a
 from .. import cache_files as cf
 from .. import checkpoints as ck
 from .. import corpus
+from .. import corpus_summaries
 from .. import generation as g
 from .. import launch
 from .. import options as o
@@ -88,12 +89,12 @@ def summarize(
                               "--skip-existing resumes a run")
         request = summary_instruction(words, instruction)
         if (n := launch.processes(nproc, device, device_map)) > 1:  # this command again in n workers (launch.py)
-            corpus.list_corpus(srcs, exclude=corpus.check_out(out))  # checked here, once, not in every worker
+            corpus.list_corpus(srcs, exclude=corpus_summaries.check_out(out))  # checked here, once, not in every worker
             return launch.run_workers(n, ctx)
-        job = corpus.SummaryJob(lambda tok: build_prompt(tok, request, request, cue="Summary:"), max_tokens,
+        job = corpus_summaries.SummaryJob(lambda tok: build_prompt(tok, request, request, cue="Summary:"), max_tokens,
                                 sampling_for, {"max_tokens": max_tokens, "instruction": request})
         load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
-        return corpus.summarize_each(srcs, out, skip_existing, config, load, device, device_map, job, json_out,
+        return corpus_summaries.summarize_each(srcs, out, skip_existing, config, load, device, device_map, job, json_out,
                                      quiet, auto)
     lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
     request = summary_instruction(words, instruction)
