@@ -53,6 +53,10 @@ Sinks = Annotated[int, typer.Option("--sinks", rich_help_panel="Cache",
 Beta = Annotated[float, typer.Option("--beta", rich_help_panel="Cache", help="EMA decay of attention scores.")]
 HeadReduce = Annotated[str, typer.Option("--head-reduce", rich_help_panel="Cache",
                                          help="Combine a KV group's query heads by max or mean.")]
+Scores = Annotated[str, typer.Option(
+    "--scores", rich_help_panel="Cache", metavar="exact|last:R",
+    help="Which queries of a prefill chunk feed the eviction scores: exact (all), or last:R (its last R only: "
+         "an approximation, see docs/ALGORITHM.md §3).")]
 Stride = Annotated[int, typer.Option("--stride", "-s", rich_help_panel="Prefill",
                                      help="Prefill chunk length in tokens.")]
 
@@ -69,6 +73,7 @@ CACHE_OPTIONS: dict[str, tuple[object, object]] = {
     "sinks": (Sinks, _D.sinks),
     "beta": (Beta, _D.beta),
     "head_reduce": (HeadReduce, _D.head_reduce),
+    "scores": (Scores, _D.scores),
     "stride": (Stride, _D.stride),
 }
 DEFAULTS = {name: default for name, (_, default) in CACHE_OPTIONS.items() if name != "memory"}

@@ -49,9 +49,13 @@ class Snapshot(NamedTuple):
     extra_tensors: dict[str, Tensor]  # on the CPU
 
 
+# settings added to CacheConfig after files were written: a file without one was made with this value
+_ADDED_SETTINGS = {"scores": "exact"}
+
+
 def config_of(meta: dict) -> CacheConfig:
     """The CacheConfig a snapshot was made with."""
-    return CacheConfig(**meta["settings"])
+    return CacheConfig(**(_ADDED_SETTINGS | meta["settings"]))
 
 
 # ------------------------------------------------------------------------------------------------------- saving
@@ -314,6 +318,8 @@ def _check_model(path: str, meta: dict, model) -> None:
 def _check_settings(path: str, meta: dict, expected: dict) -> None:
     """Well-formed cache settings, equal to `expected` where it says."""
     settings = meta.get("settings")
+    if isinstance(settings, dict):
+        settings = _ADDED_SETTINGS | settings
     names = {f.name for f in fields(CacheConfig)}
     try:
         _require(isinstance(settings, dict) and set(settings) == names, "settings")

@@ -42,10 +42,11 @@ Plot = Annotated[Optional[str], typer.Option("--plot", rich_help_panel="Output",
                                              metavar="FILE.png", help="Draw the results into a PNG.")]
 
 
-def cache_settings(cache_size: int, cascades: int, sinks: int, beta: float, head_reduce: str, stride: int) -> dict:
+def cache_settings(cache_size: int, cascades: int, sinks: int, beta: float, head_reduce: str, stride: int,
+                   scores: str = "exact") -> dict:
     """The cache options as CacheConfig keywords (and as the JSON `settings.cache` object)."""
     return dict(cache_size=cache_size, cascades=cascades, sinks=sinks, beta=beta, head_reduce=head_reduce,
-                stride=stride)
+                stride=stride, scores=scores)
 
 
 def apply_quick(ctx: typer.Context, quick: bool, values: dict, quick_values: dict) -> dict:

@@ -52,6 +52,7 @@ def passkey(
     sinks: o.Sinks = o.DEFAULTS["sinks"],
     beta: o.Beta = o.DEFAULTS["beta"],
     head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
+    scores: o.Scores = o.DEFAULTS["scores"],
     stride: o.Stride = b.STRIDE,
     evidence: b.Evidence = None,
     question_weight: b.QuestionWeight = DEFAULT_WEIGHT,
@@ -87,7 +88,7 @@ def passkey(
         raise ConfigError(f"--filler must be noise or prose (got {filler!r})")
     if question_weight < 0:
         raise ConfigError(f"--question-weight must be >= 0 (got {question_weight})")
-    settings = b.cache_settings(cache_size, cascades, sinks, beta, head_reduce, stride)
+    settings = b.cache_settings(cache_size, cascades, sinks, beta, head_reduce, stride, scores)
     configs, slots = b.policy_configs(names, settings, evidence)
     if plot:
         plots.require(plot)

@@ -52,6 +52,7 @@ def retention(
     sinks: o.Sinks = o.DEFAULTS["sinks"],
     beta: o.Beta = o.DEFAULTS["beta"],
     head_reduce: o.HeadReduce = o.DEFAULTS["head_reduce"],
+    scores: o.Scores = o.DEFAULTS["scores"],
     stride: o.Stride = b.STRIDE,
     quick: b.Quick = False,
     json_out: o.Json = False,
@@ -78,7 +79,7 @@ def retention(
         raise ConfigError(f"--segment must be random or prose (got {segment!r})")
     if segment_tokens < 2:
         raise ConfigError(f"--segment-tokens must be >= 2 (got {segment_tokens}): its first token is not scored")
-    settings = b.cache_settings(cache_size, cascades, sinks, beta, head_reduce, stride)
+    settings = b.cache_settings(cache_size, cascades, sinks, beta, head_reduce, stride, scores)
     configs = [CacheConfig(policy=p, **settings) for p in names]
     if plot:
         plots.require(plot)

@@ -67,3 +67,20 @@ def test_last_r_changes_what_is_kept():
     exact = run("exact")
     assert torch.equal(run("last:32"), exact)
     assert not torch.equal(run("last:2"), exact)
+
+
+def test_cache_files_record_the_setting(tmp_path):
+    """--save-cache records `scores`; a file from before the setting existed loads as "exact"; a --load-cache
+    asking for another value is refused naming the setting."""
+    from engine import snapshot as snap
+    from tests.engine.test_snapshot import loaded, refused, rewrite, saved
+
+    lm = loaded(tiny_model("llama"))
+    config = CacheConfig(policy="cascade", cache_size=32, cascades=4, sinks=4, stride=8, scores="last:4")
+    path = saved(tmp_path, lm, config)
+    _, meta, _ = snap.load_snapshot(path, lm, {"scores": "last:4"})
+    assert meta["settings"]["scores"] == "last:4" and snap.config_of(meta) == config
+    assert "`scores=last:4`" in refused(path, lm, {"scores": "exact"}, kind=ConfigError)
+    rewrite(path, lambda m: m["settings"].pop("scores"), resign=True)  # as written before the setting
+    _, meta, _ = snap.load_snapshot(path, lm, {"scores": "exact"})
+    assert snap.config_of(meta).scores == "exact"
