@@ -198,5 +198,5 @@ def test_policy_names_and_configs():
     assert policy_name(policy_config(EVIDENCE_POLICY, settings, 64)) == EVIDENCE_POLICY
     with pytest.raises(ConfigError, match="needs --evidence >= 1"):
         policy_config(EVIDENCE_POLICY, settings, 0)
-    with pytest.raises(ConfigError, match="--evidence"):
+    with pytest.raises(ConfigError, match="`evidence`"):
         policy_config(EVIDENCE_POLICY, settings, 600)
