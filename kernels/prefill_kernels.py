@@ -1,19 +1,20 @@
 """The Triton kernels of a prefill chunk's attention with the exact EMA scores (ALGORITHM.md §3-§5); launched by
 kernels/prefill_triton.py, which holds their block shapes.
 
-Two passes, each one kernel for both key layouts (the constexpr PAGED picks the layout; the untaken branch is not
-compiled, so each layout's code is what its own kernel was before the two were merged):
-- unpaged: K, V [B, Hkv, n_k, D] hold the keys in attention order, already rotated: `[sinks | cache | chunk]`,
-  the first n_k - n_q seen by every query, the last n_q the chunk's own (causal);
-- PAGED: K, V are the cache's own buffers (keys before RoPE): key j < n_past lives at slot ORDER[j] and is rotated
-  at position j, the chunk's key m comes from KN, VN and is rotated at n_past + m; q·k is two dots over D/2 of the
-  rotated halves (kernels/rope.py).
-Pass 1 (`forward_kernel`) is the flash forward, writing out and per query log2(w_m) - lse2_m; pass 2
-(`scores_kernel`) owns a block of keys and sums w_m p(m, j) = exp2(s2 + that bias) over the queries, exactly.
-`gather_rotate_kernel` writes the paged keys out rotated, in attention order, for the unpaged kernels.
+Two passes, each one body (`_forward`, `_scores`) for both key layouts; the constexpr PAGED picks the layout, and
+the untaken branch is not compiled:
+- unpaged (`forward_kernel`, `scores_kernel`): K, V [B, Hkv, n_k, D] hold the keys in attention order, already
+  rotated: `[sinks | cache | chunk]`, the first n_k - n_q seen by every query, the last n_q the chunk's own (causal);
+- PAGED (`paged_forward_kernel`, `paged_scores_kernel`): K, V are the cache's own buffers (keys before RoPE): key
+  j < n_past lives at slot ORDER[j] and is rotated at position j, the chunk's key m comes from KN, VN and is
+  rotated at n_past + m; q·k is two dots over D/2 of the rotated halves (kernels/rope.py).
+Pass 1 is the flash forward, writing out and per query log2(w_m) - lse2_m; pass 2 owns a block of keys and sums
+w_m p(m, j) = exp2(s2 + that bias) over the queries, exactly. `gather_rotate_kernel` writes the paged keys out
+rotated, in attention order, for the unpaged kernels.
 
-Logits live in the log2 domain: s2 = q·k · scale · log2(e). Arguments a layout does not use (ORDER, KN, VN, COS,
-SIN and their strides unpaged; n_past unpaged, n_k paged) are passed but never read.
+Each layout compiles to the SASS its kernel had before the two were merged (bench/kernel_sass.py: the same opcodes
+in the same order for all six; where an unpaged loop differs from the paged one beyond the key loads, it is written
+out in its own branch for that reason). Logits live in the log2 domain: s2 = q·k · scale · log2(e).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _attend_chunk(q1, q2, kn_base, vn_base, COS, SIN, cols, offs_m, offs_h, offs
 
 
 @_jit
-def forward_kernel(
+def _forward(
     Q, K, V, ORDER, KN, VN, COS, SIN, OUT, BIAS, EMA,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -154,32 +155,64 @@ def forward_kernel(
     store_forward(OUT, BIAS, EMA, b, h, pid_bh, offs_m, offs_d, n_q, stride_ob, stride_oh, stride_om, m_i, l_i, acc,
                   WITH_SCORES)
 
+# The entry points keep the parameter lists the two kernels had before their bodies were merged: where a parameter
+# sits in the constant bank changes how ptxas schedules the prologue, and with these lists both layouts compile to
+# the SASS they compiled to apart (bench/kernel_sass.py).
+
 
 @_jit
-def _column_block(k1, k2, q_base, bias_base, cols, rows, offs_q, n_q, n_past, stride_qm, qk_scale,
-                  HALF: tl.constexpr, CAUSAL: tl.constexpr, HALVES: tl.constexpr):
-    """w_m p(m, j) = exp2(s2 + BIAS_m) for key columns `cols` and query rows `rows`: [BLOCK_N, BLOCK_M]. HALVES:
-    the keys are their rotated halves k1, k2 [BLOCK_N, D/2] (offs_q over D/2) and q·k is two dots; otherwise
-    k1 is the whole key tile [BLOCK_N, D] (offs_q over D) and k2 is not read."""
-    p_qt = q_base + rows[None, :] * stride_qm + offs_q[:, None]  # [D/2 or D, BLOCK_M]
-    if HALVES:
-        q1t = tl.load(p_qt, mask=rows[None, :] < n_q, other=0.0)
-        q2t = tl.load(p_qt + HALF, mask=rows[None, :] < n_q, other=0.0)
-    else:
-        qt = tl.load(p_qt, mask=rows[None, :] < n_q, other=0.0)
+def forward_kernel(
+    Q, K, V, OUT, BIAS, EMA,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    n_q, n_k, n_heads, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_SCORES: tl.constexpr,
+):
+    """Pass 1 over keys in attention order (`_forward`, unpaged)."""
+    _forward(Q, K, V, K, K, V, K, K, OUT, BIAS, EMA, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+             stride_kn, stride_vb, stride_vh, stride_vn, 0, 0, 0, 0, 0, 0, 0, stride_ob, stride_oh, stride_om,
+             n_q, 0, n_k, n_heads, group, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, WITH_SCORES, False)
+
+
+@_jit
+def paged_forward_kernel(
+    Q, KC, VC, ORDER, KN, VN, COS, SIN, OUT, BIAS, EMA,
+    stride_qb, stride_qh, stride_qm,
+    stride_kcb, stride_kch, stride_kcn,
+    stride_vcb, stride_vch, stride_vcn,
+    stride_knb, stride_knh, stride_knn,
+    stride_vnb, stride_vnh, stride_vnn,
+    stride_cs,
+    stride_ob, stride_oh, stride_om,
+    n_q, n_past, n_heads, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_SCORES: tl.constexpr,
+):
+    """Pass 1 straight from the cache (`_forward`, PAGED)."""
+    _forward(Q, KC, VC, ORDER, KN, VN, COS, SIN, OUT, BIAS, EMA, stride_qb, stride_qh, stride_qm, stride_kcb,
+             stride_kch, stride_kcn, stride_vcb, stride_vch, stride_vcn, stride_knb, stride_knh, stride_knn,
+             stride_vnb, stride_vnh, stride_vnn, stride_cs, stride_ob, stride_oh, stride_om,
+             n_q, n_past, 0, n_heads, group, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, WITH_SCORES, True)
+
+
+@_jit
+def _column_block(k1, k2, q_base, bias_base, cols, rows, offs_h, n_q, n_past, stride_qm, qk_scale,
+                  HALF: tl.constexpr, CAUSAL: tl.constexpr):
+    """PAGED: w_m p(m, j) = exp2(s2 + BIAS_m) for key columns `cols` (rotated halves k1, k2 [BLOCK_N, D/2]) and
+    query rows `rows`: [BLOCK_N, BLOCK_M]."""
+    p_qt = q_base + rows[None, :] * stride_qm + offs_h[:, None]  # [D/2, BLOCK_M]
+    q1t = tl.load(p_qt, mask=rows[None, :] < n_q, other=0.0)
+    q2t = tl.load(p_qt + HALF, mask=rows[None, :] < n_q, other=0.0)
     bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))  # padding rows: exp2 -> 0
-    if HALVES:
-        s = tl.dot(k2, q2t, tl.dot(k1, q1t))
-    else:
-        s = tl.dot(k1, qt)
-    p = tl.exp2(s * qk_scale + bias[None, :])
+    p = tl.exp2(tl.dot(k2, q2t, tl.dot(k1, q1t)) * qk_scale + bias[None, :])
     if CAUSAL:
         p = tl.where(cols[:, None] <= rows[None, :] + n_past, p, 0.0)
     return p
 
 
 @_jit
-def scores_kernel(
+def _scores(
     Q, K, ORDER, KN, COS, SIN, BIAS, SCORES,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -217,7 +250,6 @@ def scores_kernel(
         offs_q = tl.arange(0, HEAD_DIM)
         k1 = tl.load(K + b * stride_kb + kvh * stride_kh + cols[:, None] * stride_kn + offs_q[None, :],
                      mask=cols[:, None] < n_k, other=0.0)  # [BLOCK_N, D], reused for every query block
-        k2 = k1
     # query blocks that straddle the diagonal need the causal mask; earlier ones see none of these keys
     m_begin = (tl.maximum(start_n - n_past, 0) // BLOCK_M) * BLOCK_M
     m_diag = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - n_past, 0), n_q), BLOCK_M) * BLOCK_M
@@ -228,11 +260,26 @@ def scores_kernel(
         bias_base = BIAS + (b * n_kv_heads * GROUP + h) * n_q
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for m0 in range(m_begin, m_diag, BLOCK_M):
-            acc += _column_block(k1, k2, q_base, bias_base, cols, m0 + offs_m, offs_q, n_q, n_past, stride_qm,
-                                 qk_scale, HALF, True, PAGED)
+            if PAGED:
+                acc += _column_block(k1, k2, q_base, bias_base, cols, m0 + offs_m, offs_q, n_q, n_past, stride_qm,
+                                     qk_scale, HALF, True)
+            else:
+                rows = m0 + offs_m
+                qt = tl.load(q_base + rows[None, :] * stride_qm + offs_q[:, None], mask=rows[None, :] < n_q,
+                             other=0.0)
+                bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))
+                s = tl.dot(k1, qt) * qk_scale + bias[None, :]  # [BLOCK_N, BLOCK_M]
+                acc += tl.where(cols[:, None] <= rows[None, :] + n_past, tl.exp2(s), 0.0)
         for m0 in range(m_diag, n_q, BLOCK_M):
-            acc += _column_block(k1, k2, q_base, bias_base, cols, m0 + offs_m, offs_q, n_q, n_past, stride_qm,
-                                 qk_scale, HALF, False, PAGED)
+            if PAGED:
+                acc += _column_block(k1, k2, q_base, bias_base, cols, m0 + offs_m, offs_q, n_q, n_past, stride_qm,
+                                     qk_scale, HALF, False)
+            else:
+                rows = m0 + offs_m
+                qt = tl.load(q_base + rows[None, :] * stride_qm + offs_q[:, None], mask=rows[None, :] < n_q,
+                             other=0.0)
+                bias = tl.load(bias_base + rows, mask=rows < n_q, other=float("-inf"))  # padding rows: exp2 -> 0
+                acc += tl.exp2(tl.dot(k1, qt) * qk_scale + bias[None, :])
         col = tl.sum(acc, 1)
         if REDUCE_MAX:
             result = tl.maximum(result, col)
@@ -243,6 +290,37 @@ def scores_kernel(
     if not PAGED:
         c_ok = cols < n_k
     tl.store(SCORES + pid_bh.to(tl.int64) * (n_k - n_sinks) + (cols - n_sinks), result, mask=c_ok)
+
+@_jit
+def scores_kernel(
+    Q, K, BIAS, SCORES,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    n_q, n_k, n_kv_heads, n_sinks, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REDUCE_MAX: tl.constexpr,
+):
+    """Pass 2 over keys in attention order (`_scores`, unpaged)."""
+    _scores(Q, K, K, K, K, K, BIAS, SCORES, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+            0, 0, 0, 0, n_q, 0, n_k, n_kv_heads, n_sinks, qk_scale, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, REDUCE_MAX,
+            False)
+
+
+@_jit
+def paged_scores_kernel(
+    Q, KC, ORDER, KN, COS, SIN, BIAS, SCORES,
+    stride_qb, stride_qh, stride_qm,
+    stride_kcb, stride_kch, stride_kcn,
+    stride_knb, stride_knh, stride_knn,
+    stride_cs,
+    n_q, n_past, n_kv_heads, n_sinks, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REDUCE_MAX: tl.constexpr,
+):
+    """Pass 2 straight from the cache (`_scores`, PAGED)."""
+    _scores(Q, KC, ORDER, KN, COS, SIN, BIAS, SCORES, stride_qb, stride_qh, stride_qm, stride_kcb, stride_kch,
+            stride_kcn, stride_knb, stride_knh, stride_knn, stride_cs, n_q, n_past, 0, n_kv_heads, n_sinks, qk_scale,
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, REDUCE_MAX, True)
 
 
 @_jit

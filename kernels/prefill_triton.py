@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ._triton import LOG2E, triton
 from .decode_attention import decode_paged_triton, decode_triton
-from .prefill_kernels import forward_kernel, gather_rotate_kernel, scores_kernel
+from .prefill_kernels import (forward_kernel, gather_rotate_kernel, paged_forward_kernel, paged_scores_kernel,
+                              scores_kernel)
 
 # Block shapes per head dim, the fastest of bench/prefill_latency.py --tune on an H100 (docs/BENCHMARKS_GPU.md);
 # D 64 is untuned. The forward's 128 x 128 tiles at 3 stages: bench/chunk_kernels.py on an H200, three runs,
@@ -76,9 +77,7 @@ def chunk_attention_triton(
     qk_scale = scale * LOG2E
     if n_q == 1:
         return decode_triton(q, k, v, qk_scale, ema, n_sinks, head_reduce, decode_config)
-    sources = (k, v, k, k, v, k, k)  # ORDER, KN, VN, COS, SIN are not read by the unpaged kernels
-    strides = (*k.stride()[:3], *v.stride()[:3]) + (0,) * 7
-    return _two_passes(q, sources, strides, n_k - n_q, qk_scale, ema, n_sinks, head_reduce,
+    return _two_passes(q, (k, v), (*k.stride()[:3], *v.stride()[:3]), n_k - n_q, qk_scale, ema, n_sinks, head_reduce,
                        fwd_config or FWD_CONFIG.get(d, FWD_CONFIG[128]),
                        scores_config or SCORES_CONFIG.get(d, SCORES_CONFIG[128]), paged=False)
 
@@ -151,8 +150,8 @@ def chunk_attention_paged_triton(
 def _two_passes(q: Tensor, sources: tuple, strides: tuple, n_past: int, qk_scale: float, ema: Tensor | None,
                 n_sinks: int, head_reduce: str, fwd_config: dict, scores_config: dict,
                 paged: bool) -> tuple[Tensor, Tensor | None]:
-    """Both passes for L > 1. `sources` = (K, V, ORDER, KN, VN, COS, SIN) and `strides` their 13 strides, as
-    `forward_kernel` takes them; `scores_kernel` takes those of K, ORDER, KN, COS, SIN."""
+    """Both passes for L > 1. `sources` are the key/value tensors the kernels take after Q, with `strides` theirs:
+    (K, V) and 6 strides unpaged, (KC, VC, ORDER, KN, VN, COS, SIN) and 13 paged (`_paged_strides`)."""
     b, hq, n_q, d = q.shape
     hkv = sources[0].shape[1]
     g, n_k = hq // hkv, n_past + n_q
@@ -162,25 +161,27 @@ def _two_passes(q: Tensor, sources: tuple, strides: tuple, n_past: int, qk_scale
     with_scores = ema is not None
     bias = torch.empty(b, hq, n_q, dtype=torch.float32, device=q.device) if with_scores else out
     ema_f = ema.to(device=q.device, dtype=torch.float32).contiguous() if with_scores else bias
-    forward_kernel[(triton.cdiv(n_q, fc["BLOCK_M"]), b * hq)](
+    (paged_forward_kernel if paged else forward_kernel)[(triton.cdiv(n_q, fc["BLOCK_M"]), b * hq)](
         q, *sources, out, bias, ema_f,
         q.stride(0), q.stride(1), q.stride(2),
         *strides,
         out.stride(0), out.stride(1), out.stride(2),
-        n_q, n_past, n_k, hq, g, qk_scale,
-        HEAD_DIM=d, WITH_SCORES=with_scores, PAGED=paged, **fc,
+        n_q, n_past if paged else n_k, hq, g, qk_scale,
+        HEAD_DIM=d, WITH_SCORES=with_scores, **fc,
     )
     if not with_scores:
         return out, None
     sc = dict(scores_config)
     sc["BLOCK_M"] = fit_rows(sc["BLOCK_M"], n_q)
     scores = torch.empty(b, hkv, n_k - n_sinks, dtype=torch.float32, device=q.device)
-    k, _, order, k_new, _, cos, sin = sources
-    scores_kernel[(triton.cdiv(n_k - n_sinks, sc["BLOCK_N"]), b * hkv)](
-        q, k, order, k_new, cos, sin, bias, scores,
+    # the keys' tensors without the values: K, or KC, ORDER, KN, COS, SIN (strides: K's, KN's, the table's)
+    keys, key_strides = (sources[:1], strides[:3]) if not paged else (
+        (sources[0], *sources[2:4], *sources[5:]), (*strides[:3], *strides[6:9], strides[12]))
+    (paged_scores_kernel if paged else scores_kernel)[(triton.cdiv(n_k - n_sinks, sc["BLOCK_N"]), b * hkv)](
+        q, *keys, bias, scores,
         q.stride(0), q.stride(1), q.stride(2),
-        *strides[0:3], *strides[6:9], strides[12],
-        n_q, n_past, n_k, hkv, n_sinks, qk_scale,
-        GROUP=g, HEAD_DIM=d, REDUCE_MAX=head_reduce == "max", PAGED=paged, **sc,
+        *key_strides,
+        n_q, n_past if paged else n_k, hkv, n_sinks, qk_scale,
+        GROUP=g, HEAD_DIM=d, REDUCE_MAX=head_reduce == "max", **sc,
     )
     return out, scores
