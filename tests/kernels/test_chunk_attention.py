@@ -140,6 +140,9 @@ def test_interpreted_kernels_match_ref(monkeypatch, shape):
     ref_out, ref_scores = chunk_attention_ref(q, k, v, d**-0.5, ema, n_sinks, reduce)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     _check_scores(scores, ref_scores, 1e-4)
+    out_only, none = interp.chunk_attention_triton(q, k, v, d**-0.5, None, n_sinks, reduce, **blocks)
+    assert none is None
+    torch.testing.assert_close(out_only, ref_out, atol=1e-4, rtol=1e-4)
 
 
 # ---- Triton (CUDA)
