@@ -1,11 +1,12 @@
 """Decode attention (one query per head) with the exact EMA scores, split over the keys.
 
-Same contract as `chunk_attention_triton` (kernels/prefill_triton.py, which calls these) for L == 1: q [B, Hq, 1, D] (rotated),
-k, v [B, Hkv, K, D]. Batch 1 decode has only B·Hkv (query head group, key) pairs, far too few programs to fill a
-GPU, so the keys are split (split-K): one kernel writes each split's partial softmax statistics, unnormalised
-output and (for the scores) the raw base-2 logits; a second kernel merges the splits into out and, per key, the
-exact probability w_0 · reduce_g p_g(j). CUDA only (bf16/fp16, D 64/128); the torch references live in
-`cascade_kernels.chunk_attention`.
+Same contract as `chunk_attention_triton` (kernels/prefill_triton.py, which calls these) for L == 1:
+q [B, Hq, 1, D] (rotated), k, v [B, Hkv, K, D]; or, paged (`decode_paged_triton`), the cache's buffers read
+through its slot order with keys rotated on load. Batch 1 decode has only B·Hkv (query head group, key) pairs,
+far too few programs to fill a GPU, so the keys are split (split-K): one kernel writes each split's partial
+softmax statistics, unnormalised output and (for the scores) the raw base-2 logits; a second kernel merges the
+splits into out and, per key, the exact probability w_0 · reduce_g p_g(j). CUDA only (bf16/fp16, D 64/128); the
+torch references live in `cascade_kernels.chunk_attention`.
 """
 from __future__ import annotations
 

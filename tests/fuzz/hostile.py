@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from bench.fixtures import assemble, pdf_bytes, tiny_model, write_tiny_model  # noqa: F401 - write_tiny_model: re-exported
+from bench.fixtures import assemble, pdf_bytes, tiny_model, write_tiny_model  # noqa: F401 - re-exported
 from engine.models import LoadedModel
 
 # --- PDFs --------------------------------------------------------------------------------------------------------
