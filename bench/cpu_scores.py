@@ -1,8 +1,8 @@
 """CPU prefill with exact scores: the one-pass kernel against the two flash passes it replaced, at one layer's
 shape and on the embedded model, side by side in one run.
 
-Layer (`--layer`, default on): B 1, Hq 9, Hkv 3, D 64 (SmolLM2-135M), L = stride queries over sinks + cache +
-chunk keys, bf16, the ms of one call (best of `--repeats`) for
+Layer (`--layer`, default on): B 1, Hq 9, Hkv 3, D 64 (SmolLM2-135M; `--heads` for others), L = stride queries
+over sinks + cache + chunk keys, bf16, the ms of one call (best of `--repeats`) for
     two flash passes   the kernel before this change (output + LSE, then flash run backwards for the scores),
                        kept below as `two_flash_passes`, the baseline;
     flash, no scores   torch's fused kernel, output only (what `sink` ran before);
@@ -86,7 +86,7 @@ def _best_ms(fn, repeats: int) -> float:
 
 def layer_rows(args) -> list[dict]:
     torch.manual_seed(0)
-    b, hq, hkv, d, n_q = 1, 9, 3, 64, args.stride
+    (hq, hkv, d), b, n_q = args.heads, 1, args.stride
     n_k = args.sinks + args.cache_size + n_q
     dtype = torch.bfloat16
     q = torch.randn(b, n_q, hq, d).mul(2).to(dtype).transpose(1, 2)  # the engine's layout
@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=1024)
     ap.add_argument("--beta", type=float, default=CacheConfig().beta)
     ap.add_argument("--last", type=int, default=64, help="R of the last:R rows")
+    ap.add_argument("--heads", default="9,3,64", help="Hq,Hkv,D of the layer (default: the embedded model's)")
     ap.add_argument("--blocks", default="64", help="query rows per block to time at layer shape, comma separated")
     ap.add_argument("--repeats", type=int, default=5, help="layer calls timed (best kept)")
     ap.add_argument("--rounds", type=int, default=2, help="model runs of every setting, alternating (best kept)")
@@ -182,6 +183,7 @@ def main() -> None:
     ap.add_argument("--no-model", dest="model", action="store_false")
     args = ap.parse_args()
     args.blocks = [int(x) for x in args.blocks.split(",")]
+    args.heads = [int(x) for x in args.heads.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
     print(json.dumps(provenance()), flush=True)
     for row in (layer_rows(args) if args.layer else []) + (model_rows(args) if args.model else []):
