@@ -179,6 +179,9 @@ def _run(model, config: CacheConfig, ids: list[int], n_decode: int = 3) -> torch
     """Logits of a prefill in chunks of `config.stride` and then of `n_decode` one-token steps: [T, V]."""
     out = []
     with Runner(model, config, expected_tokens=len(ids)) as runner:
+        # decode steps through the attention dispatchers too, not the CPU's in-place decode (engine/slot_decode.py,
+        # whose own oracle is tests/engine/test_slot_decode.py)
+        runner.in_place_decode = False
         dev = runner.cache.shape.device
         prefill, decode = ids[: len(ids) - n_decode], ids[len(ids) - n_decode :]
         for i in range(0, len(prefill), config.stride):
