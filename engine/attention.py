@@ -17,7 +17,7 @@ carries the tables on each device, and each layer picks those of its own device.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -53,6 +53,7 @@ class StepContext:
     per_device: dict[torch.device, tuple[Tensor, Tensor, Tensor | None]] | None = None
     # a CPU decode step: cos, sin covering every slot's own index too, for the in-place path (engine/slot_decode.py)
     slot_tables: tuple[Tensor, Tensor] | None = None
+    memo: dict = field(default_factory=dict)  # what the step's layers share (engine/slot_decode.py)
 
     def tables(self, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """cos, sin and EMA weights on `layer`'s device."""
@@ -85,22 +86,23 @@ def _forward(attn: nn.Module, ctx_ref: list[StepContext | None], fam: LayerAtten
             ctx.key_hook(layer, k)
         cos, sin, ema = ctx.tables(layer)
         cos, sin = fam.tables(cos, sin)  # this layer's RoPE: the default tables, its layer type's, or none
-        q_rot = rotate_queries(q, cos[-n_new:], sin[-n_new:])
         n_sinks = ctx.cache.n_unscored  # sinks (and evidence spans): attended, never scored
         # Triton launches on the current CUDA device, not the tensors': make it this layer's when layers are spread
         on_layer = torch.cuda.device(q.device) if ctx.per_device is not None and q.is_cuda else nullcontext()
         # soft-capped layers, and local-window ones with keys beyond their window, take the torch paths
         if ctx.slot_tables is not None and ctx.score_hook is None and fam.plain(cos.shape[0]):  # CPU decode
             long_cos, long_sin = fam.tables(*ctx.slot_tables)
-            out, scores = decode_in_place(ctx.cache, layer, q, q_rot, k, v, long_cos, long_sin,
+            out, scores = decode_in_place(ctx.cache, layer, q, k, v, long_cos, long_sin,
                                           (ctx.slot_tables[0].data_ptr(), fam.rope_kind, fam.use_rope),
-                                          fam.scaling, ema, ctx.head_reduce)
+                                          fam.scaling, ema, ctx.head_reduce, ctx.memo)
         elif ctx.score_hook is None and fam.plain(cos.shape[0]) and paged_supported(q, k):  # rotated in the kernels
+            q_rot = rotate_queries(q, cos[-n_new:], sin[-n_new:])
             k_buf, v_buf, order = ctx.cache.past_slots(layer)  # pre-RoPE buffers, slot of each age rank
             with on_layer:
                 out, scores = chunk_attention_paged(q_rot, k_buf, v_buf, order, k, v, cos, sin, fam.scaling, ema,
                                                     n_sinks, ctx.head_reduce)
         else:
+            q_rot = rotate_queries(q, cos[-n_new:], sin[-n_new:])
             k_past, v_past = ctx.cache.past(layer)  # pre-RoPE [B, Hkv, P, D], slot order
             k_all = apply_rope(torch.cat([k_past, k], dim=2), cos, sin)
             v_all = torch.cat([v_past, v], dim=2)

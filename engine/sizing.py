@@ -93,11 +93,13 @@ def parse_memory(text: str | None) -> int | None:
 
 def kv_bytes_per_token(model, policy: str = "cascade") -> int:
     """Bytes one cached token costs over all layers (the geometry the cache itself is built with): keys and
-    values in the model's dtype, plus an fp32 score per KV head for the cascade."""
+    values in the model's dtype, plus an fp32 score per KV head for the cascade, plus on the CPU the fp32 copy of
+    the keys rotated at their slots that decoding reads (engine/cache/slot_keys.py)."""
     shape = cache_shape(model)
     element = torch.empty((), dtype=shape.dtype).element_size()
     scores = 4 * shape.n_kv_heads * shape.n_layers if policy == "cascade" else 0
-    return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * element + scores
+    slot_keys = 4 * shape.n_layers * shape.n_kv_heads * shape.head_dim if shape.device.type == "cpu" else 0
+    return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * element + scores + slot_keys
 
 
 def speed_cap(model) -> int:

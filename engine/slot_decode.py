@@ -27,7 +27,6 @@ def decode_in_place(
     cache: KVCache,
     layer: int,
     q: Tensor,
-    q_rot: Tensor,
     k_new: Tensor,
     v_new: Tensor,
     cos: Tensor,
@@ -36,46 +35,52 @@ def decode_in_place(
     scale: float,
     ema: Tensor | None,
     head_reduce: str,
+    memo: dict,
 ) -> tuple[Tensor, Tensor | None]:
     """One query over the cache's visible tokens and its own key: (out [B, Hq, 1, D], scores or None).
 
-    q: the query before RoPE [B, Hq, 1, D], q_rot the same rotated at its position P = n_past; k_new, v_new
-    [B, Hkv, 1, D] before RoPE; cos, sin this layer's tables for positions 0 .. at least P + capacity; scores
-    as `chunk_attention` gives them (EMA-weighted, reduced over the KV group, the unscored leading tokens
-    dropped), columns in age order."""
+    q: the query before RoPE [B, Hq, 1, D] at position P = n_past; k_new, v_new [B, Hkv, 1, D] before RoPE; cos,
+    sin this layer's tables for positions 0 .. at least P + capacity, named by `tables_key`; `memo` is shared by
+    the step's layers (what depends only on the pieces and the tables is built once). Scores as `chunk_attention`
+    gives them (EMA-weighted, reduced over the KV group, the unscored leading tokens dropped), in age order."""
     b, hq, _, d = q.shape
     k_buf, v_buf, order = cache.past_slots(layer)
-    hkv, capacity = k_buf.shape[1], k_buf.shape[2]
+    hkv = k_buf.shape[1]
     g = hq // hkv
     p_pos = cache.n_past
     parts = cache.pieces()
-    runs = [piece for piece in parts if piece[0] == "run"]
+    tables = memo.get(tables_key)
+    if tables is None:  # per run, the query's rotation P - c; then the rank of each gathered key; then P itself
+        runs = [(slot, rank) for kind, slot, rank, _ in parts if kind == "run"]
+        at = torch.tensor([p_pos - rank + slot for slot, rank in runs] + [p_pos], dtype=torch.long)
+        tables = memo[tables_key] = (cos[at].float(), sin[at].float(), len(runs))
+    q_cos, q_sin, n_runs = tables
+    qf = q.float()
+    q_all = apply_rope(qf.expand(b, hq, n_runs + 1, d), q_cos, q_sin).view(b, hkv, g, n_runs + 1, d)
+    q_rot = q_all[:, :, :, n_runs]  # [B, Hkv, G, D] at P: the gathered keys' and its own key's query
+    slot_k = cache.slot_keys(layer, cos, sin, tables_key) if n_runs else None
     logits = []
-    if runs:
-        slot_k = cache.slot_keys(layer, cos, sin, tables_key)
-        shift = torch.tensor([p_pos - rank + slot for _, slot, rank, _ in runs], device=q.device)
-        q_runs = apply_rope(q.expand(b, hq, len(runs), d), cos[shift], sin[shift])  # [B, Hq, R, D]
-        q_runs = q_runs.float().view(b, hkv, g, len(runs), d)
-    qg = q_rot.float().view(b, hkv, g, d)
     r = 0
     for kind, slot, rank, n in parts:
         if kind == "run":
-            keys = slot_k[:, :, slot : slot + n]
-            logits.append(q_runs[:, :, :, r] @ keys.float().transpose(-1, -2))
+            logits.append(q_all[:, :, :, r] @ slot_k[:, :, slot : slot + n].transpose(-1, -2))
             r += 1
         else:
-            keys = k_buf.index_select(2, order[rank : rank + n])
-            keys = apply_rope(keys, cos[rank : rank + n], sin[rank : rank + n])
-            logits.append(qg @ keys.float().transpose(-1, -2))
-    own = apply_rope(k_new, cos[p_pos : p_pos + 1], sin[p_pos : p_pos + 1])
-    logits.append(qg @ own.float().transpose(-1, -2))
+            keys = k_buf.index_select(2, order[rank : rank + n]).float()
+            keys = apply_rope(keys, cos[rank : rank + n].float(), sin[rank : rank + n].float())
+            logits.append(q_rot @ keys.transpose(-1, -2))
+    own = apply_rope(k_new.float(), q_cos[n_runs:], q_sin[n_runs:])
+    logits.append(q_rot @ own.transpose(-1, -2))
     p = torch.cat(logits, dim=-1).mul_(scale).softmax(dim=-1)  # [B, Hkv, G, n_past + 1], age order
     n_past = p.shape[-1] - 1
-    top = int(order.max()) + 1 if n_past else 0  # P·V over the used prefix of the buffer
     p16 = p.to(v_buf.dtype)
     if n_past:
+        top = memo.get("top")
+        if top is None:
+            top = memo["top"] = int(order.max()) + 1  # P·V over the used prefix of the buffer
         spread = p16.new_zeros(b, hkv, g, top).index_copy_(3, order, p16[..., :n_past])
-        out = spread @ v_buf[:, :, :top] + p16[..., n_past:] @ v_new
+        out = torch.baddbmm((p16[..., n_past:] * v_new).view(b * hkv, g, d), spread.view(b * hkv, g, top),
+                            v_buf[:, :, :top].reshape(b * hkv, top, d))
     else:
         out = p16 @ v_new
     out = out.view(b, hq, 1, d).to(q.dtype)

@@ -150,8 +150,9 @@ class KVCache(ABC):
         fit (a crafted or damaged file)."""
 
     def nbytes(self) -> int:
-        """Bytes held by the cache's tensors."""
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        """Bytes held by the cache's tensors (with the slot-rotated keys, once a CPU decode step made them)."""
+        extra = [] if self._slot_keys is None else [k for k in self._slot_keys.k if k is not None]
+        return sum(t.numel() * t.element_size() for t in self._tensors() + extra)
 
     @abstractmethod
     def _tensors(self) -> list[Tensor]: ...

@@ -12,6 +12,11 @@ and `R(slot) k` never changes while the slot holds the same token. `SlotKeys` ke
 buffer (one extra key buffer, in the keys' dtype) and re-rotates only the slots written since it was last read,
 which a policy names when it plans a chunk (`KVCache._written`; unknown means all). A decode step then rotates
 its query once per run instead of every key (engine/slot_decode.py).
+
+The copy is kept in float32, the dtype the decode step's logits are computed in: converting a bf16 run to float32
+on every step cost more than the matrix product itself on a 2-core CPU (about 175 us a layer for 1,000 keys of
+3 heads, bench/cpu_decode.py --profile); a float32 copy is converted once, when its slot is written. It costs
+4 bytes per key element beside the cache (`engine/sizing.py` counts it on the CPU).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from cascade_kernels.rope import apply_rope
 
 
 class SlotKeys:
-    """Per layer: the key buffer rotated at each slot's own index, brought up to date lazily."""
+    """Per layer: the key buffer rotated at each slot's own index (float32), brought up to date lazily."""
 
     def __init__(self, n_layers: int):
         self.k: list[Tensor | None] = [None] * n_layers
@@ -41,16 +46,17 @@ class SlotKeys:
                 pending.append(slots)
 
     def keys(self, layer: int, k_buf: Tensor, cos: Tensor, sin: Tensor, key: tuple) -> Tensor:
-        """The layer's keys [B, Hkv, capacity, D] rotated at their slot index; `cos`/`sin` cover every slot and
+        """The layer's keys [B, Hkv, capacity, D] rotated at their slot index, float32; `cos`/`sin` cover every slot and
         `key` names the tables they come from (a different key rebuilds the copy)."""
         mirror, pending = self.k[layer], self.stale[layer]
         capacity = k_buf.shape[2]
         if mirror is None or mirror.shape != k_buf.shape or pending is None or self.tables[layer] != key:
-            mirror = self.k[layer] = apply_rope(k_buf, cos[:capacity], sin[:capacity])
+            mirror = self.k[layer] = apply_rope(k_buf.float(), cos[:capacity].float(), sin[:capacity].float())
             self.tables[layer] = key
         elif pending:
             slots = torch.from_numpy(np.unique(np.concatenate(pending))).to(k_buf.device)
-            mirror.index_copy_(2, slots, apply_rope(k_buf.index_select(2, slots), cos[slots], sin[slots]))
+            rotated = apply_rope(k_buf.index_select(2, slots).float(), cos[slots].float(), sin[slots].float())
+            mirror.index_copy_(2, slots, rotated)
         self.stale[layer] = []
         return mirror
 

@@ -30,11 +30,14 @@ def test_parse_memory():
 @pytest.mark.parametrize("policy", ["full", "sink", "cascade"])
 def test_kv_bytes_per_token_is_what_the_cache_holds(policy):
     model = tiny_model("llama", seed=1)
-    config = CacheConfig(policy=policy, cache_size=64, cascades=4, sinks=4, stride=16)
+    # one sub-cache of 64: runs long enough for decoding to read them in place (slot_keys.MIN_RUN)
+    config = CacheConfig(policy=policy, cache_size=64, cascades=1, sinks=4, stride=16)
     runner = Runner(model, config, n_sinks=4, expected_tokens=200)
     with torch.inference_mode():
-        for start in range(0, 200, 16):
+        for start in range(0, 192, 16):
             runner.step(torch.arange(start, start + 16).remainder(250).unsqueeze(0))
+        for t in range(192, 200):  # decode steps: on the CPU they add the slot-rotated keys (engine/slot_decode.py)
+            runner.step(torch.tensor([[t]]))
     per_token = kv_bytes_per_token(model, policy)
     held = 200 if policy == "full" else 64 + 4
     assert runner.cache.nbytes() >= held * per_token
