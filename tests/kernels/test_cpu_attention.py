@@ -45,7 +45,7 @@ SHAPES = [
 ]
 # out: (atol, rtol); scores: rtol relative to their largest value. bf16: the output's own rounding (and P rounded
 # to bf16 inside P·V where oneDNN computes in bf16), while the logits and the scores stay float32-exact.
-TOL = {torch.float32: (1e-5, 1e-5, 2e-6), torch.bfloat16: (2e-2, 2e-2, 2e-6)}
+TOL = {torch.float32: (1e-5, 1e-5, 2e-6), torch.bfloat16: (2e-2, 2e-2, 2e-6), torch.float16: (3e-3, 3e-3, 2e-6)}
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
