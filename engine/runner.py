@@ -77,8 +77,11 @@ class Runner:
         home = self.cache.shape.device
         device = home if device is None else device
         cached = self._tables.get(home)
-        if cached is None or cached[0].shape[0] < n:
-            size = max(n, self.n_sinks + self.config.cache_size + self.config.stride)
+        if cached is None or cached[0].shape[0] < n:  # grown by doubling: a dense cache asks for one more each step
+            # never past the model's positions by itself: rotary modules that rescale by length (dynamic NTK,
+            # longrope) would change every angle
+            grown = min(2 * cached[0].shape[0], self.max_positions) if cached is not None else 0
+            size = max(n, self.n_sinks + self.config.cache_size + self.config.stride, grown)
             p = next(self.model.parameters())
             cos, sin = rotary_tables(self.model, torch.arange(size, device=p.device), p.new_zeros(1))
             self._tables = {home: (cos.to(home), sin.to(home))}
@@ -120,13 +123,14 @@ class Runner:
         return hidden
 
     def _slot_tables(self, past: int, n_new: int) -> tuple[Tensor, Tensor] | None:
-        """For a decode step on the CPU, tables long enough for the in-place path (engine/slot_decode.py): the
-        query is rotated up to past + capacity there. None elsewhere, and under CASCADECTL_KERNELS=ref."""
+        """For a decode step on the CPU, tables for the in-place path (engine/slot_decode.py): the query is rotated
+        up to past + capacity there, within the model's positions (runs beyond them are gathered). None elsewhere,
+        and under CASCADECTL_KERNELS=ref."""
         shape = self.cache.shape
         if (n_new != 1 or not self.in_place_decode or shape.device.type != "cpu" or shape.layer_devices is not None
                 or os.environ.get("CASCADECTL_KERNELS") == "ref"):
             return None
-        return self.rotary(past + 1 + self.cache.past_slots(0)[0].shape[2])
+        return self.rotary(min(past + 1 + self.cache.past_slots(0)[0].shape[2], max(self.max_positions, past + 1)))
 
     def _no_mask(self, device: torch.device) -> Tensor:
         """A [1, 1, 1, 1] placeholder mask (never read by our attention), one per device."""

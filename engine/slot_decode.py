@@ -48,17 +48,19 @@ def decode_in_place(
     hkv = k_buf.shape[1]
     g = hq // hkv
     p_pos = cache.n_past
-    parts = cache.pieces()
     tables = memo.get(tables_key)
-    if tables is None:  # per run, the query's rotation P - c; then the rank of each gathered key; then P itself
+    if tables is None:  # per run, the query's rotation P - c, then P itself; a run it would take past the tables
+        n_table = min(cos.shape[0], k_buf.shape[2])  # (the model's positions) is gathered instead
+        parts = [(kind if kind == "gather" or (p_pos - rank + slot < cos.shape[0] and slot + n <= n_table)
+                  else "gather", slot, rank, n) for kind, slot, rank, n in cache.pieces()]
         runs = [(slot, rank) for kind, slot, rank, _ in parts if kind == "run"]
         at = torch.tensor([p_pos - rank + slot for slot, rank in runs] + [p_pos], dtype=torch.long)
-        tables = memo[tables_key] = (cos[at].float(), sin[at].float(), len(runs))
-    q_cos, q_sin, n_runs = tables
+        tables = memo[tables_key] = (cos[at].float(), sin[at].float(), len(runs), parts, n_table)
+    q_cos, q_sin, n_runs, parts, n_table = tables
     qf = q.float()
     q_all = apply_rope(qf.expand(b, hq, n_runs + 1, d), q_cos, q_sin).view(b, hkv, g, n_runs + 1, d)
     q_rot = q_all[:, :, :, n_runs]  # [B, Hkv, G, D] at P: the gathered keys' and its own key's query
-    slot_k = cache.slot_keys(layer, cos, sin, tables_key) if n_runs else None
+    slot_k = cache.slot_keys(layer, cos[:n_table], sin[:n_table], tables_key) if n_runs else None
     logits = []
     r = 0
     for kind, slot, rank, n in parts:

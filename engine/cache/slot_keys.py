@@ -46,15 +46,17 @@ class SlotKeys:
                 pending.append(slots)
 
     def keys(self, layer: int, k_buf: Tensor, cos: Tensor, sin: Tensor, key: tuple) -> Tensor:
-        """The layer's keys [B, Hkv, capacity, D] rotated at their slot index, float32; `cos`/`sin` cover every slot and
-        `key` names the tables they come from (a different key rebuilds the copy)."""
+        """The layer's keys [B, Hkv, capacity, D] rotated at their slot index, float32, for the slots `cos`/`sin`
+        cover; `key` names the tables they come from (a different key rebuilds the copy)."""
         mirror, pending = self.k[layer], self.stale[layer]
-        capacity = k_buf.shape[2]
+        n = min(k_buf.shape[2], cos.shape[0])  # slots past the tables (a dense cache's headroom) are never read
         if mirror is None or mirror.shape != k_buf.shape or pending is None or self.tables[layer] != key:
-            mirror = self.k[layer] = apply_rope(k_buf.float(), cos[:capacity].float(), sin[:capacity].float())
+            mirror = self.k[layer] = torch.zeros(k_buf.shape, dtype=torch.float32, device=k_buf.device)
+            mirror[:, :, :n] = apply_rope(k_buf[:, :, :n].float(), cos[:n].float(), sin[:n].float())
             self.tables[layer] = key
         elif pending:
-            slots = torch.from_numpy(np.unique(np.concatenate(pending))).to(k_buf.device)
+            slots = np.unique(np.concatenate(pending))
+            slots = torch.from_numpy(slots[slots < n]).to(k_buf.device)
             rotated = apply_rope(k_buf.index_select(2, slots).float(), cos[slots].float(), sin[slots].float())
             mirror.index_copy_(2, slots, rotated)
         self.stale[layer] = []
