@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import gguf as gguf_file
-from .allocator import keep_freed_memory
 from .attention import SUPPORTED_FAMILIES  # the families our attention adapter handles
 from .errors import CapacityError, ConfigError, ModelFileError, ModelNotFoundError, UnsupportedModelError
 from .ollama import find_blob, is_ollama_spec
@@ -488,8 +487,6 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     spread = resolve_device_map(device_map, dev)
     _go_offline()
-    if dev.type == "cpu":
-        keep_freed_memory()  # engine/allocator.py: a CPU step's activations reuse pages instead of faulting them in
     gguf = None if spec is None else resolve_gguf(spec)
     if spec is None:
         folder, model_hash = ensure_converted(find_embedded_gguf(), notify)
