@@ -72,9 +72,15 @@ def check_family(model: nn.Module) -> None:
         )
 
 
-def _forward(attn: nn.Module, ctx_ref: list[StepContext | None], fam: LayerAttention) -> Callable:
+class ContextSlot:
+    """Where the caller puts the step in flight's context for the patched layers to read (None between steps)."""
+
+    ctx: StepContext | None = None
+
+
+def _forward(attn: nn.Module, slot: ContextSlot, fam: LayerAttention) -> Callable:
     def forward(hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
-        ctx = ctx_ref[0]
+        ctx = slot.ctx
         assert ctx is not None, "patched attention called outside a cascadectl step"
         b, n_new, _ = hidden_states.shape
         q, k, v = fam.project(hidden_states)  # [B, Hq, L, D], [B, Hkv, L, D] x2, before RoPE
@@ -119,18 +125,18 @@ def _forward(attn: nn.Module, ctx_ref: list[StepContext | None], fam: LayerAtten
 
 
 @contextmanager
-def patched_attention(model: nn.Module) -> Iterator[list[StepContext | None]]:
-    """Swap in our attention for every decoder layer; yields the one-slot holder for the step context."""
+def patched_attention(model: nn.Module) -> Iterator[ContextSlot]:
+    """Swap in our attention for every decoder layer; yields the slot the caller sets each step's context in."""
     check_family(model)
-    ctx_ref: list[StepContext | None] = [None]
+    slot = ContextSlot()
     patched = []
     try:
         for layer, fam in zip(model.model.layers, layer_attentions(model)):
             attn = layer.self_attn
             had_own = "forward" in attn.__dict__
             patched.append((attn, had_own, attn.__dict__.get("forward")))
-            attn.forward = _forward(attn, ctx_ref, fam)  # instance attribute shadows the class's forward
-        yield ctx_ref
+            attn.forward = _forward(attn, slot, fam)  # instance attribute shadows the class's forward
+        yield slot
     finally:
         for attn, had_own, original in patched:
             if had_own:

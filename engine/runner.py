@@ -57,7 +57,7 @@ class Runner:
         # CPU decode steps read the cache in place (engine/slot_decode.py); False: the plain gather path (bench/tests)
         self.in_place_decode = True
         self._stack = ExitStack()
-        self._ctx_ref = self._stack.enter_context(patched_attention(model))
+        self._slot = self._stack.enter_context(patched_attention(model))
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}  # device -> cos, sin [size, D]
 
     def close(self) -> None:
@@ -99,13 +99,13 @@ class Runner:
         if past + n_new > self.max_positions:
             raise CapacityError(
                 f"position {past + n_new - 1} is past the model's limit of {self.max_positions}; "
-                f"lower --cache-size or --stride, or use --policy cascade/sink"
+                f"lower `cache_size` or `stride`, or use `policy=cascade` or `policy=sink`"
             )
         self.cache.begin(n_new)
         cos, sin = self.rotary(past + n_new)
         scored = self.config.score_queries  # None: every query of the chunk (exact); R: its last R
         ema = ema_weights(n_new, self.config.beta, ids.device, scored) if self.cache.needs_scores else None
-        self._ctx_ref[0] = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
+        self._slot.ctx = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
                                        self.query_hook, key_hook=self.key_hook,
                                        per_device=self._other_devices(past + n_new, n_new),
                                        slot_tables=self._slot_tables(past, n_new))
@@ -116,7 +116,7 @@ class Runner:
             hidden = self.model.model(input_ids=ids, attention_mask=self._no_mask(ids.device),
                                       use_cache=False).last_hidden_state
         finally:
-            self._ctx_ref[0] = None
+            self._slot.ctx = None
         self.cache.end()
         if self.after_step is not None:
             self.after_step(ids)
