@@ -9,13 +9,13 @@ transfers but the activations' own hops between devices and one small index copy
 """
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 
 import torch
 from torch import Tensor, nn
 
 from cascade_kernels.chunk_attention import ema_weights
+from cascade_kernels.dispatch import reference_only
 
 from .attention import StepContext, patched_attention
 from .cache import CacheShape, KVCache, make_cache
@@ -128,7 +128,7 @@ class Runner:
         and under CASCADECTL_KERNELS=ref."""
         shape = self.cache.shape
         if (n_new != 1 or not self.in_place_decode or shape.device.type != "cpu" or shape.layer_devices is not None
-                or os.environ.get("CASCADECTL_KERNELS") == "ref"):
+                or reference_only()):
             return None
         return self.rotary(min(past + 1 + self.cache.past_slots(0)[0].shape[2], max(self.max_positions, past + 1)))
 

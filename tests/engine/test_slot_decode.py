@@ -13,6 +13,7 @@ import torch
 
 import engine.attention as attention
 import engine.cache.base as base
+from cascade_kernels.dispatch import use_reference
 from cascade_kernels.rope import apply_rope
 from engine.cache import make_cache
 from engine.cache.base import CacheShape
@@ -88,14 +89,10 @@ def test_slot_keys_equal_a_fresh_rotation(policy, seed):
 FAMILIES = sorted(VARIANTS)
 
 
-def _decode(model, config: CacheConfig, ids: torch.Tensor, prefill: int, reference: bool, monkeypatch):
+def _decode(model, config: CacheConfig, ids: torch.Tensor, prefill: int, reference: bool):
     """Logits of every decode step after a prefill in chunks of `config.stride`, and the cache's final contents."""
-    if reference:
-        monkeypatch.setenv("CASCADECTL_KERNELS", "ref")
-    else:
-        monkeypatch.delenv("CASCADECTL_KERNELS", raising=False)
     outs = []
-    with Runner(model, config) as runner:
+    with use_reference(reference), Runner(model, config) as runner:
         for i in range(0, prefill, config.stride):
             runner.step(ids[:, i : min(i + config.stride, prefill)])
         for i in range(prefill, ids.shape[1]):
@@ -119,10 +116,10 @@ def test_in_place_decode_equals_the_plain_path(family, policy, min_run, monkeypa
     ids = torch.randint(0, 256, (1, 160), generator=torch.Generator().manual_seed(3))
     config = CacheConfig(policy="cascade" if policy == "evidence" else policy, cache_size=36, cascades=4, sinks=4,
                          stride=8, evidence=4 if policy == "evidence" else 0)
-    got, got_index = _decode(model, config, ids, 40, False, monkeypatch)
+    got, got_index = _decode(model, config, ids, 40, False)
     assert calls or family in ("gemma2", "mistral-window", "gemma3_text", "smollm3")  # capped or windowed layers
     n_calls = len(calls)
-    want, want_index = _decode(model, config, ids, 40, True, monkeypatch)
+    want, want_index = _decode(model, config, ids, 40, True)
     assert len(calls) == n_calls  # the reference took the plain path
     assert (got - want).abs().max().item() <= 1e-4
     for a, b in zip(got_index, want_index):
