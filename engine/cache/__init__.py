@@ -5,7 +5,7 @@ from ..config import CacheConfig
 from .base import CacheShape, KVCache
 from .cascade import CascadeCache
 from .evidence import EvidenceCascadeCache
-from .full import DenseCache
+from .dense import DenseCache
 from .sink import SinkWindowCache
 
 __all__ = ["CacheShape", "KVCache", "CascadeCache", "EvidenceCascadeCache", "DenseCache", "SinkWindowCache", "make_cache"]
