@@ -4,13 +4,13 @@ heads, head dim 64, 5184 keys).
 
     python bench/cpu_ceiling.py"""
 import json
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 from bench.common import provenance  # noqa: E402
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 from bench.common import provenance  # noqa: E402
 from engine import models  # noqa: E402

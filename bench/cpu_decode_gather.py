@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 import engine.attention as attention  # noqa: E402
 import engine.cache.base as base  # noqa: E402

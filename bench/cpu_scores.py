@@ -26,7 +26,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 import cascade_kernels.chunk_attention as ca  # noqa: E402
 from bench.common import book_ids, provenance  # noqa: E402

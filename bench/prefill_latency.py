@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from typing import Callable
@@ -39,7 +38,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout on sys.path
+    import checkout  # noqa: F401
 
 import cascade_kernels.chunk_attention as ca  # noqa: E402
 from bench.common import provenance  # noqa: E402
