@@ -138,7 +138,6 @@ def generate(
     The repetition penalty counts the answer's own ids, not the input's (which a summary must be free to quote)."""
     generator = torch.Generator().manual_seed(sampling.seed)
     processors = sampling.processors()
-    device = next(runner.model.parameters()).device
     answer: list[int] = []
     for i in range(max_tokens):
         token = next_token(logits, sampling, processors, answer, generator)
@@ -147,5 +146,4 @@ def generate(
         answer.append(token)
         yield token
         if i + 1 < max_tokens:
-            hidden = runner.step(torch.tensor([[token]], device=device))
-            logits = runner.logits(hidden[:, -1])[0]
+            logits = runner.decode(token)  # on a GPU a replayed CUDA graph (engine/decode_graph.py)

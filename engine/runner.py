@@ -1,7 +1,8 @@
 """One model, one cache, our attention patched in: runs token chunks through the model.
 
 `Runner.step(ids)` is the single entry point for prefill chunks and decode steps alike (a decode step is a
-chunk of one token), so scores, positions and cache updates follow one code path.
+chunk of one token), so scores, positions and cache updates follow one code path. `Runner.decode(token)` is a
+decode step with its logits; on a GPU it replays the same step captured as a CUDA graph (engine/decode_graph.py).
 
 A model spread over several devices (loaded with a device_map) works the same way: every layer's cache lives
 on that layer's device, and the rotary tables and EMA weights are kept on each device, so a step adds no
@@ -20,6 +21,7 @@ from cascade_kernels.dispatch import reference_only
 from .attention import StepContext, patched_attention
 from .cache import CacheShape, KVCache, make_cache
 from .config import CacheConfig
+from .decode_graph import DecodeGraph
 from .errors import CapacityError
 from .families import kv_geometry, output_logits, rotary_tables
 
@@ -56,12 +58,16 @@ class Runner:
         self.after_step = None  # idem: called with the step's ids [B, L] after its cache commit
         # CPU decode steps read the cache in place (engine/slot_decode.py); False: the plain gather path (bench/tests)
         self.in_place_decode = True
+        # GPU decode steps replay a captured CUDA graph (engine/decode_graph.py); False: every step eager (bench/tests)
+        self.graph_decode = True
+        self._graph: DecodeGraph | None = None
         self._stack = ExitStack()
         self._slot = self._stack.enter_context(patched_attention(model))
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}  # device -> cos, sin [size, D]
 
     def close(self) -> None:
-        """Restore the model's own attention."""
+        """Restore the model's own attention (and free a captured decode graph)."""
+        self._graph = None
         self._stack.close()
 
     def __enter__(self) -> "Runner":
@@ -94,7 +100,29 @@ class Runner:
     @torch.inference_mode()
     def step(self, ids: Tensor) -> Tensor:
         """Feed ids [B, L] (L <= stride); returns the final hidden states [B, L, hidden]."""
-        n_new = ids.shape[1]
+        self.plan(ids.shape[1])
+        hidden = self.forward(ids)
+        self.commit(ids)
+        return hidden
+
+    @torch.inference_mode()
+    def decode(self, token: int) -> Tensor:
+        """Feed one token (batch 1); returns the next-token logits [V] float32, valid until the next step.
+
+        On a GPU the step replays a captured CUDA graph once the cache's shape holds still (engine/decode_graph.py);
+        elsewhere, and while the graph cannot serve, it is `step` and `logits` as for any chunk."""
+        if self.graph_decode:
+            if self._graph is None:
+                self._graph = DecodeGraph(self)
+            if self._graph.serves():
+                return self._graph.decode(token)
+        hidden = self.step(torch.tensor([[token]], device=self.cache.shape.device))
+        return self.logits(hidden[:, -1])[0]
+
+    # `step` in its three parts, for engine/decode_graph.py, which captures `forward` alone
+
+    def plan(self, n_new: int) -> None:
+        """Check the positions and plan the next `n_new` tokens' cache update on the host (cache.begin)."""
         past = self.cache.n_past
         if past + n_new > self.max_positions:
             raise CapacityError(
@@ -102,6 +130,11 @@ class Runner:
                 f"lower `cache_size` or `stride`, or use `policy=cascade` or `policy=sink`"
             )
         self.cache.begin(n_new)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """The planned chunk through every layer (attention, cache update): final hidden states [B, L, hidden]."""
+        n_new = ids.shape[1]
+        past = self.cache.n_past
         cos, sin = self.rotary(past + n_new)
         scored = self.config.score_queries  # None: every query of the chunk (exact); R: its last R
         ema = ema_weights(n_new, self.config.beta, ids.device, scored) if self.cache.needs_scores else None
@@ -113,14 +146,16 @@ class Runner:
             # Our attention takes positions and masking from the cache (ctx cos/sin, causal chunk), so the model is
             # handed a ready-made 4D mask that transformers passes through untouched: otherwise its mask builder
             # looks for packed sequences in the position ids with a host-synchronising `.all()` on every step.
-            hidden = self.model.model(input_ids=ids, attention_mask=self._no_mask(ids.device),
-                                      use_cache=False).last_hidden_state
+            return self.model.model(input_ids=ids, attention_mask=self._no_mask(ids.device),
+                                    use_cache=False).last_hidden_state
         finally:
             self._slot.ctx = None
+
+    def commit(self, ids: Tensor) -> None:
+        """Commit the planned cache update (cache.end) and tell `after_step` (ids: the chunk's [B, L])."""
         self.cache.end()
         if self.after_step is not None:
             self.after_step(ids)
-        return hidden
 
     def _slot_tables(self, past: int, n_new: int) -> tuple[Tensor, Tensor] | None:
         """For a decode step on the CPU, tables for the in-place path (engine/slot_decode.py): the query is rotated

@@ -21,8 +21,12 @@ one program per (b, KV head), a D-wide vector per step.
     idx_buf         [B, Hkv, S + N] int64 stream index of each slot's token
     k_new, v_new    [B, Hkv, 1, D]      the step's own key and value
     s_new           [B, Hkv] fp32        the step's own initial score
-    chain           [m] int32/int64      as above, on the buffers' device
-    t               int                  the token's stream index
+    chain           [m] int32/int64      as above, on the buffers' device; SKIP pads a chain to a fixed length
+    t               int, or [1] int64    the token's stream index (a tensor on the buffers' device: a decode step
+                                         captured in a CUDA graph reads it from there, engine/decode_graph.py)
+
+A chain padded with SKIP and a tensor `t` give one kernel launch of fixed arguments for every decode step, which
+is what a captured graph needs: only the contents of `chain` and `t` change from step to step.
 """
 from __future__ import annotations
 
@@ -35,12 +39,17 @@ from . import dispatch
 from ._triton import jit as _jit
 from ._triton import tl, triton
 
+SKIP = -(1 << 62)  # a chain code that does nothing: pads a chain to a fixed length
+
 
 def push_token_ref(k_buf: Tensor, v_buf: Tensor, score_buf: Tensor, idx_buf: Tensor, k_new: Tensor, v_new: Tensor,
-                   s_new: Tensor, chain: Tensor, t: int, n_sinks: int) -> None:
+                   s_new: Tensor, chain: Tensor, t: int | Tensor, n_sinks: int) -> None:
     """The torch reference: the chain step by step on whole [B, Hkv] slices."""
+    t = t if isinstance(t, int) else int(t.reshape(-1)[0])
     item = (k_new[:, :, 0], v_new[:, :, 0], s_new, torch.full_like(idx_buf[:, :, 0], t))
     for code in chain.tolist():
+        if code == SKIP:
+            continue
         slot = code if code >= 0 else -code - 1
         bufs = (k_buf[:, :, slot], v_buf[:, :, slot], score_buf[:, :, slot - n_sinks], idx_buf[:, :, slot])
         if code < 0:
@@ -64,8 +73,8 @@ def _push_kernel(
     stride_knb, stride_knh,
     stride_vnb, stride_vnh,
     stride_snb, stride_snh,
-    n_steps, t, n_kv_heads, n_sinks,
-    HEAD_DIM: tl.constexpr,
+    n_steps, t, n_kv_heads, n_sinks, skip,
+    HEAD_DIM: tl.constexpr, T_IN_MEMORY: tl.constexpr,
 ):
     """Program (b·Hkv + h) walks the chain for its head: read the slot's occupant, write the carried item
     (always, or for a compete only if it wins), carry the occupant on."""
@@ -80,15 +89,19 @@ def _push_kernel(
     ck = tl.load(KN + b * stride_knb + h * stride_knh + offs)
     cv = tl.load(VN + b * stride_vnb + h * stride_vnh + offs)
     cs = tl.load(SN + b * stride_snb + h * stride_snh)
-    ci = tl.full([], t, tl.int64)
+    if T_IN_MEMORY:
+        ci = tl.load(t).to(tl.int64)
+    else:
+        ci = tl.full([], t, tl.int64)
     for step in range(n_steps):
         code = tl.load(CHAIN + step).to(tl.int64)
-        slot = tl.where(code >= 0, code, -code - 1)
+        live = code != skip
+        slot = tl.where(live, tl.where(code >= 0, code, -code - 1), n_sinks)  # a SKIP reads a real slot, writes none
         old_k = tl.load(k_base + slot * stride_kn)
         old_v = tl.load(v_base + slot * stride_vn)
         old_s = tl.load(s_base + slot)
         old_i = tl.load(i_base + slot)
-        write = (code >= 0) | (cs >= old_s)
+        write = live & ((code >= 0) | (cs >= old_s))
         # the same mask over the head dim, built as a vector comparison: Triton 3.9's interpreter broadcasts a
         # scalar mask to int64, which its store refuses
         row = (offs * 0 + write.to(tl.int32)) != 0
@@ -100,7 +113,7 @@ def _push_kernel(
 
 
 def push_token_triton(k_buf: Tensor, v_buf: Tensor, score_buf: Tensor, idx_buf: Tensor, k_new: Tensor,
-                      v_new: Tensor, s_new: Tensor, chain: Tensor, t: int, n_sinks: int) -> None:
+                      v_new: Tensor, s_new: Tensor, chain: Tensor, t: int | Tensor, n_sinks: int) -> None:
     """Same contract as `push_token_ref`, one launch, no host sync. A compete ends the chain, so the kernel
     needs no special case for it: whatever it carries on afterwards is never written."""
     b, hkv, _, d = k_buf.shape
@@ -122,13 +135,13 @@ def _launch(k_buf, v_buf, score_buf, idx_buf, k_new, v_new, s_new, chain, t, n_s
         k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1),
         s_new.stride(0), s_new.stride(1),
-        chain.shape[0], t, hkv, n_sinks,
-        HEAD_DIM=d, num_warps=1,
+        chain.shape[0], t, hkv, n_sinks, SKIP,
+        HEAD_DIM=d, T_IN_MEMORY=isinstance(t, Tensor), num_warps=1,
     )
 
 
 def push_token(k_buf: Tensor, v_buf: Tensor, score_buf: Tensor, idx_buf: Tensor, k_new: Tensor, v_new: Tensor,
-               s_new: Tensor, chain: Tensor, t: int, n_sinks: int) -> None:
+               s_new: Tensor, chain: Tensor, t: int | Tensor, n_sinks: int) -> None:
     """Dispatcher: the Triton kernel on CUDA where triton is installed, the torch reference elsewhere (and under
     CASCADECTL_KERNELS=ref)."""
     if dispatch.push_path(k_buf) == "triton":

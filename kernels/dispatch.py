@@ -8,6 +8,7 @@ Every family has a torch reference beside its kernels. The entry points ask here
                           SDPA without scores, the reference with them)
     rope_path(x, cos)     rotate_queries: "triton" (CUDA, 16-bit, head dim 32-256) or "torch"
     push_path(k_buf)      push_token: "triton" (CUDA) or "ref"
+    graph_path(device)    Runner.decode: "graph" (CUDA: a decode step captured once, replayed) or "eager"
 
 CASCADECTL_KERNELS=ref forces the torch references everywhere. The variable is read on the first question and
 kept for the process (the entry points run once per layer and step); `use_reference` overrides it for a block,
@@ -88,3 +89,9 @@ def rope_path(x: Tensor, cos: Tensor) -> Literal["triton", "torch"]:
 def push_path(k_buf: Tensor) -> Literal["triton", "ref"]:
     """Where a decoded token is pushed through the cascade's rings held in buffers like `k_buf`."""
     return "triton" if k_buf.is_cuda and triton is not None and not reference_only() else "ref"
+
+
+def graph_path(device: torch.device) -> Literal["graph", "eager"]:
+    """Whether decode steps on `device` may be captured and replayed as a CUDA graph (engine/decode_graph.py):
+    on CUDA, unless CASCADECTL_KERNELS=ref asks for the plain torch references step by step."""
+    return "graph" if device.type == "cuda" and torch.cuda.is_available() and not reference_only() else "eager"

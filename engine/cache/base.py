@@ -131,6 +131,16 @@ class KVCache(ABC):
     def _commit(self) -> None:
         pass
 
+    def use_fixed_indices(self, on: bool = True) -> bool:
+        """Ask that decode steps keep their index tensors at fixed device addresses (what a captured CUDA graph
+        replays, engine/decode_graph.py); returns whether this policy does. None does by default."""
+        return False
+
+    @property
+    def fixed_step(self) -> bool:
+        """Whether the step planned last reads its indices from fixed addresses (see `use_fixed_indices`)."""
+        return False
+
     @abstractmethod
     def token_index(self, layer: int) -> Tensor:
         """Original stream index of every visible token: [B, Hkv, n_past] int64 (for retention reports)."""

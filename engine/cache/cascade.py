@@ -25,6 +25,7 @@ from torch import Tensor
 from cascade_kernels.cache_push import push_token
 
 from .base import CacheShape, KVCache, copy_named, empty_buffers, gather_past, is_int
+from .fixed_step import FixedStep
 
 
 @dataclass
@@ -202,6 +203,7 @@ class _Chunk:
     dest: Tensor  # every ring's written slots, in ring order
     rings: list[RingPlan]
     chain: Tensor | None  # a single token past the sinks: its slots as `cascade_kernels.cache_push` codes
+    t: Tensor | None = None  # [1] the token's stream index on the device, where the indices sit at fixed addresses
 
 
 class CascadeCache(KVCache):
@@ -223,6 +225,8 @@ class CascadeCache(KVCache):
         self.count = [0] * cascades
         self._plans: list[RingPlan] = []
         self._remote: dict | None = None  # device -> the chunk's index tensors there, when layers span devices
+        self._fixed: FixedStep | None = None  # decode steps' indices at fixed addresses (`use_fixed_indices`)
+        self._fixed_step = False  # the step planned last reads them
 
     @property
     def n_past(self) -> int:
@@ -255,6 +259,13 @@ class CascadeCache(KVCache):
         sinks = np.arange(self.n_sinks_filled, self.n_sinks_filled + to_sinks)
         self._written = np.concatenate([sinks] + [plan.write_slot for plan in plans])
         chain = _chain(plans) if n_new == 1 and not to_sinks and plans else _ints(())
+        self._fixed_step = self._fixed is not None and len(chain) > 0 and self.shape.layer_devices is None
+        if self._fixed_step:  # a decode step whose indices a captured graph reads: the same addresses every step
+            order = self._age_order(torch.device("cpu"))
+            o, c, ch, t = self._fixed.load(order, self.n_unscored, self.n_sinks, chain, self.seen)
+            self._chunk = _Chunk(o, c, *self._fixed.unused, plans, ch, t)
+            self._remote = None
+            return
         # every ring's index lists, the written slots and the chain, sent to each device in one copy
         flat = [getattr(plan, name) for plan in plans for name in _INDEX_FIELDS]
         packed = torch.from_numpy(np.concatenate(flat + [plan.write_slot for plan in plans] + [chain]))
@@ -264,6 +275,21 @@ class CascadeCache(KVCache):
         self._remote = None
         if self.shape.layer_devices is not None:  # the same indices on every other device that holds layers
             self._remote = {d: self._chunk_on(d, n_new, packed, len(chain)) for d in self.shape.devices[1:]}
+
+    def use_fixed_indices(self, on: bool = True) -> bool:
+        """A decode step past the sinks keeps its index tensors (visible slots, score columns, push chain, stream
+        index) at the same device addresses from step to step, so that a CUDA graph captured once can replay it
+        (engine/decode_graph.py); the cache's contents come out the same either way."""
+        if on and self._fixed is None:
+            self._fixed = FixedStep(self.shape.device, self.cascades)
+        elif not on:
+            self._fixed = None
+        return True
+
+    @property
+    def fixed_step(self) -> bool:
+        """Whether the step planned last (`begin`) reads its indices from the fixed addresses."""
+        return self._fixed_step
 
     def _passed_on(self, plan: RingPlan, times):
         """The arrival times of the items that `plan` pushes on to the next ring (all of them here; an evidence
@@ -316,7 +342,8 @@ class CascadeCache(KVCache):
         if not ch.rings:
             return
         if ch.chain is not None:  # one decoded token: the chain of pushes in one kernel
-            push_token(kb, vb, sb, ib, k, v, score[:, :, n_cached], ch.chain, self.seen, self.n_sinks)
+            t = self.seen if ch.t is None else ch.t
+            push_token(kb, vb, sb, ib, k, v, score[:, :, n_cached], ch.chain, t, self.n_sinks)
             return
         items = (score[:, :, n_cached + s :], ch.new_src)
         written = []

@@ -4,7 +4,9 @@ The Triton kernel must equal `push_token_ref` exactly (it only moves data). The 
 against the per-token cascading rule through the engine (tests/engine/test_cascade_rule.py: chunks of one token
 take this path). Chains cover pushes through every ring, a place into a ring with room, a compete won, lost and
 tied per head, and a compete straight away; slots are given as int32 and int64; the new token's score is a
-strided column view, as the engine passes it.
+strided column view, as the engine passes it. A chain padded with SKIP codes and a stream index given as a [1]
+tensor (what a decode step captured in a CUDA graph passes, engine/cache/fixed_step.py) move exactly what the
+unpadded chain with an int index moves.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 import cascade_kernels._triton as kt
 from cascade_kernels import dispatch
-from cascade_kernels.cache_push import push_token, push_token_ref
+from cascade_kernels.cache_push import SKIP, push_token, push_token_ref
 from tests.kernels.interpreter import interpreted
 
 B, HKV, SINKS, WIDTH, RINGS = 2, 3, 3, 5, 3
@@ -85,6 +87,25 @@ def test_reference_moves_the_chain():
     assert torch.equal(got["k_buf"][:, :, untouched], x["k_buf"][:, :, untouched])
 
 
+def fixed_form(x: dict, pad: int = 2) -> dict:
+    """The same push as a captured decode step passes it: the chain padded with SKIP, `t` a [1] int64 tensor."""
+    skip = torch.full((pad,), SKIP, dtype=torch.int64, device=x["chain"].device)
+    chain = torch.cat([x["chain"].long(), skip])
+    return dict(x, chain=chain, t=torch.tensor([x["t"]], device=chain.device))
+
+
+@pytest.mark.parametrize("name", [name for name, _ in CHAINS])
+def test_reference_padded_chain_and_tensor_index_change_nothing(name):
+    x = inputs(name, 64, torch.float32)
+    assert_same(run(push_token_ref, fixed_form(x)), run(push_token_ref, x))
+
+
+def test_reference_all_skip_chain_writes_nothing():
+    x = inputs("place", 64, torch.float32)
+    got = run(push_token_ref, dict(fixed_form(x, pad=3), chain=torch.full((3,), SKIP)))
+    assert_same(got, {k: x[k] for k in got})
+
+
 def test_dispatcher_on_cpu_is_the_reference():
     x = inputs("push-through-all", 128, torch.bfloat16)
     assert_same(run(push_token, x), run(push_token_ref, x))
@@ -105,6 +126,15 @@ def test_interpreted_kernel_equals_reference(interp, name, d, dtype, index_dtype
     assert_same(run(interp.push_token_triton, x), run(push_token_ref, x))
 
 
+@pytest.mark.parametrize("name", [name for name, _ in CHAINS])
+def test_interpreted_kernel_padded_chain_and_tensor_index(interp, name):
+    x = inputs(name, 64, torch.float32)
+    assert_same(run(interp.push_token_triton, fixed_form(x)), run(push_token_ref, x))
+    skipped = dict(fixed_form(x, pad=3), chain=torch.full((3,), SKIP))
+    got = run(interp.push_token_triton, skipped)
+    assert_same(got, {k: x[k] for k in got})
+
+
 needs_cuda = pytest.mark.skipif(kt.triton is None or not torch.cuda.is_available(), reason="needs triton and CUDA")
 
 
@@ -116,6 +146,7 @@ needs_cuda = pytest.mark.skipif(kt.triton is None or not torch.cuda.is_available
 def test_cuda_kernel_equals_reference(name, d, dtype):
     x = inputs(name, d, dtype, device="cuda")
     assert_same(run(push_token, x), run(push_token_ref, x))
+    assert_same(run(push_token, fixed_form(x)), run(push_token_ref, x))
 
 
 @pytest.mark.gpu
