@@ -5,7 +5,8 @@ Parts, each under its own wall-clock budget (a part whose estimate does not fit 
             --tokens; seconds, tokens/s, torch.cuda.max_memory_allocated, and the host time spent in
             cache.begin (planning). A longer T is skipped when the previous one extrapolates past the budget.
   decode    after every complete ingest (cache full; is it constant after 1M tokens?): greedy steps through the
-            cascade (runner.step on [1, 1] ids + runner.logits on the last hidden + argmax) against the baseline,
+            cascade as engine/generate.py takes them (runner.decode + argmax read back), replayed as a CUDA graph
+            and run eagerly, against the baseline,
             the same HF model (its own SDPA attention) with a transformers DynamicCache holding --dense-past random
             K/V tokens per layer. Interleaved: --decode-rounds rounds of --decode-steps steps of each, alternating,
             so that host noise falls on both; median ms/token of each (host clock, synchronised at both ends), the
@@ -117,15 +118,16 @@ def ingest(model, args, n_tokens: int, dev: str, deadline: float, emit, extra=No
 
 
 @torch.inference_mode()
-def cascade_stepper(runner, dev: str):
-    """Greedy decode through the cascade: runner.step on [1, 1] ids + runner.logits on the last hidden + argmax."""
-    tok = torch.randint(0, runner.model.config.vocab_size, (1, 1)).to(dev)
+def cascade_stepper(runner, graph: bool):
+    """Greedy decode through the cascade as engine/generate.py runs it: `runner.decode(token)` (the step and the LM
+    head; with `graph`, a replayed CUDA graph once captured) and the argmax read back to the host as an int."""
+    tok = int(torch.randint(0, runner.model.config.vocab_size, ()))
 
     def step(n: int) -> None:
         nonlocal tok
+        runner.graph_decode = graph
         for _ in range(n):
-            h = runner.step(tok)
-            tok = runner.logits(h[:, -1:]).argmax(-1)
+            tok = int(runner.decode(tok).argmax())
     return step
 
 
@@ -200,38 +202,50 @@ def _decode_config() -> dict:
 
 
 def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
-    """Cascade decode at the runner's cache vs dense SDPA decode over --dense-past tokens, interleaved: rounds of
-    --decode-steps steps of each, alternating, so that host noise (both loops are launch-bound at batch 1) falls on
-    both alike. Reports the median ms/token of each, the ratio of the medians, every round's ratio, and the GPU
+    """Cascade decode at the runner's cache, replayed as a CUDA graph and run eagerly, vs dense SDPA decode over
+    --dense-past tokens, interleaved: rounds of --decode-steps steps of each, in turn, so that host noise falls on
+    all alike. Reports the median ms/token of each, the ratios of the medians, every round's numbers, and the GPU
     kernel time per token of each (profiler), which host noise does not touch."""
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cascade = cascade_stepper(runner, dev)
+    graph = cascade_stepper(runner, graph=True)
+    cascade = cascade_stepper(runner, graph=False)
     dense, dense_cache = dense_stepper(dense_model, args, dev)
     with torch.inference_mode():
+        graph(args.decode_warm)
         cascade(args.decode_warm)
         dense(args.decode_warm)
         rounds = []
         for _ in range(args.decode_rounds):
-            rounds.append((ms_per_token(cascade, args.decode_steps, dev), ms_per_token(dense, args.decode_steps, dev)))
+            rounds.append((ms_per_token(cascade, args.decode_steps, dev), ms_per_token(dense, args.decode_steps, dev),
+                           ms_per_token(graph, args.decode_steps, dev)))
         k_cascade, n_cascade, top_cascade = kernel_time(cascade, 8, dev)
         k_dense, n_dense, top_dense = kernel_time(dense, 8, dev)
+        k_graph, n_graph, top_graph = kernel_time(graph, 8, dev)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    c_ms, d_ms = med([c for c, _ in rounds]), med([d for _, d in rounds])
+    c_ms, d_ms, g_ms = (med([r[i] for r in rounds]) for i in range(3))
+    counts = runner._graph.counts.as_dict() if getattr(runner, "_graph", None) is not None else None
+    rnd = lambda x: None if x is None else round(x, 3)  # noqa: E731
     row = {"part": "decode_compare", "rounds": args.decode_rounds, "steps_per_round": args.decode_steps,
            "tokens_ingested": runner.cache.seen, "n_past": runner.cache.n_past, "dense_past": args.dense_past,
            "dense_cache": args.dense_cache,
+           # cascade_*: the eager step (runner.graph_decode False); graph_*: the same step replayed as a CUDA graph
            "cascade_ms_per_token": round(c_ms, 3), "dense_ms_per_token": round(d_ms, 3),
-           "ratio_of_medians": round(c_ms / d_ms, 4),
-           "round_ratios": [round(c / d, 4) for c, d in rounds],
-           "rounds_ms": [[round(c, 3), round(d, 3)] for c, d in rounds],
-           "cascade_kernel_ms_per_token": None if k_cascade is None else round(k_cascade, 3),
-           "dense_kernel_ms_per_token": None if k_dense is None else round(k_dense, 3),
+           "graph_ms_per_token": round(g_ms, 3),
+           "ratio_of_medians": round(c_ms / d_ms, 4), "graph_over_dense": round(g_ms / d_ms, 4),
+           "graph_speedup_over_eager": round(c_ms / g_ms, 3),
+           "round_ratios": [round(c / d, 4) for c, d, _ in rounds],
+           "rounds_ms": [[round(x, 3) for x in r] for r in rounds], "rounds_order": ["cascade", "dense", "graph"],
+           "cascade_kernel_ms_per_token": rnd(k_cascade), "dense_kernel_ms_per_token": rnd(k_dense),
+           "graph_kernel_ms_per_token": rnd(k_graph),
            "cascade_kernels_per_token": n_cascade, "dense_kernels_per_token": n_dense,
-           "cascade_top_kernels": top_cascade, "dense_top_kernels": top_dense,
+           "graph_kernels_per_token": n_graph, "graph_counts": counts,
+           "cascade_top_kernels": top_cascade, "dense_top_kernels": top_dense, "graph_top_kernels": top_graph,
            "paged_decode_config": _decode_config()}
     if k_cascade and k_dense:
         row["kernel_ratio"] = round(k_cascade / k_dense, 4)
+    if k_graph:
+        row["graph_wall_over_kernel"] = round(g_ms / k_graph, 3)
     if dev == "cuda":
         row["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     emit(row)

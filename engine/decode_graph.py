@@ -12,7 +12,8 @@ weights and all buffers keep their addresses; what does change (which slots are 
 slots the token is pushed through, its stream index) the cache keeps in one buffer at a fixed address that the
 host refills before each replay (engine/cache/fixed_step.py), and the token id goes into a fixed [1, 1] tensor.
 
-Per shape (the cache object, its visible and unscored token counts): the first step runs eagerly on the fixed
+Per shape (the cache object, its visible and unscored token counts, the addresses of its index buffer and of the
+runner's rotary tables): the first step runs eagerly on the fixed
 indices (it compiles the Triton kernels and warms cuBLAS), the second is captured and replayed, every later one
 replayed. Another shape (another question's cache, a span taken by the evidence store) drops the graph and starts
 over. Where a graph cannot serve (CPU, CASCADECTL_KERNELS=ref, a model spread over devices, hooks that do host
@@ -72,7 +73,8 @@ class DecodeGraph:
         cache = r.cache
         device = cache.shape.device
         r.plan(1)
-        key = (cache.n_past, cache.n_unscored)
+        # what the captured kernels read at fixed addresses: the index buffer and the rotary tables
+        key = (cache.n_past, cache.n_unscored, cache.fixed_key, r.rotary_key)
         same = self._cache is not None and self._cache() is cache
         if not cache.fixed_step:  # e.g. a step that still fills the sinks
             self.drop()

@@ -97,6 +97,12 @@ class Runner:
         cos, sin = self._tables[device]
         return cos[:n], sin[:n]
 
+    @property
+    def rotary_key(self) -> int | None:
+        """The address of the rotary tables (they move when they grow): a captured decode graph reads them."""
+        tables = self._tables.get(self.cache.shape.device)
+        return None if tables is None else tables[0].data_ptr()
+
     @torch.inference_mode()
     def step(self, ids: Tensor) -> Tensor:
         """Feed ids [B, L] (L <= stride); returns the final hidden states [B, L, hidden]."""

@@ -139,7 +139,13 @@ class KVCache(ABC):
     @property
     def fixed_step(self) -> bool:
         """Whether the step planned last reads its indices from fixed addresses (see `use_fixed_indices`)."""
-        return False
+        return self.fixed_key is not None
+
+    @property
+    def fixed_key(self) -> tuple | None:
+        """Where the step planned last reads its indices (address and length of the fixed buffer), None where it
+        reads none: a captured graph may replay only while this stays the same."""
+        return None
 
     @abstractmethod
     def token_index(self, layer: int) -> Tensor:

@@ -287,9 +287,8 @@ class CascadeCache(KVCache):
         return True
 
     @property
-    def fixed_step(self) -> bool:
-        """Whether the step planned last (`begin`) reads its indices from the fixed addresses."""
-        return self._fixed_step
+    def fixed_key(self) -> tuple | None:
+        return self._fixed.key if self._fixed_step else None
 
     def _passed_on(self, plan: RingPlan, times):
         """The arrival times of the items that `plan` pushes on to the next ring (all of them here; an evidence

@@ -23,6 +23,11 @@ class FixedStep:
         # what a decode step past the sinks never reads (the chunk's new-token indices): fixed too, and empty
         self.unused = tuple(torch.zeros(0, dtype=torch.long, device=device) for _ in range(3))
 
+    @property
+    def key(self) -> tuple | None:
+        """The buffer's address and length: what a captured graph read its indices from."""
+        return None if self.buffer is None else (self.buffer.data_ptr(), self.buffer.numel())
+
     def load(self, order: Tensor, n_unscored: int, n_sinks: int, chain: np.ndarray, t: int
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(order, score columns of the scored visible tokens, chain, [t]) as views of the fixed buffer.
