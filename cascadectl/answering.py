@@ -300,6 +300,7 @@ class Session:
             "model_id": self.lm.model_id,
             "model_hash": self.lm.model_hash,
             "dtype": str(self.lm.dtype).removeprefix("torch."),
+            "weights": self.lm.weights,
             "device": str(self.lm.device),
             "settings": asdict(self.config) | {"effective_sinks": self.n_sinks},
             "sizing": self.sizing.as_dict() if self.sizing is not None else None,
@@ -319,6 +320,10 @@ class Session:
 
     def finish(self, doc: dict, generation: dict, as_json: bool, show_report: bool) -> None:
         """Stats line and report on stderr, or the JSON document on stdout."""
+        self.stats.decode_graph = self.runner.decode_report()
+        graph = self.stats.decode_graph
+        if graph and graph["off"] and not graph["replayed"]:
+            Say.info(f"[dim]decoded without a CUDA graph (slower at batch 1): {graph['off']}[/]")
         if as_json:
             doc = {**doc, "stats": self.stats.as_dict(), "retention": self.retention,
                    "record": self.record(generation)}

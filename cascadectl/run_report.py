@@ -18,6 +18,8 @@ class Stats:
     seconds_generate: float = 0.0
     kv_cache_bytes: int = 0
     loaded_from: str | None = None  # the --load-cache file the input's cache came from
+    # on CUDA: decode steps run eagerly, captured and replayed as a CUDA graph, and why no graph served (`off`)
+    decode_graph: dict | None = None
 
     def as_dict(self) -> dict:
         return {

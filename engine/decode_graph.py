@@ -55,17 +55,32 @@ class DecodeGraph:
         self._warm: tuple | None = None  # the shape of the last eager step on fixed indices
         self._ids: Tensor | None = None  # [1, 1] the token id the graph reads
         self._logits: Tensor | None = None  # [V] the graph's output
+        self.off: str | None = None  # why the last step could not go through a graph (`serves`), None if it could
 
     def serves(self) -> bool:
         """Whether decode steps may go through here: a CUDA cache on one device whose policy keeps fixed indices,
-        and no hook that needs the step's tensors on the host."""
+        and no hook that needs the step's tensors on the host. Where not, `off` says why."""
+        self.off = self._why_not()
+        return self.off is None
+
+    def _why_not(self) -> str | None:
         r = self.runner
         cache = r.cache
-        if graph_path(cache.shape.device) != "graph" or cache.shape.layer_devices is not None or cache.shape.batch != 1:
-            return False
+        if graph_path(cache.shape.device) != "graph":
+            return "not on CUDA, or CASCADECTL_KERNELS=ref"
+        if cache.shape.layer_devices is not None:
+            return "the model is spread over several devices (a graph is captured on one)"
+        if cache.shape.batch != 1:
+            return "batch > 1"
         if r.score_hook is not None or r.query_hook is not None or r.key_hook is not None:
-            return False
-        return cache.use_fixed_indices(True)
+            return "a hook reads the step on the host"
+        if not cache.use_fixed_indices(True):
+            return f"the {type(cache).__name__} policy keeps no fixed decode indices"
+        return None
+
+    def report(self) -> dict:
+        """How the decode steps ran so far (`GraphCounts`), and why no graph served the last one (`off`, or None)."""
+        return {**self.counts.as_dict(), "off": self.off}
 
     def decode(self, token: int) -> Tensor:
         """One token through the model: next-token logits [V] float32, valid until the next step."""

@@ -122,8 +122,16 @@ class Runner:
                 self._graph = DecodeGraph(self)
             if self._graph.serves():
                 return self._graph.decode(token)
+            self._graph.counts.eager += 1
         hidden = self.step(torch.tensor([[token]], device=self.cache.shape.device))
         return self.logits(hidden[:, -1])[0]
+
+    def decode_report(self) -> dict | None:
+        """How `decode` steps ran on a CUDA device: counts of eager, captured and replayed steps and why the graph was
+        off for the last one (None where it served); None off CUDA or before any decode step."""
+        if self._graph is None or self.cache.shape.device.type != "cuda":
+            return None
+        return self._graph.report()
 
     # `step` in its three parts, for engine/decode_graph.py, which captures `forward` alone
 

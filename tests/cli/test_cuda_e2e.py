@@ -93,6 +93,8 @@ def test_summarize_and_ask_on_cuda(model_dir, text_file):
         assert doc["record"]["device"].startswith("cuda")
         assert doc["stats"]["tokens"] > 20 * 512 // 2
         assert doc["stats"]["generated_tokens"] >= 1
+        graph = doc["stats"]["decode_graph"]  # 7 decode steps at a full cache: warm-up, capture, then replays
+        assert graph["off"] is None and graph["captured"] == 1 and graph["replayed"] >= 1, graph
 
 
 def test_decode_step_does_not_synchronise(model_dir):

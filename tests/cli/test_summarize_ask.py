@@ -50,6 +50,7 @@ def test_json_schema(tiny, text_file):
     assert {"tokens", "seconds_ingest", "seconds_generate", "tokens_per_s", "peak_rss_bytes",
             "kv_cache_bytes", "generated_tokens"} <= set(doc["stats"])
     assert doc["stats"]["tokens"] == len(TEXT.encode())
+    assert doc["stats"]["decode_graph"] is None  # CUDA only
     assert {"input_tokens", "kept_layer0", "kept_mean", "by_file", "by_page", "by_tenth"} <= set(doc["retention"])
     assert len(doc["retention"]["by_tenth"]) == 10
     record = doc["record"]
