@@ -447,7 +447,8 @@ def sequence_section(args, tokens: list[int], strides: list[int], emit, with_fla
                 emas[t_total % stride] = ca.ema_weights(t_total % stride, args.beta, DEV)
             r = dict(row, stride=stride, setting=args.setting, cache_size=args.cache_size, cascades=args.cascades,
                      sinks=args.sinks)
-            warm = min(t_total, args.sinks + args.cache_size + 2 * stride)
+            # whole strides (the EMA weights are made for full chunks and the last): the fill and two more
+            warm = min(t_total, (-(-(args.sinks + args.cache_size) // stride) + 2) * stride)
             a = dict(args.__dict__, stride=stride)
             ns = argparse.Namespace(**a)
             for mode, name in ROUTES:

@@ -133,7 +133,7 @@ def _gpu_decode(model, config, graph: bool, steps: int = 40, prefill: int = 512)
 @pytest.mark.parametrize("evidence", [0, 32])
 def test_graph_decode_equals_eager(evidence):
     model = _gpu_model()
-    config = CacheConfig(policy="cascade", cache_size=256, cascades=4, stride=128, sinks=8, evidence=evidence)
+    config = CacheConfig(policy="cascade", cache_size=256, cascades=4, stride=32, sinks=8, evidence=evidence)
     eager = _gpu_decode(model, config, graph=False)
     graph = _gpu_decode(model, config, graph=True)
     assert torch.equal(graph[0], eager[0])
