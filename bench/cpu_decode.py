@@ -4,8 +4,11 @@ Reads `--tokens` of the novel (data/pride_and_prejudice.txt) through a cascade o
 stride 1024, bf16, so the cache is full and evicting), then alternates rounds of 10 greedy decode steps with
 `Runner.in_place_decode` on (engine/slot_decode.py: keys rotated at their slots, runs read where they lie) and off
 (the plain path: gather the past into age order, rotate every key at its rank), 6 rounds each, and prints the
-median and every round's ms/token with the provenance. `--profile` then prints torch's CPU profiler table (self
-time per op) over 10 more in-place steps: where a step goes now.
+median and every round's ms/token with the provenance. Then, on the same cache, it alternates 6 rounds of 10
+in-place steps with `--weights native` (the dense bf16 linears) and `--weights auto` (for the embedded model: the
+decoder layers' linears packed to int4, engine/weight_pack.py, measured lossless; swapped in and out between
+rounds). `--profile` then prints torch's CPU profiler table (self time per op) over 10 more in-place steps: where
+a step goes now.
 
     python bench/cpu_decode.py [--tokens 8192] [--cache-size 4096] [--profile]
 """
@@ -26,6 +29,7 @@ from bench.common import provenance  # noqa: E402
 from engine import models  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402
 from engine.runner import Runner  # noqa: E402
+from engine.weight_pack import decoder_linears, pack_linears  # noqa: E402
 
 NOVEL = Path(__file__).resolve().parent.parent / "data" / "pride_and_prejudice.txt"
 
@@ -60,6 +64,18 @@ def main() -> None:
                 steps(10)
                 rounds[name].append(round((time.perf_counter() - t0) / 10 * 1000, 2))
         runner.in_place_decode = True
+        # --weights native against auto on the same cache: the packed modules swapped in and out between rounds
+        dense = [(parent, name, linear) for parent, name, linear in decoder_linears(loaded.model)]
+        report = pack_linears(loaded.model, "int4", lossless_only=True)  # what load_model's auto does here
+        packed = [getattr(parent, name) for parent, name, _ in dense]
+        weight_rounds = {"native": [], "auto": []}
+        for _ in range(6):
+            for name in weight_rounds:
+                for (parent, attr, linear), swap in zip(dense, packed):
+                    setattr(parent, attr, linear if name == "native" else swap)
+                t0 = time.perf_counter()
+                steps(10)
+                weight_rounds[name].append(round((time.perf_counter() - t0) / 10 * 1000, 2))
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -68,7 +84,12 @@ def main() -> None:
         fill = runner.cache.fill()
     row = {"bench": "cpu_decode", "tokens_before_decode": int(ids.shape[1]), "cache_size": args.cache_size,
            "cache_fill": fill, "median_ms_per_token": {k: sorted(v)[len(v) // 2] for k, v in rounds.items()},
-           "rounds_ms": rounds, **provenance()}
+           "rounds_ms": rounds,
+           "weights": {"auto": report.mode, "packed_linears": report.packed, "bytes_added": report.bytes_added,
+                       "max_regrid_error_steps": report.max_regrid_error,
+                       "median_ms_per_token": {k: sorted(v)[len(v) // 2] for k, v in weight_rounds.items()},
+                       "rounds_ms": weight_rounds},
+           **provenance()}
     print(json.dumps(row))
 
 

@@ -12,7 +12,7 @@ from .console import console
 
 def model_record(lm) -> dict:
     return {"id": lm.model_id, "hash": lm.model_hash, "dtype": str(lm.dtype).removeprefix("torch."),
-            "device": str(lm.device), "max_positions": lm.max_positions}
+            "weights": lm.weights, "device": str(lm.device), "max_positions": lm.max_positions}
 
 
 def write_json(doc: dict, lm) -> None:

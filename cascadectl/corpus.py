@@ -193,7 +193,7 @@ def _reason(e: BaseException) -> str:
 
 def model_record(lm: LoadedModel) -> dict:
     return {"id": lm.model_id, "hash": lm.model_hash, "dtype": str(lm.dtype).removeprefix("torch."),
-            "device": str(lm.device), "device_map": lm.device_map}
+            "weights": lm.weights, "device": str(lm.device), "device_map": lm.device_map}
 
 
 def finite(x: float) -> float | None:

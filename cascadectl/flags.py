@@ -19,8 +19,8 @@ def _flag(name: str) -> str:
 FLAGS: dict[str, str] = {
     **{f.name: _flag(f.name) for f in fields(CacheConfig)},
     **{name: _flag(name) for name in (
-        "memory", "max_tokens", "model", "dtype", "device", "question_weight", "quote", "checkpoint", "resume",
-        "load_cache", "save_cache")},
+        "memory", "max_tokens", "model", "dtype", "weights", "device", "question_weight", "quote", "checkpoint",
+        "resume", "load_cache", "save_cache")},
 }
 
 

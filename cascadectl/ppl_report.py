@@ -53,7 +53,7 @@ def render(runs: list[PplRun], lm, sources: list[str], report, n_bytes: int, as_
                       "files": len(report.files_read), "pages": report.pages_read,
                       "replaced_bytes": report.replaced_bytes, "skipped": report.skipped},
             "model": {"id": lm.model_id, "hash": lm.model_hash, "dtype": str(lm.dtype).removeprefix("torch."),
-                      "device": str(lm.device)},
+                      "weights": lm.weights, "device": str(lm.device)},
             "versions": versions(),
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")

@@ -69,6 +69,7 @@ class LoadedModel:
     device: torch.device  # where input ids go: the embedding's device when layers are spread
     dtype: torch.dtype
     device_map: dict | None = None  # module -> device when spread over several devices (transformers' hf_device_map)
+    weights: str = "native"  # --weights as resolved: native (dense), int4 or int8 (engine/weight_pack.py)
 
 
 # ---------------------------------------------------------------------------------------------------- device, dtype
@@ -130,6 +131,57 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"--dtype must be one of auto, bf16, fp16, fp32 (got {dtype!r})")
     return DTYPES[name]
+
+
+WEIGHTS = ("auto", "native", "int4", "int8")
+# GGUF tensor types whose de-quantized weights lie on a 16-level grid per 32 along K, which int4 re-grids without
+# loss (up to bf16 rounding); weight_pack still measures each linear and keeps dense any that does not
+FOUR_BIT_GGUF_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+
+
+def resolve_weights(weights: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Check `--weights` (auto, native, int4, int8) against the device and dtype, before any load.
+
+    int4 and int8 pack the decoder layers' weights for torch's CPU kernels, used by decode only
+    (engine/weight_pack.py); auto becomes int4 after the load when that is measured lossless, else native."""
+    name = (weights or "auto").strip().lower()
+    if name not in WEIGHTS:
+        raise ConfigError(f"--weights must be one of auto, native, int4, int8 (got {weights!r})")
+    if name in ("int4", "int8"):
+        if torch.device(device).type != "cpu":
+            raise ConfigError(f"--weights {name} packs the weights for the CPU's kernels; on {device} use "
+                              f"--weights native or auto")
+        if dtype != torch.bfloat16:
+            raise ConfigError(f"--weights {name} needs --dtype bf16 (got {str(dtype).removeprefix('torch.')})")
+    return name
+
+
+def _pack_weights(model, weights: str, dev: torch.device, dt: torch.dtype, folder: Path, label: str) -> str:
+    """Apply a resolved `--weights` to the loaded model; the mode it runs with (native, int4, int8).
+
+    auto packs int4 on a bf16 CPU model converted from a 4-bit GGUF (the converted cache's marker lists its
+    tensor types), and only the linears whose re-grid error is within weight_pack.LOSSLESS_STEPS."""
+    from . import weight_pack
+
+    if weights == "native":
+        return "native"
+    if weights == "auto":
+        if dev.type != "cpu" or dt != torch.bfloat16 or not _from_four_bit_gguf(folder):
+            return "native"
+        return weight_pack.pack_linears(model, "int4", lossless_only=True).mode
+    report = weight_pack.pack_linears(model, weights)
+    if report.reason is not None:
+        raise ConfigError(f"--weights {weights}: {label} cannot be packed ({report.reason}); use --weights native")
+    return report.mode
+
+
+def _from_four_bit_gguf(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / CACHE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # not a converted GGUF
+    types = meta.get("tensor_types") if isinstance(meta, dict) else None
+    return isinstance(types, dict) and not FOUR_BIT_GGUF_TYPES.isdisjoint(types)
 
 
 @functools.lru_cache(maxsize=1)
@@ -474,6 +526,7 @@ def load_model(
     dtype: str = "auto",
     notify: Callable[[str], None] | None = None,
     device_map: str | dict | None = None,
+    weights: str = "native",
 ) -> LoadedModel:
     """Load model and tokenizer offline. `spec=None` is the embedded SmolLM2-135M-Instruct.
 
@@ -481,10 +534,12 @@ def load_model(
     read), a GGUF file, or `ollama:NAME[:TAG]`; no remote code runs. A GGUF (the embedded one too) is converted
     once into the safetensors cache; `notify` receives a line before that conversion.
     `device_map` is `--device-map` (auto, none) or an explicit module -> device dict (see resolve_device_map).
+    `weights` is `--weights` (auto, native, int4, int8: resolve_weights); native here, auto on the command line.
     Raises ModelNotFoundError (ModelFileError for a damaged GGUF or ollama entry), UnsupportedModelError or
-    ConfigError (bad --device/--dtype/--device-map)."""
+    ConfigError (bad --device/--dtype/--device-map/--weights)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    weights = resolve_weights(weights, dev, dt)
     spread = resolve_device_map(device_map, dev)
     _go_offline()
     gguf = None if spec is None else resolve_gguf(spec)
@@ -529,6 +584,7 @@ def load_model(
     else:
         placed = _check_placement(model, dev, label)
         dev = next(model.parameters()).device  # the embedding's: input ids go there
+    packed = _pack_weights(model, weights, dev, dt, folder, label) if spread is None else "native"
     return LoadedModel(
         model=model.eval(),
         tokenizer=tokenizer,
@@ -539,6 +595,7 @@ def load_model(
         device=dev,
         dtype=dt,
         device_map=placed or None,
+        weights=packed,
     )
 
 

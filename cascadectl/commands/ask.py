@@ -54,6 +54,7 @@ def ask(
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    weights: o.Weights = "auto",
     device_map: o.DeviceMap = "none",
     cache: CacheRequest = None,  # the cache options (options.CACHE_OPTIONS)
     question_first: QuestionFirst = True,
@@ -115,7 +116,7 @@ def ask(
         raise ConfigError("--load-cache answers from the file: give no SOURCE, only the question")
     srcs = [] if load_cache else resolve_sources(args)
     config, auto = (CacheConfig(), None) if load_cache else cache.config()  # a --load-cache file's own
-    lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
+    lm = load_model(model, device, dtype, weights=weights, notify=Say.info, device_map=device_map)
     first = question_first and len(questions) == 1  # several questions share one question-agnostic ingest
     if save_cache and first and not given(ctx, "question_first"):  # a file that answers any question
         first = False

@@ -47,6 +47,7 @@ def passkey(
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    weights: o.Weights = "auto",
     cache_size: o.CacheSize = b.CACHE_SIZE,
     cascades: o.Cascades = o.DEFAULTS["cascades"],
     sinks: o.Sinks = o.DEFAULTS["sinks"],
@@ -92,7 +93,7 @@ def passkey(
     configs, slots = b.policy_configs(names, settings, evidence)
     if plot:
         plots.require(plot)
-    lm = load_model(model, device, dtype, notify=Say.info)
+    lm = load_model(model, device, dtype, weights=weights, notify=Say.info)
     source = Prose(lm.tokenizer, text) if filler == "prose" else Noise(lm.tokenizer)
     points = itertools.product(length_list, depth_list, range(grid["samples"]), prompts)
     plan, skipped = bench_runs.passkey_plan(lm, source, configs, points, seed, max_tokens, question_weight)

@@ -47,6 +47,7 @@ def retention(
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    weights: o.Weights = "auto",
     cache_size: o.CacheSize = b.CACHE_SIZE,
     cascades: o.Cascades = o.DEFAULTS["cascades"],
     sinks: o.Sinks = o.DEFAULTS["sinks"],
@@ -83,7 +84,7 @@ def retention(
     configs = [CacheConfig(policy=p, **settings) for p in names]
     if plot:
         plots.require(plot)
-    lm = load_model(model, device, dtype, notify=Say.info)
+    lm = load_model(model, device, dtype, weights=weights, notify=Say.info)
     for config in configs:
         if config.policy != "full":
             config.check_positions(config.sinks, lm.max_positions)

@@ -46,6 +46,7 @@ def ruler_bench(
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    weights: o.Weights = "auto",
     cache_size: o.CacheSize = b.CACHE_SIZE,
     cascades: o.Cascades = o.DEFAULTS["cascades"],
     sinks: o.Sinks = o.DEFAULTS["sinks"],
@@ -92,7 +93,7 @@ def ruler_bench(
         raise ConfigError(f"--max-tokens must be >= 1 (got {max_tokens})")
     settings = b.cache_settings(cache_size, cascades, sinks, beta, head_reduce, stride)
     configs, slots = b.policy_configs(names, settings, evidence)
-    lm = load_model(model, device, dtype, notify=Say.info)
+    lm = load_model(model, device, dtype, weights=weights, notify=Say.info)
     source = Prose(lm.tokenizer, text) if filler == "prose" else Noise(lm.tokenizer)
     points = itertools.product(task_list, length_list, range(grid["samples"]), prompts)
     plan, skipped = bench_runs.ruler_plan(lm, source, configs, points, seed, max_tokens, question_weight)

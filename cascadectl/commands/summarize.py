@@ -29,6 +29,7 @@ def summarize(
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    weights: o.Weights = "auto",
     device_map: o.DeviceMap = "none",
     cache: CacheRequest = None,  # the cache options (options.CACHE_OPTIONS)
     max_tokens: g.MaxTokens = g.MAX_TOKENS,
@@ -93,10 +94,11 @@ def summarize(
             return launch.run_workers(n, ctx)
         job = corpus_summaries.SummaryJob(lambda tok: build_prompt(tok, request, request, cue="Summary:"), max_tokens,
                                 sampling_for, {"max_tokens": max_tokens, "instruction": request})
-        load = lambda dev: load_model(model, dev, dtype, notify=Say.info, device_map=device_map)  # noqa: E731
+        load = lambda dev: load_model(model, dev, dtype, weights=weights, notify=Say.info,  # noqa: E731
+                                      device_map=device_map)
         return corpus_summaries.summarize_each(srcs, out, skip_existing, config, load, device, device_map, job, json_out,
                                      quiet, auto)
-    lm = load_model(model, device, dtype, notify=Say.info, device_map=device_map)
+    lm = load_model(model, device, dtype, weights=weights, notify=Say.info, device_map=device_map)
     request = summary_instruction(words, instruction)
     prompt = build_prompt(lm.tokenizer, request, request, cue="Summary:")
     sampling = sampling_for(lm)
