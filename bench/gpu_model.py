@@ -224,7 +224,8 @@ def decode_compare(runner, dense_model, args, dev: str, emit) -> None:
         k_graph, n_graph, top_graph = kernel_time(graph, 8, dev)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     c_ms, d_ms, g_ms = (med([r[i] for r in rounds]) for i in range(3))
-    counts = runner._graph.counts.as_dict() if getattr(runner, "_graph", None) is not None else None
+    report = runner.decode_report()  # None off CUDA
+    counts = None if report is None else {k: report[k] for k in ("eager", "captured", "replayed")}
     rnd = lambda x: None if x is None else round(x, 3)  # noqa: E731
     row = {"part": "decode_compare", "rounds": args.decode_rounds, "steps_per_round": args.decode_steps,
            "tokens_ingested": runner.cache.seen, "n_past": runner.cache.n_past, "dense_past": args.dense_past,

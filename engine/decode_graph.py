@@ -91,18 +91,14 @@ class DecodeGraph:
         # what the captured kernels read at fixed addresses: the index buffer and the rotary tables
         key = (cache.n_past, cache.n_unscored, cache.fixed_key, r.rotary_key)
         same = self._cache is not None and self._cache() is cache
-        if not cache.fixed_step:  # e.g. a step that still fills the sinks
-            self.drop()
-            ids = torch.full((1, 1), token, dtype=torch.long, device=device)
-            logits = self._forward(ids)
-            self.counts.eager += 1
-        elif self._graph is not None and same and key == self._key:
+        fixed = cache.fixed_step  # not, e.g., for a step that still fills the sinks
+        if fixed and same and self._graph is not None and key == self._key:
             ids = self._ids
             ids.fill_(token)
             self._graph.replay()
             logits = self._logits
             self.counts.replayed += 1
-        elif same and key == self._warm:  # the second step of this shape: capture it, then run it
+        elif fixed and same and key == self._warm:  # the second step of this shape: capture it, then run it
             self.drop()
             ids = self._ids = torch.full((1, 1), token, dtype=torch.long, device=device)
             if self._pool is None:
@@ -114,11 +110,12 @@ class DecodeGraph:
             self._graph, self._key = graph, key
             logits = self._logits
             self.counts.captured += 1
-        else:  # the first step of this shape: eager on the fixed indices, which compiles what the capture records
+        else:  # eager; on fixed indices the first step of a shape, which compiles what the capture records
             self.drop()
             ids = torch.full((1, 1), token, dtype=torch.long, device=device)
             logits = self._forward(ids)
-            self._cache, self._warm = weakref.ref(cache), key
+            if fixed:
+                self._cache, self._warm = weakref.ref(cache), key
             self.counts.eager += 1
         r.commit(ids)
         return logits

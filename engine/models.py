@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import gguf as gguf_file
+from . import weight_pack
 from .attention import SUPPORTED_FAMILIES  # the families our attention adapter handles
 from .errors import CapacityError, ConfigError, ModelFileError, ModelNotFoundError, UnsupportedModelError
 from .ollama import find_blob, is_ollama_spec
@@ -147,7 +148,7 @@ def resolve_weights(weights: str, device: torch.device | str, dtype: torch.dtype
     name = (weights or "auto").strip().lower()
     if name not in WEIGHTS:
         raise ConfigError(f"--weights must be one of auto, native, int4, int8 (got {weights!r})")
-    if name in ("int4", "int8"):
+    if name in weight_pack.MODES:
         if torch.device(device).type != "cpu":
             raise ConfigError(f"--weights {name} packs the weights for the CPU's kernels; on {device} use "
                               f"--weights native or auto")
@@ -161,8 +162,6 @@ def _pack_weights(model, weights: str, dev: torch.device, dt: torch.dtype, folde
 
     auto packs int4 on a bf16 CPU model converted from a 4-bit GGUF (the converted cache's marker lists its
     tensor types), and only the linears whose re-grid error is within weight_pack.LOSSLESS_STEPS."""
-    from . import weight_pack
-
     if weights == "native":
         return "native"
     if weights == "auto":
