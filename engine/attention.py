@@ -86,6 +86,9 @@ def _forward(attn: nn.Module, slot: ContextSlot, fam: LayerAttention) -> Callabl
         q, k, v = fam.project(hidden_states)  # [B, Hq, L, D], [B, Hkv, L, D] x2, before RoPE
 
         layer = attn.layer_idx
+        if not isinstance(ctx, StepContext):  # a context that attends itself (engine/batch_answer.py)
+            out = ctx.attend(layer, fam, q, k, v)
+            return attn.o_proj(out.transpose(1, 2).reshape(b, n_new, -1)), None
         if ctx.query_hook is not None:
             ctx.query_hook(layer, q)
         if ctx.key_hook is not None:

@@ -365,19 +365,25 @@ class Selectors:
             selector.after_step(ids)
 
 
-def restrict(cache: EvidenceCascadeCache, question: int) -> None:
-    """Leave in `cache` (a copy made to answer one question) only the evidence of the `question`-th of several:
-    every other share's tokens are released unless one of this question's spans covers them."""
-    parts = cache.state.get("parts")
+def others_evidence(cache, question: int) -> list[int]:
+    """The store slots that the `question`-th of several questions does not see: every other share's tokens that
+    none of this question's spans covers, and every other share's pending takes. [] for one question's store, or
+    for a cache without one."""
+    parts = getattr(cache, "state", {}).get("parts")
     if not parts:
-        return
+        return []
     _, n_spans, width = parts
     mine = range(question * n_spans * width, (question + 1) * n_spans * width)
     covered = [(s[0], s[1]) for s in cache.state.get(f"spans.{question}", []) if s is not None]
-    for slot, t in enumerate(cache.held().tolist()):
-        if slot not in mine and t >= 0 and not any(a <= t < b for a, b in covered):
-            cache.release(slot)
-    for slot in [slot for slot in cache.wanted if slot not in mine]:
+    held = [slot for slot, t in enumerate(cache.held().tolist())
+            if slot not in mine and t >= 0 and not any(a <= t < b for a, b in covered)]
+    return held + [slot for slot in cache.wanted if slot not in mine and slot not in held]
+
+
+def restrict(cache: EvidenceCascadeCache, question: int) -> None:
+    """Leave in `cache` (a copy made to answer one question) only the evidence of the `question`-th of several
+    (`others_evidence` released)."""
+    for slot in others_evidence(cache, question):
         cache.release(slot)
 
 

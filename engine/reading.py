@@ -191,17 +191,35 @@ def answer(
     for ids in rechunk([suffix_ids], runner.config.stride):
         hidden = _feed(runner, ids)
     logits = runner.logits(hidden[:, -1])[0]  # [V]; only the last position is needed
-    text = TextStream(tokenizer)
-    started = False  # chat models often open with a newline: the answer starts at its first visible character
+    text = AnswerText(tokenizer)
     for token in generate(runner, logits, max_tokens, sampling, frozenset(stop)):
         if on_token is not None:
             on_token(token)
         piece = text.push(token)
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
         if piece:
             yield piece
     tail = text.flush()
-    if tail and (started or tail.strip()):
-        yield tail if started else tail.lstrip()
+    if tail:
+        yield tail
+
+
+class AnswerText:
+    """An answer's text as its ids arrive (`TextStream`), without the leading whitespace that chat models often
+    open with: the answer starts at its first visible character."""
+
+    def __init__(self, tokenizer):
+        self.stream = TextStream(tokenizer)
+        self.started = False
+
+    def push(self, token: int) -> str:
+        piece = self.stream.push(token)
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        return piece
+
+    def flush(self) -> str:
+        tail = self.stream.flush()
+        if not tail or not (self.started or tail.strip()):
+            return ""
+        return tail if self.started else tail.lstrip()

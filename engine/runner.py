@@ -152,10 +152,16 @@ class Runner:
         cos, sin = self.rotary(past + n_new)
         scored = self.config.score_queries  # None: every query of the chunk (exact); R: its last R
         ema = ema_weights(n_new, self.config.beta, ids.device, scored) if self.cache.needs_scores else None
-        self._slot.ctx = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook,
-                                       self.query_hook, key_hook=self.key_hook,
-                                       per_device=self._other_devices(past + n_new, n_new),
-                                       slot_tables=self._slot_tables(past, n_new))
+        ctx = StepContext(self.cache, cos, sin, ema, self.config.head_reduce, self.score_hook, self.query_hook,
+                          key_hook=self.key_hook, per_device=self._other_devices(past + n_new, n_new),
+                          slot_tables=self._slot_tables(past, n_new))
+        return self.run_layers(ids, ctx)
+
+    def run_layers(self, ids: Tensor, ctx) -> Tensor:
+        """The model's layers over ids [B, L] with `ctx` as every layer's attention context: a `StepContext`
+        (the cache's step, above), or an object whose `attend(layer, fam, q, k, v)` computes the attention itself
+        (engine/batch_answer.py); final hidden states [B, L, hidden]."""
+        self._slot.ctx = ctx
         try:
             # Our attention takes positions and masking from the cache (ctx cos/sin, causal chunk), so the model is
             # handed a ready-made 4D mask that transformers passes through untouched: otherwise its mask builder

@@ -20,7 +20,9 @@ layer's device and the chunk's small index tensors are copied once per device pe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -63,6 +65,7 @@ class KVCache(ABC):
         self._written: np.ndarray | None = None  # physical slots the planned chunk writes (None: unknown, any)
         self._slot_keys: SlotKeys | None = None  # made by the first CPU decode step that reads the cache in place
         self._pieces: list | None = None
+        self.peeking = False  # inside `peek`
 
     @property
     @abstractmethod
@@ -87,6 +90,19 @@ class KVCache(ABC):
 
     @abstractmethod
     def _plan(self, n_new: int) -> None: ...
+
+    @contextmanager
+    def peek(self) -> Iterator[None]:
+        """Inside the block `past` and `past_slots` show what the next token would see, without reading one: a
+        token is planned and never committed, and planning takes no side step (an evidence store's pending takes
+        wait). engine/batch_answer.py freezes the cache this way."""
+        self.peeking = True
+        try:
+            self.begin(1)
+            yield
+        finally:
+            self.peeking = False
+            self.n_new, self._written, self._pieces = 0, None, None
 
     @abstractmethod
     def past(self, layer: int) -> tuple[Tensor, Tensor]:

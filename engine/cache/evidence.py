@@ -79,7 +79,7 @@ class EvidenceCascadeCache(CascadeCache):
 
     def _plan(self, n_new: int) -> None:
         last = self.seen + n_new - 1
-        if last > self.cache_size + self.n_sinks:  # this chunk evicts: take what was asked for first
+        if last > self.cache_size + self.n_sinks and not self.peeking:  # this chunk evicts: take what was asked for
             self._take_wanted()
         super()._plan(n_new)
 

@@ -92,3 +92,28 @@ def test_restrict_leaves_only_that_questions_evidence():
 def test_split_slots():
     assert split_slots(512, 1) == 512 and split_slots(512, 3) == 480 and split_slots(64, 5) == 160
     assert isinstance(Probed((), ()), Probed)
+
+
+def test_a_frozen_document_hides_what_restrict_releases():
+    """engine/batch_answer.py: question k of a batch sees exactly the tokens a copy restricted to k keeps, and
+    freezing the cache changes nothing in it (pending takes wait)."""
+    from engine.batch_answer import SharedDocument
+    from engine.evidence import others_evidence
+
+    model = tiny_model(seed=3)
+    body = torch.randint(0, 256, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
+    cache, _ = _several(model, body, 2, split_slots(64, 2))
+    before = (cache.n_past, cache.held().tolist(), dict(cache.wanted), cache.token_index(0).clone())
+    with Runner(model, CacheConfig(cache_size=128 + 64, cascades=4, sinks=4, stride=16, evidence=64),
+                n_sinks=PREFIX) as runner:
+        runner.replace_cache(cache)
+        doc = SharedDocument(runner, hidden=[others_evidence(cache, k) for k in range(2)])
+    assert (cache.n_past, cache.held().tolist(), dict(cache.wanted)) == before[:3]
+    assert torch.equal(cache.token_index(0), before[3])
+    tokens = cache.token_index(0)[0, 0]
+    assert doc.n == tokens.numel() and doc.visible[0].shape == (2, doc.n)
+    for k in range(2):
+        mine = copy.deepcopy(cache)
+        restrict(mine, k)
+        assert sorted(tokens[doc.visible[0][k]].tolist()) == sorted(mine.token_index(0)[0, 0].tolist())
+    assert not doc.visible[0].all()

@@ -1,0 +1,196 @@
+"""Several questions answered together, from the document's cache frozen read-only (docs/ALGORITHM.md §12).
+
+    doc = SharedDocument(runner, hidden=[others_evidence(runner.cache, i) for i in range(n)])
+    batch = AnswerBatch(runner, doc, n_rows=n, room=longest_request + max_tokens)
+    for row, piece, done in answer_together(batch, tokenizer, requests, max_tokens, sampling, stop): ...
+
+Once the input is read, nothing needs evicting any more: `SharedDocument` rotates every layer's cached keys once
+at their rank and keeps them with the values in age order, as the next token would see them. Each question gets
+a *tail* of its own, preallocated for its closing request and its answer (`AnswerBatch`); its tokens are rotated at
+positions after the document's and attend to the document's keys and to their own tail
+(`cascade_kernels.shared_attention`). Every decode step feeds one token of every question as one batch: the
+weights and the document's K and V are read once for all of them, each tail once. A question of a several-question
+evidence store does not see the other questions' evidence (`hidden`: the store slots of theirs it would release),
+which keep their positions.
+
+With nothing evicted during reading this is exactly the model's own attention over [input | request | answer],
+the oracle of tests/engine/test_batch_answer.py; a question answered alone here and in a batch gets the same
+logits. Unlike answering from a copy of the cache (engine/reading.py `answer`), the document is not thinned while
+the answer is written, and the memory is one frozen copy of the cache plus B tails, whatever B is.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from cascade_kernels.rope import apply_rope
+from cascade_kernels.shared_attention import shared_prefix_attention
+
+from .errors import CapacityError
+from .families import layer_attentions
+from .generate import Sampling, next_token
+from .reading import AnswerText
+from .runner import Runner
+
+
+class SharedDocument:
+    """Every layer's cached keys rotated at their rank, the values, in age order ([1, Hkv, P, D] each; float32 on
+    a CPU, where attention runs in float32), and which of them each question sees ([B, P] bool, or None)."""
+
+    def __init__(self, runner: Runner, hidden: list[Iterable[int]] | None = None):
+        cache = runner.cache
+        if cache.shape.layer_devices is not None:
+            raise ValueError("a model spread over several devices answers one question at a time")
+        self.n = cache.n_past
+        self.fams = layer_attentions(runner.model)
+        cos, sin = runner.rotary(self.n)
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.visible: list[Tensor | None] = []
+        cpu = cache.shape.device.type == "cpu"
+        phys = getattr(cache, "ev_base", 0)
+        hidden = [sorted(phys + s for s in h) for h in hidden] if hidden is not None else None
+        with torch.inference_mode(), cache.peek():
+            for layer, fam in enumerate(self.fams):
+                k, v = cache.past(layer)  # pre-RoPE, age order
+                c, s = fam.tables(cos, sin)
+                k = apply_rope(k.float() if cpu else k, c.float() if cpu else c, s.float() if cpu else s)
+                self.k.append(k.contiguous())
+                self.v.append((v.float() if cpu else v).contiguous())
+                self.visible.append(self._visible(cache.past_slots(layer)[2], hidden))
+
+    @staticmethod
+    def _visible(order: Tensor, hidden: list[list[int]] | None) -> Tensor | None:
+        if hidden is None or not any(hidden):
+            return None
+        rows = [~torch.isin(order, torch.tensor(h, dtype=order.dtype, device=order.device)) for h in hidden]
+        return torch.stack(rows)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class AnswerBatch:
+    """The questions' tails and the step that feeds them: `prefill(row, ids)` for one question's request, then
+    `decode(tokens)` for one token of every row at once. Finished rows (`active` False) keep stepping in place
+    (their outputs are not read), so the batch keeps its shape."""
+
+    def __init__(self, runner: Runner, doc: SharedDocument, n_rows: int, room: int):
+        if doc.n + room > runner.max_positions:
+            raise CapacityError(f"position {doc.n + room - 1} is past the model's limit of {runner.max_positions}; "
+                                f"lower --max-tokens or the cache size")
+        shape = runner.cache.shape
+        self.runner, self.doc, self.rows, self.room = runner, doc, n_rows, room
+        dtype = doc.k[0].dtype
+        self.k = [torch.zeros(n_rows, shape.n_kv_heads, room, shape.head_dim, dtype=dtype, device=shape.device)
+                  for _ in doc.k]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.length = torch.zeros(n_rows, dtype=torch.long, device=shape.device)  # tokens in each tail
+        self.used = [0] * n_rows  # the same, on the host
+        cos, sin = runner.rotary(doc.n + room)
+        self.tables = [tuple(t.to(dtype) for t in fam.tables(cos, sin)) for fam in doc.fams]
+        self._step: tuple[Tensor | None, Tensor] | None = None  # rows (None: all), the step's tail indices [r, L]
+
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: list[int]) -> Tensor:
+        """Feed question `row`'s request; returns its next-token logits [V] float32."""
+        if self.used[row] + len(ids) > self.room:
+            raise CapacityError(f"the request of question {row + 1} needs {len(ids)} tokens, "
+                                f"{self.room - self.used[row]} are left")
+        dev = self.length.device
+        rows = torch.tensor([row], device=dev)
+        hidden = self._run(rows, torch.tensor([ids], dtype=torch.long, device=dev), torch.ones(1, dtype=torch.long,
+                                                                                              device=dev) * len(ids))
+        self.used[row] += len(ids)
+        return self.runner.logits(hidden[:, -1])[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], active: list[bool]) -> Tensor:
+        """Feed one token per row (a finished row's is ignored); returns the next-token logits [B, V] float32."""
+        dev = self.length.device
+        for row, on in enumerate(active):
+            if on and self.used[row] >= self.room:
+                raise CapacityError(f"question {row + 1}'s tail is full ({self.room} tokens)")
+        advance = torch.tensor(active, dtype=torch.long, device=dev)
+        hidden = self._run(None, torch.tensor([[t] for t in tokens], device=dev), advance)
+        self.used = [u + int(on) for u, on in zip(self.used, active)]
+        return self.runner.logits(hidden[:, -1])
+
+    def _run(self, rows: Tensor | None, ids: Tensor, advance: Tensor) -> Tensor:
+        """ids [r, L] of `rows` (None: every row) through the layers; the tails then hold them (`advance` each)."""
+        length = self.length if rows is None else self.length[rows]
+        pos = length[:, None] + torch.arange(ids.shape[1], device=ids.device)  # [r, L] tail index
+        self._step = (rows, pos)
+        try:
+            hidden = self.runner.run_layers(ids, self)
+        finally:
+            self._step = None
+        if rows is None:
+            self.length += advance
+        else:
+            self.length[rows] += advance
+        return hidden
+
+    # called by every layer's patched attention (engine/attention.py) while `_run` is in flight
+    def attend(self, layer: int, fam, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        rows, pos = self._step
+        cos, sin = self.tables[layer]
+        at = self.doc.n + pos  # [r, L] absolute positions
+        c, s = cos[at][:, None], sin[at][:, None]  # [r, 1, L, D]
+        q_rot = apply_rope(q.to(c.dtype), c, s)
+        tk, tv = self.k[layer], self.v[layer]
+        where = (torch.arange(pos.shape[0], device=pos.device) if rows is None else rows)[:, None]
+        tk[where, :, pos] = apply_rope(k.to(c.dtype), c, s).transpose(1, 2)  # [r, L, Hkv, D]
+        tv[where, :, pos] = v.to(tv.dtype).transpose(1, 2)
+        visible = self.doc.visible[layer]
+        if rows is not None:
+            tk, tv, visible = tk[rows], tv[rows], None if visible is None else visible[rows]
+        out = shared_prefix_attention(q_rot, self.doc.k[layer], self.doc.v[layer], visible, tk, tv, pos[:, -1] + 1,
+                                      fam.scaling, fam.softcap, fam.window)
+        return out.to(q.dtype)
+
+
+def answer_together(
+    batch: AnswerBatch, tokenizer, requests: list[list[int]], max_tokens: int, sampling: Sampling,
+    stop: Iterable[int] = frozenset(), on_token=None,
+) -> Iterator[tuple[int, str, bool]]:
+    """Answer every request of `batch` (row i's closing ids `requests[i]`), decoding them together: yields
+    (row, text piece, finished) as each row's text becomes final, a row's last event with finished True.
+
+    Each row samples exactly as `engine.generate.generate` would alone: its own generator seeded with
+    `sampling.seed`, the repetition controls over its own answer."""
+    if any(not r for r in requests):
+        raise ValueError("the closing request is empty; the answer needs at least one token to start from")
+    stop = frozenset(stop)
+    n = len(requests)
+    logits = torch.stack([batch.prefill(row, ids) for row, ids in enumerate(requests)])  # [B, V]
+    processors = sampling.processors()
+    generators = [torch.Generator().manual_seed(sampling.seed) for _ in range(n)]
+    answers: list[list[int]] = [[] for _ in range(n)]
+    texts = [AnswerText(tokenizer) for _ in range(n)]
+    active = [True] * n
+    tokens = [0] * n
+    while True:
+        for row in range(n):
+            if not active[row]:
+                continue
+            token = next_token(logits[row], sampling, processors, answers[row], generators[row])
+            if token in stop:
+                active[row] = False
+            else:
+                answers[row].append(token)
+                tokens[row] = token
+                if on_token is not None:
+                    on_token(token)
+                piece = texts[row].push(token)
+                if len(answers[row]) >= max_tokens:
+                    active[row] = False
+                if piece:
+                    yield row, piece, False
+            if not active[row]:
+                yield row, texts[row].flush(), True
+        if not any(active):
+            return
+        logits = batch.decode(tokens, active)

@@ -1,0 +1,133 @@
+"""Answering from the frozen document (engine/batch_answer.py) against the model's own forward, and a batch of
+questions against each question answered alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.batch_answer import AnswerBatch, SharedDocument, answer_together
+from engine.config import CacheConfig
+from engine.errors import CapacityError
+from engine.generate import GREEDY, Sampling
+from engine.runner import Runner
+from tests.engine.tiny import VARIANTS, tiny_model
+
+FAMILIES = list(VARIANTS)
+
+
+def _read(model, doc_ids, config):
+    runner = Runner(model, config)
+    for i in range(0, len(doc_ids), config.stride):
+        runner.step(torch.tensor([doc_ids[i : i + config.stride]]))
+    return runner
+
+
+class _Ids:
+    """A tokenizer stand-in: ids as text "<id> "."""
+
+    def decode(self, ids, **_):
+        return "".join(f"{i} " for i in ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["full", "cascade"])
+def test_nothing_evicted_equals_the_model_forward(family, policy):
+    """Every logit of the request and of every answer step equals the transformers forward over
+    [input | request | answer so far], for rows of different request lengths decoded together."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(3)
+    doc = torch.randint(0, 256, (90,), generator=g).tolist()
+    requests = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 1, 12)]
+    config = CacheConfig(policy=policy, cache_size=128, cascades=4, sinks=4, stride=16)
+    with _read(model, doc, config) as runner:
+        batch = AnswerBatch(runner, SharedDocument(runner), 3, room=12 + 6)
+        logits = torch.stack([batch.prefill(r, ids) for r, ids in enumerate(requests)])
+        seqs = [doc + ids for ids in requests]
+        seen = []  # (sequence so far, our next-token logits)
+        for step in range(6):
+            seen += [(seqs[r], logits[r]) for r in range(3)]
+            tokens = [int(row.argmax()) for row in logits]
+            seqs = [s + [t] for s, t in zip(seqs, tokens)]
+            logits = batch.decode(tokens, [True] * 3)
+    with torch.no_grad():  # the runner is closed: the model's own attention again
+        for seq, got in seen:
+            want = model(torch.tensor([seq])).logits[0, -1]
+            assert (got - want).abs().max().item() <= 1e-4, (family, len(seq))
+
+
+def test_a_batch_equals_each_question_alone_after_eviction():
+    """With a cascade that has evicted, each row of a batch gets the logits it gets alone; finished rows do not
+    disturb the others."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+    doc = torch.randint(0, 256, (700,), generator=g).tolist()
+    requests = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 3, 6)]
+    config = CacheConfig(policy="cascade", cache_size=64, cascades=4, sinks=4, stride=16)
+    with _read(model, doc, config) as runner:
+        frozen = SharedDocument(runner)
+        assert frozen.n == runner.cache.n_past < len(doc)
+        alone = []
+        for ids in requests:
+            one = AnswerBatch(runner, frozen, 1, room=20)
+            steps = [one.prefill(0, ids)]
+            for _ in range(8):
+                steps.append(one.decode([int(steps[-1].argmax())], [True])[0])
+            alone.append(torch.stack(steps))
+        batch = AnswerBatch(runner, frozen, 3, room=20)
+        got = [[batch.prefill(r, ids)] for r, ids in enumerate(requests)]
+        for step in range(8):
+            active = [True, step < 3, True]  # row 1 finishes early
+            logits = batch.decode([int(got[r][-1].argmax()) for r in range(3)], active)
+            for r in range(3):
+                if active[r]:
+                    got[r].append(logits[r])
+    for r in range(3):
+        torch.testing.assert_close(torch.stack(got[r]), alone[r][: len(got[r])], atol=1e-5, rtol=1e-5)
+
+
+def test_answer_together_streams_what_generate_writes_alone():
+    """Greedy with the default repetition control and sampled: each row's ids are those of the same sampling
+    alone (its own generator, its own answer's n-grams)."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    doc = torch.randint(0, 256, (300,), generator=g).tolist()
+    requests = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 7)]
+    config = CacheConfig(policy="cascade", cache_size=64, cascades=4, sinks=4, stride=16)
+    for sampling in (Sampling(no_repeat_ngram=2), Sampling(temperature=1.0, top_k=20, seed=7)):
+        with _read(model, doc, config) as runner:
+            frozen = SharedDocument(runner)
+            alone = []
+            for ids in requests:
+                pieces = answer_together(AnswerBatch(runner, frozen, 1, room=7 + 10), _Ids(), [ids], 10, sampling)
+                alone.append("".join(p for _, p, _ in pieces))
+            text = ["", ""]
+            done = []
+            for row, piece, finished in answer_together(AnswerBatch(runner, frozen, 2, room=7 + 10), _Ids(),
+                                                        requests, 10, sampling):
+                text[row] += piece
+                if finished:
+                    done.append(row)
+        assert text == alone and sorted(done) == [0, 1]
+        assert all(len(t.split()) == 10 for t in text)
+
+
+def test_stop_ids_end_a_row():
+    model = tiny_model()
+    doc = list(range(40))
+    config = CacheConfig(policy="cascade", cache_size=64, cascades=4, sinks=4, stride=16)
+    with _read(model, doc, config) as runner:
+        frozen = SharedDocument(runner)
+        first = [t for _, p, _ in answer_together(AnswerBatch(runner, frozen, 1, room=12), _Ids(), [[1, 2]], 10,
+                                                  GREEDY) for t in p.split()]
+        stop = {int(first[3])}
+        text = "".join(p for _, p, _ in answer_together(AnswerBatch(runner, frozen, 1, room=12), _Ids(), [[1, 2]], 10,
+                                                        GREEDY, stop))
+    assert text.split() == first[: first.index(first[3])]
+
+
+def test_room_past_the_model_positions_is_refused():
+    model = tiny_model()
+    config = CacheConfig(policy="full", cache_size=128, cascades=4, sinks=4, stride=16)
+    with _read(model, list(range(40)), config) as runner:
+        with pytest.raises(CapacityError):
+            AnswerBatch(runner, SharedDocument(runner), 2, room=runner.max_positions)

@@ -1,0 +1,90 @@
+"""shared_prefix_attention: the stacked form against its definition, and the definition against plain full attention.
+
+The CPU tests run in CI; the CUDA test (16-bit products accumulated in float32) runs with `pytest -m gpu`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade_kernels.chunk_attention import chunk_attention_ref
+from cascade_kernels.shared_attention import BLOCK, shared_prefix_attention, shared_prefix_attention_ref
+
+# (B, Hq, Hkv, L, P, T, D, lengths)
+SHAPES = [
+    (1, 4, 4, 1, 1, 1, 64, [1]),  # one prefix key, one tail key
+    (3, 8, 2, 1, 100, 9, 64, [9, 1, 5]),  # decode: rows at different depths, G = 4
+    (2, 9, 3, 5, 37, 12, 32, [12, 5]),  # a few queries per row, causal among themselves, G = 3
+    (2, 6, 2, BLOCK + 3, 50, BLOCK + 10, 80, [BLOCK + 10, BLOCK + 3]),  # two query blocks; D not a power of two
+]
+
+
+def _inputs(b, hq, hkv, n_q, n_doc, n_tail, d, lengths, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
+    tail_len = torch.tensor(lengths, device=device)
+    return r(b, hq, n_q, d), r(1, hkv, n_doc, d), r(1, hkv, n_doc, d), r(b, hkv, n_tail, d), r(b, hkv, n_tail, d), \
+        tail_len
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("capped", [None, (30.0, None), (None, 7)], ids=["plain", "softcap", "window"])
+def test_stacked_equals_definition(shape, masked, capped):
+    b, hq, hkv, n_q, n_doc, n_tail, d, lengths = shape
+    q, kd, vd, kt, vt, tail_len = _inputs(*shape)
+    visible = None
+    if masked:
+        visible = torch.rand(b, n_doc, generator=torch.Generator().manual_seed(1)) > 0.3
+        visible[:, 0] = True
+    softcap, window = capped or (None, None)
+    want = shared_prefix_attention_ref(q, kd, vd, visible, kt, vt, tail_len, 0.125, softcap, window)
+    got = shared_prefix_attention(q, kd, vd, visible, kt, vt, tail_len, 0.125, softcap, window)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_tail_keys_past_the_length_do_not_matter():
+    q, kd, vd, kt, vt, tail_len = _inputs(*SHAPES[1])
+    before = shared_prefix_attention(q, kd, vd, None, kt, vt, tail_len, 0.125)
+    for r, n in enumerate(tail_len.tolist()):
+        kt[r, :, n:] = 1e4  # finite: a hidden key's weight is an exact 0 in the product
+        vt[r, :, n:] = -1e4
+    torch.testing.assert_close(shared_prefix_attention(q, kd, vd, None, kt, vt, tail_len, 0.125), before)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_definition_is_full_causal_attention_over_prefix_and_tail(window):
+    """A row with every prefix key visible is one chunk over [prefix | its tail] (chunk_attention_ref)."""
+    b, hq, hkv, n_q, n_doc, n_tail, d = 2, 8, 2, 4, 30, 11, 64
+    q, kd, vd, kt, vt, tail_len = _inputs(b, hq, hkv, n_q, n_doc, n_tail, d, [11, 7])
+    got = shared_prefix_attention_ref(q, kd, vd, None, kt, vt, tail_len, 0.1, window=window)
+    for r, n in enumerate(tail_len.tolist()):
+        k = torch.cat([kd, kt[r : r + 1, :, :n]], dim=2)
+        v = torch.cat([vd, vt[r : r + 1, :, :n]], dim=2)
+        want, _ = chunk_attention_ref(q[r : r + 1], k, v, 0.1, window=window)
+        torch.testing.assert_close(got[r : r + 1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_prefix_keys_are_as_if_absent():
+    """A row that may not see prefix keys gets what it would get if they were not there (at the same positions)."""
+    b, hq, hkv, n_q, n_doc, n_tail, d = 1, 4, 2, 2, 20, 5, 32
+    q, kd, vd, kt, vt, tail_len = _inputs(b, hq, hkv, n_q, n_doc, n_tail, d, [5])
+    visible = torch.ones(1, n_doc, dtype=torch.bool)
+    visible[0, 3:9] = False
+    got = shared_prefix_attention(q, kd, vd, visible, kt, vt, tail_len, 0.2)
+    kd2, vd2 = kd.clone(), vd.clone()
+    kd2[:, :, 3:9] = 100.0  # what is hidden cannot matter
+    vd2[:, :, 3:9] = 1e4
+    torch.testing.assert_close(shared_prefix_attention(q, kd2, vd2, visible, kt, vt, tail_len, 0.2), got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_cuda_16bit_against_float32_definition(shape, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    q, kd, vd, kt, vt, tail_len = _inputs(*shape, dtype=dtype, device="cuda")
+    want = shared_prefix_attention_ref(q.float(), kd.float(), vd.float(), None, kt.float(), vt.float(), tail_len,
+                                       0.125)
+    got = shared_prefix_attention(q, kd, vd, None, kt, vt, tail_len, 0.125)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
