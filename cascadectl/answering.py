@@ -20,8 +20,9 @@ from engine.config import CacheConfig
 from engine.errors import CascadeError
 from engine.generate import Sampling
 from engine.prompt import Prompt
-from engine.evidence import (EvidenceSelector, Selectors, default_slots, probe, quoted_closing, restrict,
-                             retrieval_layers, split_slots)
+from engine.batch_answer import AnswerBatch, SharedDocument, answer_together
+from engine.evidence import (EvidenceSelector, Selectors, default_slots, others_evidence, probe, quoted_closing,
+                             restrict, retrieval_layers, split_slots)
 from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, retention_report
 from engine.runner import Runner
@@ -293,6 +294,63 @@ class Session:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
         return "".join(text)
+
+    def fits_together(self, suffixes: list[list[int]]) -> bool:
+        """Whether `answer_together` fits the model's positions: the cache's tokens, then the longest request and
+        its answer."""
+        return self.runner.cache.n_past + max(map(len, suffixes)) + self.max_tokens <= self.lm.max_positions
+
+    def answer_together(self, suffixes: list[list[int]], sampling: Sampling, echo: list[str] | None) -> list[str]:
+        """Every question's answer decoded together, one batch per step, from the cache frozen read-only
+        (engine/batch_answer.py); question i sees its share of a several-question store only. `echo`: the
+        headers to print, one per question, each answer streamed after its own (the first as it is written, the
+        others as soon as the ones before them are done); None: print nothing."""
+        n = len(suffixes)
+        texts, done = [[] for _ in range(n)], [False] * n
+        seconds_before, start = self.stats.seconds_generate, time.perf_counter()
+        shown = 0  # the answer being printed
+
+        def on_token(_: int) -> None:
+            self.stats.generated_tokens += 1
+
+        def show(row: int, piece: str) -> None:
+            nonlocal shown
+            if echo is None or row != shown:
+                return
+            if piece:
+                sys.stdout.write(piece)
+            while shown < n and done[shown]:
+                sys.stdout.write("\n")
+                shown += 1
+                if shown < n:
+                    sys.stdout.write(f"\n{echo[shown]}\n{''.join(texts[shown])}")
+            sys.stdout.flush()
+
+        hidden = [others_evidence(self.runner.cache, k) if k is not None else [] for k in map(self.store_index,
+                                                                                             range(n))]
+        doc = SharedDocument(self.runner, hidden)
+        batch = AnswerBatch(self.runner, doc, n, room=max(len(s) for s in suffixes) + self.max_tokens)
+        if echo is not None:
+            sys.stdout.write(f"{echo[0]}\n")
+        try:
+            with AnswerInterrupts() as interrupts:
+                for row, piece, finished in answer_together(batch, self.lm.tokenizer, suffixes, self.max_tokens,
+                                                            sampling, stop_ids(self.lm.tokenizer, self.lm.model),
+                                                            on_token):
+                    interrupts.check()
+                    texts[row].append(piece)
+                    done[row] = finished
+                    show(row, piece)
+                interrupts.check()
+        finally:
+            self.stats.seconds_generate = time.perf_counter() - start + seconds_before
+            self.stats.answer_batch = {"questions": n, "document_tokens": doc.n, "steps": batch.steps,
+                                       "frozen_bytes": doc.nbytes() + batch.nbytes(),
+                                       "decode_graph": batch.graph_counts.as_dict()}
+            if echo is not None and shown < n:  # interrupted: end the line
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        return ["".join(t) for t in texts]
 
     def record(self, generation: dict) -> dict:
         """Everything needed to reproduce the run."""

@@ -20,6 +20,9 @@ class Stats:
     loaded_from: str | None = None  # the --load-cache file the input's cache came from
     # on CUDA: decode steps run eagerly, captured and replayed as a CUDA graph, and why no graph served (`off`)
     decode_graph: dict | None = None
+    # several questions decoded together from the frozen cache (engine/batch_answer.py): questions, document
+    # tokens they all see, decode steps (each one token of every question), bytes of the frozen copy and the tails
+    answer_batch: dict | None = None
 
     def as_dict(self) -> dict:
         return {

@@ -25,9 +25,11 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from cascade_kernels.dispatch import graph_path
 from cascade_kernels.rope import apply_rope
 from cascade_kernels.shared_attention import shared_prefix_attention
 
+from .decode_graph import GraphCounts
 from .errors import CapacityError
 from .families import layer_attentions
 from .generate import Sampling, next_token
@@ -92,6 +94,14 @@ class AnswerBatch:
         cos, sin = runner.rotary(doc.n + room)
         self.tables = [tuple(t.to(dtype) for t in fam.tables(cos, sin)) for fam in doc.fams]
         self._step: tuple[Tensor | None, Tensor] | None = None  # rows (None: all), the step's tail indices [r, L]
+        self.steps = 0  # decode steps taken (each feeds every row one token)
+        self.graph = True  # on CUDA, replay decode steps as a CUDA graph (False: every step eager; bench/tests)
+        self.graph_counts = GraphCounts()  # how the decode steps ran (on CUDA: eager, captured, replayed)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._ids = self._advance = self._logits = None  # the decode step's inputs and output, fixed addresses
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     @torch.inference_mode()
     def prefill(self, row: int, ids: list[int]) -> Tensor:
@@ -108,15 +118,47 @@ class AnswerBatch:
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], active: list[bool]) -> Tensor:
-        """Feed one token per row (a finished row's is ignored); returns the next-token logits [B, V] float32."""
-        dev = self.length.device
+        """Feed one token per row (a finished row's is ignored); returns the next-token logits [B, V] float32,
+        valid until the next step. On CUDA the second step is captured as a CUDA graph and every later one replays
+        it: the step's shapes never change (the tails are preallocated, their lengths live on the device)."""
         for row, on in enumerate(active):
             if on and self.used[row] >= self.room:
                 raise CapacityError(f"question {row + 1}'s tail is full ({self.room} tokens)")
-        advance = torch.tensor(active, dtype=torch.long, device=dev)
-        hidden = self._run(None, torch.tensor([[t] for t in tokens], device=dev), advance)
+        ids, advance = self._inputs(tokens, active)
+        if self._graph is not None:
+            self._graph.replay()
+            self.graph_counts.replayed += 1
+        elif self.graph and self.steps and self.graph_counts.eager and graph_path(ids.device) == "graph":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._logits = self._decode_step(ids, advance)
+            graph.replay()
+            self._graph = graph
+            self.graph_counts.captured += 1
+        else:  # on CUDA the first step compiles and warms up what the capture records
+            self._logits = self._decode_step(ids, advance)
+            self.graph_counts.eager += 1
+        self.steps += 1
         self.used = [u + int(on) for u, on in zip(self.used, active)]
-        return self.runner.logits(hidden[:, -1])
+        return self._logits
+
+    def _inputs(self, tokens: list[int], active: list[bool]) -> tuple[Tensor, Tensor]:
+        """The step's token ids [B, 1] and advances [B] in tensors at fixed addresses (one pinned, asynchronous
+        copy on CUDA: no host synchronisation)."""
+        dev = self.length.device
+        if self._ids is None:
+            self._ids = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
+            self._advance = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        host = torch.tensor([*tokens, *map(int, active)], dtype=torch.long)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        both = host.to(dev, non_blocking=True)
+        self._ids.copy_(both[: self.rows, None])
+        self._advance.copy_(both[self.rows :])
+        return self._ids, self._advance
+
+    def _decode_step(self, ids: Tensor, advance: Tensor) -> Tensor:
+        return self.runner.logits(self._run(None, ids, advance)[:, -1])
 
     def _run(self, rows: Tensor | None, ids: Tensor, advance: Tensor) -> Tensor:
         """ids [r, L] of `rows` (None: every row) through the layers; the tails then hold them (`advance` each)."""

@@ -27,7 +27,7 @@ Args = Annotated[Optional[list[str]], typer.Argument(
     help="Files, folders or PDFs ('-' for stdin), then the question (unless given with -q).")]
 Questions = Annotated[Optional[list[str]], typer.Option(
     "--question", "-q", rich_help_panel="Generation", show_default=False,
-    help="A question; repeat for several (one ingest, each answered from a copy of the cache).")]
+    help="A question; repeat for several (one ingest; the answers are decoded together, see --batch).")]
 QuestionFirst = Annotated[bool, typer.Option(
     "--question-first/--no-question-first", rich_help_panel="Cache",
     help="Pin the question before the input so that it guides what the cache keeps (one question only).")]
@@ -42,6 +42,11 @@ Quote = Annotated[int, typer.Option(
     "--quote", rich_help_panel="Generation", metavar="N",
     help="Quote the N strongest evidence passages right before the question when the cache had to evict "
          "(the answer reads them where a small model attends best); 0 = off.")]
+Batch = Annotated[bool, typer.Option(
+    "--batch/--no-batch", rich_help_panel="Generation",
+    help="With several questions, decode their answers together, one batch per step, from the cache frozen "
+         "after reading (nothing evicted while answering); --no-batch answers one by one, each from a copy of "
+         "the cache that keeps evicting as it writes.")]
 Quiet = Annotated[bool, typer.Option("--quiet", rich_help_panel="Output", help="Only errors on stderr.")]
 
 
@@ -61,6 +66,7 @@ def ask(
     question_weight: QuestionWeight = DEFAULT_WEIGHT,
     evidence: Evidence = None,
     quote: Quote = QUOTE,
+    batch: Batch = True,
     max_tokens: g.MaxTokens = g.MAX_TOKENS,
     temperature: g.Temperature = None,
     top_p: g.TopP = None,
@@ -148,13 +154,26 @@ def ask(
         if save_cache:
             session.save(save_cache, questions[0] if first else None, questions)
         generation["evidence"] = session.config.evidence if not load_cache else 0
-        answers = []
-        for i, (q, p) in enumerate(zip(questions, prompts)):
-            if len(questions) > 1 and not json_out:
-                print(f"{'' if i == 0 else chr(10)}## {q}", flush=True)
-            suffix = session.closing(i, p.suffix_ids, quote)
-            text = session.answer(suffix, sampling, echo=not json_out, fork=i < len(questions) - 1,
-                                  question=session.store_index(i))
-            answers.append({"question": q, "answer": text, "evidence": session.evidence_for(i)})
+        suffixes = [session.closing(i, p.suffix_ids, quote) for i, p in enumerate(prompts)]
+        together = batch and len(questions) > 1
+        if together and device_map != "none":
+            together = False
+            Say.info("note: a model over several devices answers the questions one by one (--batch needs one)")
+        if together and not session.fits_together(suffixes):
+            together = False
+            Say.info("note: the questions' requests and --max-tokens do not fit the model's positions after the "
+                     "frozen cache: answering one by one (lower --max-tokens or the cache size to batch them)")
+        generation["batch"] = together
+        if together:
+            texts = session.answer_together(suffixes, sampling, None if json_out else [f"## {q}" for q in questions])
+        else:
+            texts = []
+            for i, (q, suffix) in enumerate(zip(questions, suffixes)):
+                if len(questions) > 1 and not json_out:
+                    print(f"{'' if i == 0 else chr(10)}## {q}", flush=True)
+                texts.append(session.answer(suffix, sampling, echo=not json_out, fork=i < len(questions) - 1,
+                                            question=session.store_index(i)))
+        answers = [{"question": q, "answer": text, "evidence": session.evidence_for(i)}
+                   for i, (q, text) in enumerate(zip(questions, texts))]
         doc = {"answer": answers[0]["answer"]} if len(answers) == 1 else {}
         session.finish({**doc, "answers": answers, "evidence": session.evidence}, generation, json_out, report)

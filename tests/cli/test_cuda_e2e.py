@@ -135,3 +135,19 @@ def test_evidence_on_cuda_matches_cpu(model_dir, text_file):
         cpu, gpu = spans("cpu", *args), spans("cuda", *args)
         for c, g in zip(cpu, gpu):
             assert c and g and c[0] == g[0] and len(set(c) & set(g)) >= len(c) // 2, (args, c, g)
+
+
+def test_several_questions_decode_together_on_cuda(model_dir, text_file):
+    """`ask -q ... -q ...` on CUDA: one batch per step from the frozen cache, replayed as a CUDA graph."""
+    def run(device, dtype):
+        result = CliRunner().invoke(app, ["ask", str(text_file), "-q", "Who is Mr. Darcy?", "-q", "Where is it?",
+                                          "-q", "When?", "--model", str(model_dir), "--device", device, "--dtype",
+                                          dtype, *SMALL, "--max-tokens", "8", "--no-repeat-ngram", "0", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    doc = run("cuda", "bf16")
+    batch = doc["stats"]["answer_batch"]
+    assert doc["record"]["generation"]["batch"] is True and batch["questions"] == 3
+    assert batch["decode_graph"]["captured"] == 1 and batch["decode_graph"]["replayed"] >= 1, batch
+    assert doc["stats"]["generated_tokens"] > 8

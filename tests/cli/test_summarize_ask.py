@@ -79,18 +79,45 @@ def test_ask_last_argument_is_the_question(tiny, text_file):
 
 
 def test_several_questions_share_one_ingest(tiny, text_file):
-    """Each answer comes from a copy of the same question-agnostic cache: equal to one-question runs."""
+    """--no-batch: each answer comes from a copy of the same question-agnostic cache, equal to one-question runs."""
     questions = ["Who is he?", "What does he have?"]
-    result = invoke(["ask", text_file, "-q", questions[0], "-q", questions[1], *SMALL, "--json"])
+    result = invoke(["ask", text_file, "-q", questions[0], "-q", questions[1], *SMALL, "--json", "--no-batch"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [a["question"] for a in doc["answers"]] == questions and "answer" not in doc
     assert doc["retention"]["question_guided"] is False
+    assert doc["record"]["generation"]["batch"] is False and doc["stats"]["answer_batch"] is None
     for q, got in zip(questions, doc["answers"]):
         single = json.loads(invoke(["ask", text_file, q, *SMALL, "--no-question-first", "--json"]).stdout)
         assert got["answer"] == single["answer"]
-    text = invoke(["ask", text_file, "-q", questions[0], "-q", questions[1], *SMALL])
+    text = invoke(["ask", text_file, "-q", questions[0], "-q", questions[1], *SMALL, "--no-batch"])
     assert text.stdout.startswith(f"## {questions[0]}\n") and f"\n## {questions[1]}\n" in text.stdout
+
+
+QUESTIONS = ["Who is he?", "What does he have?", "Is it true?"]
+
+
+def test_several_questions_decode_together(tiny, text_file):
+    """The default: one batch per step from the frozen cache. With nothing evicted that is the one-by-one answer
+    (both are the model's own attention); the text output prints each answer under its question, in order."""
+    qs = [x for q in QUESTIONS for x in ("-q", q)]
+    roomy = [*SMALL, "--cache-size", "4096"]
+    result = invoke(["ask", text_file, *qs, *roomy, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["record"]["generation"]["batch"] is True
+    batch = doc["stats"]["answer_batch"]
+    assert batch["questions"] == 3 and 1 <= batch["steps"] <= 11 and batch["frozen_bytes"] > 0
+    assert batch["document_tokens"] > doc["stats"]["tokens"]  # nothing evicted: the prompt's prefix and the input
+    apart = json.loads(invoke(["ask", text_file, *qs, *roomy, "--json", "--no-batch"]).stdout)
+    assert [a["answer"] for a in doc["answers"]] == [a["answer"] for a in apart["answers"]]
+    assert all(a["answer"] for a in doc["answers"])
+    text = invoke(["ask", text_file, *qs, *roomy])
+    want = "\n".join(f"## {a['question']}\n{a['answer']}\n" for a in doc["answers"])
+    assert text.exit_code == 0 and text.stdout == want
+    evicting = json.loads(invoke(["ask", text_file, *qs, *SMALL, "--json"]).stdout)  # the cache evicted
+    assert evicting["stats"]["answer_batch"]["document_tokens"] < evicting["stats"]["tokens"]
+    assert all(a["answer"] for a in evicting["answers"])
 
 
 def test_question_first_changes_what_is_kept(tiny, text_file):

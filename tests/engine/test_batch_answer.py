@@ -131,3 +131,50 @@ def test_room_past_the_model_positions_is_refused():
     with _read(model, list(range(40)), config) as runner:
         with pytest.raises(CapacityError):
             AnswerBatch(runner, SharedDocument(runner), 2, room=runner.max_positions)
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _gpu_batch(graph: bool, steps: int = 24):
+    model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       intermediate_size=512, num_hidden_layers=3, vocab_size=512, max_positions=4096)
+    model = model.to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(6)
+    doc = torch.randint(0, 512, (700,), generator=g).tolist()
+    requests = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 3, 6, 1)]
+    config = CacheConfig(policy="cascade", cache_size=256, cascades=4, sinks=8, stride=32)
+    with _read(model, doc, config) as runner:
+        batch = AnswerBatch(runner, SharedDocument(runner), 4, room=9 + steps + 1)
+        batch.graph = graph
+        logits = torch.stack([batch.prefill(r, ids) for r, ids in enumerate(requests)])
+        out = [logits.clone()]
+        for step in range(steps):
+            active = [True, True, step < 5, True]
+            tokens = [int(t) for t in logits.argmax(-1)]
+            logits = batch.decode(tokens, active)
+            out.append(logits.clone())
+        tails = [t.clone() for t in batch.k + batch.v]
+        if graph:  # replays read their inputs through one pinned copy: no host synchronisation
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3):
+                    batch.decode([1, 2, 3, 4], [False] * 4)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return torch.stack(out), tails, batch.graph_counts.as_dict()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_batch_decode_equals_eager():
+    eager, eager_tails, eager_counts = _gpu_batch(graph=False)
+    graph, graph_tails, counts = _gpu_batch(graph=True)
+    assert torch.equal(graph, eager)
+    for a, b in zip(graph_tails, eager_tails):
+        assert torch.equal(a, b)
+    assert eager_counts == {"eager": 24, "captured": 0, "replayed": 0}
+    assert counts == {"eager": 1, "captured": 1, "replayed": 22 + 3}
