@@ -346,7 +346,7 @@ class Session:
             self.stats.seconds_generate = time.perf_counter() - start + seconds_before
             self.stats.answer_batch = {"questions": n, "document_tokens": doc.n, "steps": batch.steps,
                                        "frozen_bytes": doc.nbytes() + batch.nbytes(),
-                                       "decode_graph": batch.graph_counts.as_dict()}
+                                       "decode_graph": batch.graph_counts.as_dict() if batch.on_cuda else None}
             if echo is not None and shown < n:  # interrupted: end the line
                 sys.stdout.write("\n")
                 sys.stdout.flush()

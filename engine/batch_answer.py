@@ -103,6 +103,10 @@ class AnswerBatch:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @property
+    def on_cuda(self) -> bool:
+        return self.length.is_cuda
+
     @torch.inference_mode()
     def prefill(self, row: int, ids: list[int]) -> Tensor:
         """Feed question `row`'s request; returns its next-token logits [V] float32."""

@@ -20,12 +20,17 @@ anything per row: the B·G·L queries of each KV head are stacked into one matri
 all rows (one [B·G·L, D] x [D, P] product per KV head), and the tails' logits join the prefix's in one softmax. On
 CUDA the 16-bit products accumulate in float32 (`torch.bmm(..., out_dtype=float32)`); elsewhere the inputs are
 upcast. Cost per call: 4·B·Hq·L·(P + T)·D FLOPs; bytes: the prefix's K and V once, each tail's once, and the
-[B·Hq·L, P + T] float32 logits written and read twice.
+[B·Hq·L, P + T] float32 logits written and read a few times. On CUDA where every row sees the whole prefix (no
+evidence mask, cap or cutting window) the prefix part instead runs in torch's flash kernel, which also returns
+each query's log-sum-exp, and the tails join it through `merge_with_tail`: the logits never reach memory (at 8
+rows of an 8B model's GQA groups they would weigh more than the prefix's K and V).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import dispatch
 
 BLOCK = 64  # queries per row and pass: bounds the float32 logits at B·Hq·BLOCK·(P + T)
 
@@ -87,11 +92,78 @@ def _weights(p: Tensor, v: Tensor) -> Tensor:
     return p.to(v.dtype) if v.is_cuda and v.dtype in (torch.float16, torch.bfloat16) else p
 
 
+def prefix_flash_supported(q: Tensor, k_doc: Tensor, visible: Tensor | None, n_tail: int, softcap: float | None,
+                           window: int | None) -> bool:
+    """Whether the prefix part can go to torch's flash kernel: CUDA, 16-bit, head dim <= 256, every prefix key
+    visible to every row (no mask, no cap, no window that cuts), and not CASCADECTL_KERNELS=ref."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k_doc.dtype
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and visible is None and softcap is None
+            and (window is None or k_doc.shape[2] + n_tail <= window) and not dispatch.reference_only())
+
+
+def _prefix_flash(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of the stacked queries [1, Hkv, M, D] over the prefix, with each query's log-sum-exp of its
+    scaled logits: (out [1, Hkv, M, D], lse [1, Hkv, M] float32). torch's flash kernel (one pass, no logits in
+    memory); the same op that F.scaled_dot_product_attention runs, called for its log-sum-exp."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q_fold, k_doc, v_doc, 0.0, False, False,
+                                                                   scale=scale)[:2]
+    return out, lse
+
+
+def prefix_attention_lse_ref(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """`_prefix_flash`'s contract in float32 torch (its reference)."""
+    s = (q_fold.float() @ k_doc.float().transpose(-1, -2)) * scale
+    return (torch.softmax(s, dim=-1) @ v_doc.float()).to(q_fold.dtype), torch.logsumexp(s, dim=-1)
+
+
+def merge_with_tail(q: Tensor, out_doc: Tensor, lse_doc: Tensor, k_tail: Tensor, v_tail: Tensor, tail_len: Tensor,
+                    scale: float) -> Tensor:
+    """Row b's output over [prefix | its tail] from the prefix's normalised output and log-sum-exp (stacked as
+    [1, Hkv, B·G·L, ·]) and the tail's logits (causal, cut at its length): one softmax over both, merged by
+    log-sum-exp. Returns [B, Hq, L, D] in q's dtype."""
+    b, hq, n_q, d = q.shape
+    hkv, n_tail = k_tail.shape[1], k_tail.shape[2]
+    g = hq // hkv
+    o_doc = out_doc.view(hkv, b, g, n_q, d).transpose(0, 1).float()  # [B, Hkv, G, L, D]
+    l_doc = lse_doc.view(hkv, b, g, n_q).transpose(0, 1)  # [B, Hkv, G, L]
+    s = _product(q.reshape(b * hkv, g * n_q, d), k_tail.transpose(-1, -2).reshape(b * hkv, d, n_tail))
+    s = s.view(b, hkv, g, n_q, n_tail) * scale
+    hidden = _hidden(0, n_tail, n_q, tail_len, None, None)[:, None, None]  # [B, 1, 1, L, T]
+    s = s.masked_fill(hidden, float("-inf"))
+    m = torch.maximum(s.amax(dim=-1), l_doc)  # every row sees its own key: finite
+    p = torch.exp(s - m[..., None])
+    w_doc = torch.exp(l_doc - m)
+    o_tail = _product(_weights(p.reshape(b * hkv, g * n_q, n_tail), v_tail), v_tail.reshape(b * hkv, n_tail, d))
+    o = o_doc * w_doc[..., None] + o_tail.view(b, hkv, g, n_q, d)
+    o = o / (w_doc + p.sum(dim=-1))[..., None]
+    return o.reshape(b, hq, n_q, d).to(q.dtype)
+
+
+def _fold(q: Tensor, hkv: int) -> Tensor:
+    """q [B, Hq, L, D] -> [1, Hkv, B·G·L, D]: every row's queries of KV head h side by side (row-major in b, g, l)."""
+    b, hq, n_q, d = q.shape
+    return q.reshape(b, hkv, hq // hkv, n_q, d).transpose(0, 1).reshape(1, hkv, b * (hq // hkv) * n_q, d)
+
+
 def shared_prefix_attention(
     q: Tensor, k_doc: Tensor, v_doc: Tensor, visible: Tensor | None, k_tail: Tensor, v_tail: Tensor,
     tail_len: Tensor, scale: float, softcap: float | None = None, window: int | None = None,
 ) -> Tensor:
-    """Same contract as `shared_prefix_attention_ref`; the prefix read once for every row (module docstring)."""
+    """Same contract as `shared_prefix_attention_ref`; the prefix read once for every row (module docstring).
+    Where `prefix_flash_supported`, the prefix part runs in torch's flash kernel and is merged with the tails by
+    log-sum-exp (`merge_with_tail`): no [rows, P] logits in memory, which at 8 rows would cost more bytes than
+    the prefix's K and V."""
+    if prefix_flash_supported(q, k_doc, visible, k_tail.shape[2], softcap, window):
+        out, lse = _prefix_flash(_fold(q, k_doc.shape[1]), k_doc, v_doc, scale)
+        return merge_with_tail(q, out, lse, k_tail, v_tail, tail_len, scale)
+    return _stacked(q, k_doc, v_doc, visible, k_tail, v_tail, tail_len, scale, softcap, window)
+
+
+def _stacked(
+    q: Tensor, k_doc: Tensor, v_doc: Tensor, visible: Tensor | None, k_tail: Tensor, v_tail: Tensor,
+    tail_len: Tensor, scale: float, softcap: float | None = None, window: int | None = None,
+) -> Tensor:
+    """The torch form: one product per KV head over the prefix for every row's queries, the logits in memory."""
     b, hq, n_q, d = q.shape
     hkv, n_doc, n_tail = k_doc.shape[1], k_doc.shape[2], k_tail.shape[2]
     g = hq // hkv
@@ -105,8 +177,7 @@ def shared_prefix_attention(
         m1 = min(n_q, m0 + BLOCK)
         rows = m1 - m0
         qb = q[:, :, m0:m1].reshape(b, hkv, g, rows, d)
-        # prefix: every row's queries of KV head h side by side, [Hkv, B·G·rows, D] x [Hkv, D, P]
-        q_fold = qb.permute(1, 0, 2, 3, 4).reshape(hkv, b * g * rows, d)
+        q_fold = _fold(q[:, :, m0:m1], hkv)[0]  # [Hkv, B·G·rows, D] x [Hkv, D, P]
         s_doc = _product(q_fold, kd_t).view(hkv, b, g, rows, n_doc).transpose(0, 1)  # [B, Hkv, G, rows, P]
         s_tail = _product(qb.reshape(b * hkv, g * rows, d), kt_t.reshape(b * hkv, d, n_tail))
         s_tail = s_tail.view(b, hkv, g, rows, n_tail)

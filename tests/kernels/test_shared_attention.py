@@ -88,3 +88,36 @@ def test_cuda_16bit_against_float32_definition(shape, dtype):
                                        0.125)
     got = shared_prefix_attention(q, kd, vd, None, kt, vt, tail_len, 0.125)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prefix_by_log_sum_exp_merged_with_tails_equals_definition(shape):
+    """The CUDA route's merge (`merge_with_tail`), fed by its prefix op's float32 reference."""
+    from cascade_kernels.shared_attention import _fold, merge_with_tail, prefix_attention_lse_ref
+
+    q, kd, vd, kt, vt, tail_len = _inputs(*shape)
+    out, lse = prefix_attention_lse_ref(_fold(q, kd.shape[1]), kd, vd, 0.125)
+    got = merge_with_tail(q, out, lse, kt, vt, tail_len, 0.125)
+    want = shared_prefix_attention_ref(q, kd, vd, None, kt, vt, tail_len, 0.125)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_cuda_flash_prefix_equals_its_reference(shape):
+    """torch's flash op returns what `prefix_attention_lse_ref` does (natural-log lse), and the whole CUDA route is
+    within 16-bit rounding of the float32 definition."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from cascade_kernels.shared_attention import _fold, _prefix_flash, prefix_attention_lse_ref, \
+        prefix_flash_supported
+
+    q, kd, vd, kt, vt, tail_len = _inputs(*shape, dtype=torch.bfloat16, device="cuda")
+    assert prefix_flash_supported(q, kd, None, kt.shape[2], None, None) == (q.shape[-1] % 8 == 0)
+    if q.shape[-1] % 8:
+        return
+    qf = _fold(q, kd.shape[1])
+    out, lse = _prefix_flash(qf, kd, vd, 0.125)
+    ref_out, ref_lse = prefix_attention_lse_ref(qf, kd, vd, 0.125)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
