@@ -38,8 +38,11 @@ from .runner import Runner
 
 
 class SharedDocument:
-    """Every layer's cached keys rotated at their rank, the values, in age order ([1, Hkv, P, D] each; float32 on
-    a CPU, where attention runs in float32), and which of them each question sees ([B, P] bool, or None)."""
+    """Every layer's cached keys rotated at their rank, the values ([1, Hkv, P, D] each; float32 on a CPU, where
+    attention runs in float32), which of them each question sees ([B, P] bool, or None: all), and their positions.
+
+    Keys every question sees come first (`n_common` of them), so that they can be read by one flash kernel for all
+    questions; the rest (the other questions' evidence) follow, each key at its own position (`pos`)."""
 
     def __init__(self, runner: Runner, hidden: list[Iterable[int]] | None = None):
         cache = runner.cache
@@ -51,6 +54,8 @@ class SharedDocument:
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
         self.visible: list[Tensor | None] = []
+        self.pos: list[Tensor | None] = []  # each key's position where the keys are reordered, else None
+        self.n_common: list[int] = []
         cpu = cache.shape.device.type == "cpu"
         phys = getattr(cache, "ev_base", 0)
         hidden = [sorted(phys + s for s in h) for h in hidden] if hidden is not None else None
@@ -59,9 +64,19 @@ class SharedDocument:
                 k, v = cache.past(layer)  # pre-RoPE, age order
                 c, s = fam.tables(cos, sin)
                 k = apply_rope(k.float() if cpu else k, c.float() if cpu else c, s.float() if cpu else s)
+                v = v.float() if cpu else v
+                visible = self._visible(cache.past_slots(layer)[2], hidden)
+                pos, n_common = None, self.n
+                if visible is not None:  # every question's keys first, then the rest, each at its own position
+                    common = visible.all(dim=0)
+                    pos = torch.cat([common.nonzero().flatten(), (~common).nonzero().flatten()])
+                    k, v, visible = k[:, :, pos], v[:, :, pos], visible[:, pos]
+                    n_common = int(common.sum())
                 self.k.append(k.contiguous())
-                self.v.append((v.float() if cpu else v).contiguous())
-                self.visible.append(self._visible(cache.past_slots(layer)[2], hidden))
+                self.v.append(v.contiguous())
+                self.visible.append(visible)
+                self.pos.append(pos)
+                self.n_common.append(n_common)
 
     @staticmethod
     def _visible(order: Tensor, hidden: list[list[int]] | None) -> Tensor | None:
@@ -193,8 +208,9 @@ class AnswerBatch:
         visible = self.doc.visible[layer]
         if rows is not None:
             tk, tv, visible = tk[rows], tv[rows], None if visible is None else visible[rows]
-        out = shared_prefix_attention(q_rot, self.doc.k[layer], self.doc.v[layer], visible, tk, tv, pos[:, -1] + 1,
-                                      fam.scaling, fam.softcap, fam.window)
+        doc = self.doc
+        out = shared_prefix_attention(q_rot, doc.k[layer], doc.v[layer], visible, tk, tv, pos[:, -1] + 1,
+                                      fam.scaling, fam.softcap, fam.window, doc.pos[layer], doc.n_common[layer])
         return out.to(q.dtype)
 
 

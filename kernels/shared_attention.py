@@ -35,8 +35,8 @@ from . import dispatch
 BLOCK = 64  # queries per row and pass: bounds the float32 logits at B·Hq·BLOCK·(P + T)
 
 
-def _hidden(n_doc: int, n_tail: int, n_q: int, tail_len: Tensor, visible: Tensor | None,
-           window: int | None) -> Tensor:
+def _hidden(n_doc: int, n_tail: int, n_q: int, tail_len: Tensor, visible: Tensor | None, window: int | None,
+            doc_pos: Tensor | None = None) -> Tensor:
     """Which keys each of the last L queries may not see: [B, L, P + T] bool (prefix keys, then tail keys)."""
     dev = tail_len.device
     q_idx = tail_len[:, None] - n_q + torch.arange(n_q, device=dev)[None, :]  # [B, n_q] tail index of each query
@@ -47,7 +47,8 @@ def _hidden(n_doc: int, n_tail: int, n_q: int, tail_len: Tensor, visible: Tensor
         doc_hidden |= ~visible[:, None, :]
     if window is not None:
         pos = n_doc + q_idx  # [B, n_q]
-        doc_hidden |= torch.arange(n_doc, device=dev)[None, None, :] <= (pos - window)[:, :, None]
+        at = torch.arange(n_doc, device=dev) if doc_pos is None else doc_pos
+        doc_hidden |= at[None, None, :] <= (pos - window)[:, :, None]
         tail_hidden |= (n_doc + t)[None, None, :] <= (pos - window)[:, :, None]
     return torch.cat([doc_hidden, tail_hidden], dim=-1)
 
@@ -55,24 +56,29 @@ def _hidden(n_doc: int, n_tail: int, n_q: int, tail_len: Tensor, visible: Tensor
 def shared_prefix_attention_ref(
     q: Tensor, k_doc: Tensor, v_doc: Tensor, visible: Tensor | None, k_tail: Tensor, v_tail: Tensor,
     tail_len: Tensor, scale: float, softcap: float | None = None, window: int | None = None,
+    doc_pos: Tensor | None = None,
 ) -> Tensor:
-    """The definition, row by row: [visible prefix | tail up to its length], float32 softmax, causal in the tail."""
+    """The definition, row by row: [visible prefix | tail up to its length], float32 softmax, causal in the tail.
+    `doc_pos` [P]: each prefix key's position (None: its index), which only a window reads."""
     b, hq, n_q, d = q.shape
     hkv, n_doc = k_doc.shape[1], k_doc.shape[2]
     g = hq // hkv
     out = torch.empty_like(q)
+    at = torch.arange(n_doc, device=q.device) if doc_pos is None else doc_pos
     for r in range(b):
         n = int(tail_len[r])
         keep = torch.arange(n_doc, device=q.device) if visible is None else visible[r].nonzero().flatten()
         k = torch.cat([k_doc[0][:, keep], k_tail[r, :, :n]], dim=1).float()  # [Hkv, K, D]
         v = torch.cat([v_doc[0][:, keep], v_tail[r, :, :n]], dim=1).float()
-        pos_k = torch.cat([keep, n_doc + torch.arange(n, device=q.device)])
+        pos_k = torch.cat([at[keep], n_doc + torch.arange(n, device=q.device)])
         pos_q = n_doc + n - n_q + torch.arange(n_q, device=q.device)  # [L]
         qr = q[r].float().view(hkv, g * n_q, d)
         s = (qr @ k.transpose(-1, -2)).view(hkv, g, n_q, -1) * scale
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
-        hidden = pos_k[None, :] > pos_q[:, None]
+        own = n - n_q + torch.arange(n_q, device=q.device)  # each query's tail index
+        causal = torch.arange(n, device=q.device)[None, :] > own[:, None]
+        hidden = torch.cat([torch.zeros(n_q, keep.numel(), dtype=torch.bool, device=q.device), causal], dim=1)
         if window is not None:
             hidden |= pos_k[None, :] <= pos_q[:, None] - window
         p = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1)
@@ -92,12 +98,18 @@ def _weights(p: Tensor, v: Tensor) -> Tensor:
     return p.to(v.dtype) if v.is_cuda and v.dtype in (torch.float16, torch.bfloat16) else p
 
 
-def prefix_flash_supported(q: Tensor, k_doc: Tensor, visible: Tensor | None, n_tail: int, softcap: float | None,
+def _fold(q: Tensor, hkv: int) -> Tensor:
+    """q [B, Hq, L, D] -> [1, Hkv, B·G·L, D]: every row's queries of KV head h side by side (row-major in b, g, l)."""
+    b, hq, n_q, d = q.shape
+    return q.reshape(b, hkv, hq // hkv, n_q, d).transpose(0, 1).reshape(1, hkv, b * (hq // hkv) * n_q, d)
+
+
+def prefix_flash_supported(q: Tensor, k_doc: Tensor, n_tail: int, softcap: float | None,
                            window: int | None) -> bool:
-    """Whether the prefix part can go to torch's flash kernel: CUDA, 16-bit, head dim <= 256, every prefix key
-    visible to every row (no mask, no cap, no window that cuts), and not CASCADECTL_KERNELS=ref."""
+    """Whether the common prefix can go to torch's flash kernel: CUDA, 16-bit, head dim a multiple of 8 up to 256,
+    no cap and no window that cuts, and not CASCADECTL_KERNELS=ref."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k_doc.dtype
-            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and visible is None and softcap is None
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and softcap is None
             and (window is None or k_doc.shape[2] + n_tail <= window) and not dispatch.reference_only())
 
 
@@ -116,52 +128,64 @@ def prefix_attention_lse_ref(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale
     return (torch.softmax(s, dim=-1) @ v_doc.float()).to(q_fold.dtype), torch.logsumexp(s, dim=-1)
 
 
-def merge_with_tail(q: Tensor, out_doc: Tensor, lse_doc: Tensor, k_tail: Tensor, v_tail: Tensor, tail_len: Tensor,
-                    scale: float) -> Tensor:
-    """Row b's output over [prefix | its tail] from the prefix's normalised output and log-sum-exp (stacked as
-    [1, Hkv, B·G·L, ·]) and the tail's logits (causal, cut at its length): one softmax over both, merged by
-    log-sum-exp. Returns [B, Hq, L, D] in q's dtype."""
+def merge_with_rest(q: Tensor, out_c: Tensor, lse_c: Tensor, k_x: Tensor, v_x: Tensor, x_visible: Tensor | None,
+                    k_tail: Tensor, v_tail: Tensor, tail_len: Tensor, scale: float) -> Tensor:
+    """Row b's output over [common prefix | the rest of the prefix it sees | its tail], from the common part's
+    normalised output and log-sum-exp (stacked, [1, Hkv, B·G·L, ·]), the logits of the rest (k_x, v_x
+    [1, Hkv, X, D] shared, `x_visible` [B, X] which each row sees) and of the tail (causal, cut at its length):
+    one softmax over all three, merged by log-sum-exp. Returns [B, Hq, L, D] in q's dtype."""
     b, hq, n_q, d = q.shape
-    hkv, n_tail = k_tail.shape[1], k_tail.shape[2]
+    hkv, n_x, n_tail = k_tail.shape[1], k_x.shape[2], k_tail.shape[2]
     g = hq // hkv
-    o_doc = out_doc.view(hkv, b, g, n_q, d).transpose(0, 1).float()  # [B, Hkv, G, L, D]
-    l_doc = lse_doc.view(hkv, b, g, n_q).transpose(0, 1)  # [B, Hkv, G, L]
-    s = _product(q.reshape(b * hkv, g * n_q, d), k_tail.transpose(-1, -2).reshape(b * hkv, d, n_tail))
-    s = s.view(b, hkv, g, n_q, n_tail) * scale
-    hidden = _hidden(0, n_tail, n_q, tail_len, None, None)[:, None, None]  # [B, 1, 1, L, T]
+    o_c = out_c.view(hkv, b, g, n_q, d).transpose(0, 1).float()  # [B, Hkv, G, L, D]
+    l_c = lse_c.view(hkv, b, g, n_q).transpose(0, 1)  # [B, Hkv, G, L]
+    s_t = _product(q.reshape(b * hkv, g * n_q, d), k_tail.transpose(-1, -2).reshape(b * hkv, d, n_tail))
+    s = s_t.view(b, hkv, g, n_q, n_tail)
+    if n_x:
+        s_x = _product(_fold(q, hkv)[0], k_x[0].transpose(-1, -2)).view(hkv, b, g, n_q, n_x).transpose(0, 1)
+        s = torch.cat([s_x, s], dim=-1)
+    s = s * scale
+    hidden = _hidden(n_x, n_tail, n_q, tail_len, x_visible, None)[:, None, None]  # [B, 1, 1, L, X + T]
     s = s.masked_fill(hidden, float("-inf"))
-    m = torch.maximum(s.amax(dim=-1), l_doc)  # every row sees its own key: finite
+    m = torch.maximum(s.amax(dim=-1), l_c)  # every row sees its own key: finite
     p = torch.exp(s - m[..., None])
-    w_doc = torch.exp(l_doc - m)
-    o_tail = _product(_weights(p.reshape(b * hkv, g * n_q, n_tail), v_tail), v_tail.reshape(b * hkv, n_tail, d))
-    o = o_doc * w_doc[..., None] + o_tail.view(b, hkv, g, n_q, d)
-    o = o / (w_doc + p.sum(dim=-1))[..., None]
+    w_c = torch.exp(l_c - m)
+    p_t = p[..., n_x:].reshape(b * hkv, g * n_q, n_tail)
+    o = o_c * w_c[..., None] + _product(_weights(p_t, v_tail), v_tail.reshape(b * hkv, n_tail, d)).view(
+        b, hkv, g, n_q, d)
+    if n_x:
+        p_x = p[..., :n_x].transpose(0, 1).reshape(hkv, b * g * n_q, n_x)
+        o = o + _product(_weights(p_x, v_x), v_x[0]).view(hkv, b, g, n_q, d).transpose(0, 1)
+    o = o / (w_c + p.sum(dim=-1))[..., None]
     return o.reshape(b, hq, n_q, d).to(q.dtype)
-
-
-def _fold(q: Tensor, hkv: int) -> Tensor:
-    """q [B, Hq, L, D] -> [1, Hkv, B·G·L, D]: every row's queries of KV head h side by side (row-major in b, g, l)."""
-    b, hq, n_q, d = q.shape
-    return q.reshape(b, hkv, hq // hkv, n_q, d).transpose(0, 1).reshape(1, hkv, b * (hq // hkv) * n_q, d)
 
 
 def shared_prefix_attention(
     q: Tensor, k_doc: Tensor, v_doc: Tensor, visible: Tensor | None, k_tail: Tensor, v_tail: Tensor,
     tail_len: Tensor, scale: float, softcap: float | None = None, window: int | None = None,
+    doc_pos: Tensor | None = None, n_common: int | None = None,
 ) -> Tensor:
     """Same contract as `shared_prefix_attention_ref`; the prefix read once for every row (module docstring).
-    Where `prefix_flash_supported`, the prefix part runs in torch's flash kernel and is merged with the tails by
-    log-sum-exp (`merge_with_tail`): no [rows, P] logits in memory, which at 8 rows would cost more bytes than
-    the prefix's K and V."""
-    if prefix_flash_supported(q, k_doc, visible, k_tail.shape[2], softcap, window):
-        out, lse = _prefix_flash(_fold(q, k_doc.shape[1]), k_doc, v_doc, scale)
-        return merge_with_tail(q, out, lse, k_tail, v_tail, tail_len, scale)
-    return _stacked(q, k_doc, v_doc, visible, k_tail, v_tail, tail_len, scale, softcap, window)
+
+    `n_common`: the first n_common prefix keys are visible to every row (None: all of them when `visible` is None,
+    else none). Where `prefix_flash_supported`, those run in torch's flash kernel and the rest of the prefix and
+    the tails join them through `merge_with_rest`: no [rows, P] logits in memory, which at 8 rows of an 8B
+    model's GQA groups would weigh more than the prefix's K and V."""
+    n_doc = k_doc.shape[2]
+    n_common = (n_doc if visible is None else 0) if n_common is None else n_common
+    if n_common and prefix_flash_supported(q, k_doc, k_tail.shape[2], softcap, window):
+        hkv = k_doc.shape[1]
+        out, lse = _prefix_flash(_fold(q, hkv), k_doc[:, :, :n_common], v_doc[:, :, :n_common], scale)
+        x_visible = None if visible is None else visible[:, n_common:]
+        return merge_with_rest(q, out, lse, k_doc[:, :, n_common:], v_doc[:, :, n_common:], x_visible, k_tail,
+                               v_tail, tail_len, scale)
+    return _stacked(q, k_doc, v_doc, visible, k_tail, v_tail, tail_len, scale, softcap, window, doc_pos)
 
 
 def _stacked(
     q: Tensor, k_doc: Tensor, v_doc: Tensor, visible: Tensor | None, k_tail: Tensor, v_tail: Tensor,
     tail_len: Tensor, scale: float, softcap: float | None = None, window: int | None = None,
+    doc_pos: Tensor | None = None,
 ) -> Tensor:
     """The torch form: one product per KV head over the prefix for every row's queries, the logits in memory."""
     b, hq, n_q, d = q.shape
@@ -171,7 +195,7 @@ def _stacked(
     kd_t = k_doc[0].transpose(-1, -2)  # [Hkv, D, P]
     kt_t = k_tail.transpose(-1, -2)  # [B, Hkv, D, T]
     vd = v_doc[0]
-    hidden = _hidden(n_doc, n_tail, n_q, tail_len, visible, window)[:, None, None]  # [B, 1, 1, L, P + T]
+    hidden = _hidden(n_doc, n_tail, n_q, tail_len, visible, window, doc_pos)[:, None, None]  # [B, 1, 1, L, P + T]
     out = torch.empty_like(q)
     for m0 in range(0, n_q, BLOCK):
         m1 = min(n_q, m0 + BLOCK)

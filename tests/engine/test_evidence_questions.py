@@ -110,10 +110,39 @@ def test_a_frozen_document_hides_what_restrict_releases():
         doc = SharedDocument(runner, hidden=[others_evidence(cache, k) for k in range(2)])
     assert (cache.n_past, cache.held().tolist(), dict(cache.wanted)) == before[:3]
     assert torch.equal(cache.token_index(0), before[3])
-    tokens = cache.token_index(0)[0, 0]
+    tokens = cache.token_index(0)[0, 0][doc.pos[0]]  # the frozen keys: every question's first, then the rest
     assert doc.n == tokens.numel() and doc.visible[0].shape == (2, doc.n)
+    assert doc.visible[0][:, : doc.n_common[0]].all() and not doc.visible[0][:, doc.n_common[0] :].all(dim=0).any()
     for k in range(2):
         mine = copy.deepcopy(cache)
         restrict(mine, k)
         assert sorted(tokens[doc.visible[0][k]].tolist()) == sorted(mine.token_index(0)[0, 0].tolist())
     assert not doc.visible[0].all()
+
+
+def test_batched_questions_each_answer_as_alone_with_their_own_evidence():
+    """Question k's row of a batch over the frozen store gets the logits of question k answered alone from a frozen
+    document that hides the same tokens."""
+    from engine.batch_answer import AnswerBatch, SharedDocument
+    from engine.evidence import others_evidence
+
+    model = tiny_model(seed=3)
+    body = torch.randint(0, 256, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
+    cache, _ = _several(model, body, 2, split_slots(64, 2))
+    requests = [[7, 8, 9], [10, 11, 12, 13, 14]]
+    with Runner(model, CacheConfig(cache_size=128 + 64, cascades=4, sinks=4, stride=16, evidence=64),
+                n_sinks=PREFIX) as runner:
+        runner.replace_cache(cache)
+        hidden = [others_evidence(cache, k) for k in range(2)]
+        batch = AnswerBatch(runner, SharedDocument(runner, hidden), 2, room=12)
+        together = [[batch.prefill(k, ids)] for k, ids in enumerate(requests)]
+        for _ in range(4):
+            logits = batch.decode([int(t[-1].argmax()) for t in together], [True, True])
+            for k in range(2):
+                together[k].append(logits[k])
+        for k, ids in enumerate(requests):
+            one = AnswerBatch(runner, SharedDocument(runner, [hidden[k]]), 1, room=12)
+            alone = [one.prefill(0, ids)]
+            for _ in range(4):
+                alone.append(one.decode([int(alone[-1].argmax())], [True])[0])
+            torch.testing.assert_close(torch.stack(together[k]), torch.stack(alone), atol=1e-5, rtol=1e-5)

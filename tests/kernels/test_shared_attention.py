@@ -91,33 +91,60 @@ def test_cuda_16bit_against_float32_definition(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_prefix_by_log_sum_exp_merged_with_tails_equals_definition(shape):
-    """The CUDA route's merge (`merge_with_tail`), fed by its prefix op's float32 reference."""
-    from cascade_kernels.shared_attention import _fold, merge_with_tail, prefix_attention_lse_ref
+@pytest.mark.parametrize("common", [1.0, 0.6])
+def test_common_prefix_by_log_sum_exp_merged_with_the_rest_equals_definition(shape, common):
+    """The CUDA route (`merge_with_rest`), its prefix op replaced by its float32 reference: the first n_common
+    prefix keys seen by every row, the rest by some rows (an evidence store's shares)."""
+    from cascade_kernels.shared_attention import _fold, merge_with_rest, prefix_attention_lse_ref
 
+    b, n_doc = shape[0], shape[4]
     q, kd, vd, kt, vt, tail_len = _inputs(*shape)
-    out, lse = prefix_attention_lse_ref(_fold(q, kd.shape[1]), kd, vd, 0.125)
-    got = merge_with_tail(q, out, lse, kt, vt, tail_len, 0.125)
-    want = shared_prefix_attention_ref(q, kd, vd, None, kt, vt, tail_len, 0.125)
+    n_common = max(1, int(n_doc * common))
+    visible = None
+    if n_common < n_doc:
+        visible = torch.ones(b, n_doc, dtype=torch.bool)
+        visible[:, n_common:] = torch.rand(b, n_doc - n_common, generator=torch.Generator().manual_seed(2)) > 0.5
+    out, lse = prefix_attention_lse_ref(_fold(q, kd.shape[1]), kd[:, :, :n_common], vd[:, :, :n_common], 0.125)
+    x_visible = None if visible is None else visible[:, n_common:]
+    got = merge_with_rest(q, out, lse, kd[:, :, n_common:], vd[:, :, n_common:], x_visible, kt, vt, tail_len, 0.125)
+    want = shared_prefix_attention_ref(q, kd, vd, visible, kt, vt, tail_len, 0.125)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_window_reads_the_prefix_positions():
+    """A permuted prefix with its positions given attends as the unpermuted one (a window that cuts)."""
+    b, hq, hkv, n_q, n_doc, n_tail, d = 2, 4, 2, 3, 40, 6, 32
+    q, kd, vd, kt, vt, tail_len = _inputs(b, hq, hkv, n_q, n_doc, n_tail, d, [6, 3])
+    perm = torch.randperm(n_doc, generator=torch.Generator().manual_seed(3))
+    want = shared_prefix_attention(q, kd, vd, None, kt, vt, tail_len, 0.125, window=20)
+    for fn in (shared_prefix_attention, shared_prefix_attention_ref):
+        got = fn(q, kd[:, :, perm], vd[:, :, perm], None, kt, vt, tail_len, 0.125, window=20, doc_pos=perm)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES[1:])
-def test_cuda_flash_prefix_equals_its_reference(shape):
-    """torch's flash op returns what `prefix_attention_lse_ref` does (natural-log lse), and the whole CUDA route is
-    within 16-bit rounding of the float32 definition."""
+@pytest.mark.parametrize("common", [1.0, 0.6])
+def test_cuda_flash_route_equals_its_reference(shape, common):
+    """torch's flash op returns what `prefix_attention_lse_ref` does (natural-log lse), and the whole CUDA route
+    (common prefix in flash, the rest masked per row) is within 16-bit rounding of the float32 definition."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from cascade_kernels.shared_attention import _fold, _prefix_flash, prefix_attention_lse_ref, \
         prefix_flash_supported
 
     q, kd, vd, kt, vt, tail_len = _inputs(*shape, dtype=torch.bfloat16, device="cuda")
-    assert prefix_flash_supported(q, kd, None, kt.shape[2], None, None) == (q.shape[-1] % 8 == 0)
-    if q.shape[-1] % 8:
-        return
+    assert prefix_flash_supported(q, kd, kt.shape[2], None, None)
     qf = _fold(q, kd.shape[1])
     out, lse = _prefix_flash(qf, kd, vd, 0.125)
     ref_out, ref_lse = prefix_attention_lse_ref(qf, kd, vd, 0.125)
     torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
     torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+    b, n_doc = shape[0], shape[4]
+    n_common = max(1, int(n_doc * common))
+    visible = torch.ones(b, n_doc, dtype=torch.bool, device="cuda")
+    visible[:, n_common:] = torch.rand(b, n_doc - n_common, device="cuda") > 0.5
+    got = shared_prefix_attention(q, kd, vd, visible, kt, vt, tail_len, 0.125, n_common=n_common)
+    want = shared_prefix_attention_ref(q.float(), kd.float(), vd.float(), visible, kt.float(), vt.float(), tail_len,
+                                       0.125)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
