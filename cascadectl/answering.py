@@ -47,13 +47,14 @@ class Session:
 
     def __init__(self, lm, config: CacheConfig, sources: list[str], prompt: Prompt, max_tokens: int,
                  quiet: bool = False, question_weight: float = 0.0, evidence: int | None = 0,
-                 sizing: AutoSize | None = None, probes: list[Prompt] | None = None):
+                 sizing: AutoSize | None = None, probes: list[Prompt] | None = None, frozen: bool = False):
         """`evidence`: slots for the question's spans (None: the default share of the cache); `sizing`: given
         for --cache-size auto, which sizes `config` to the model here and reads an input that fits exactly;
         `probes`: the questions, each as a question-first prompt, when they are known but not pinned (several
-        -q, or one with --save-cache): each gets its share of the evidence store (engine/evidence.py)."""
+        -q, or one with --save-cache): each gets its share of the evidence store (engine/evidence.py); `frozen`:
+        the answers will come from the frozen cache (`answer_together`), which the requests cannot evict."""
         self.lm, self.config, self.sources, self.prompt, self.quiet = lm, config, sources, prompt, quiet
-        self.max_tokens, self.question_weight = max_tokens, question_weight
+        self.max_tokens, self.question_weight, self.frozen = max_tokens, question_weight, frozen
         self.guided = prompt.question_span is not None and question_weight > 0 and config.policy == "cascade"
         self.n_sinks = max(config.sinks, len(prompt.prefix_ids))
         self.sizing = None
@@ -109,7 +110,7 @@ class Session:
             pieces, known = [ids], len(ids)
         q_tokens = self.prompt.question_span[1] - self.prompt.question_span[0] if self.guided else 0
         warning = check_room(self.config, self.n_sinks, self.lm.max_positions, longest_suffix, self.max_tokens,
-                             None if known is None else n_prefix + known, q_tokens)
+                             None if known is None else n_prefix + known, q_tokens, frozen=self.frozen)
         if self.sizing is not None:
             Say.info(f"[dim]{self.sizing.describe()}[/]")
         if warning:
@@ -241,7 +242,7 @@ class Session:
         cache = saved.cache
         self.config, self.n_sinks, self.loaded = saved.config, saved.n_sinks, {**saved.input, "cache_file": path}
         warning = check_room(self.config, self.n_sinks, self.lm.max_positions, longest_suffix, self.max_tokens,
-                             cache.seen if self.config.policy == "full" else None)
+                             cache.seen if self.config.policy == "full" else None, frozen=self.frozen)
         if warning:
             Say.warn(warning)
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks)

@@ -144,8 +144,12 @@ def ask(
     elif evidence:
         Say.info("note: --evidence needs the questions before the input (not --no-question-first with one "
                  "question) and --policy cascade: off")
+    together = batch and len(questions) > 1
+    if together and device_map != "none":
+        together = False
+        Say.info("note: a model over several devices answers the questions one by one (--batch needs one)")
     with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0,
-                   slots, auto, probes) as session:
+                   slots, auto, probes, frozen=together) as session:
         longest = max(len(p.suffix_ids) for p in prompts)
         if load_cache:
             session.load(load_cache, cache.explicit(), longest, questions)
@@ -155,10 +159,6 @@ def ask(
             session.save(save_cache, questions[0] if first else None, questions)
         generation["evidence"] = session.config.evidence if not load_cache else 0
         suffixes = [session.closing(i, p.suffix_ids, quote) for i, p in enumerate(prompts)]
-        together = batch and len(questions) > 1
-        if together and device_map != "none":
-            together = False
-            Say.info("note: a model over several devices answers the questions one by one (--batch needs one)")
         if together and not session.fits_together(suffixes):
             together = False
             Say.info("note: the questions' requests and --max-tokens do not fit the model's positions after the "

@@ -115,9 +115,12 @@ def test_several_questions_decode_together(tiny, text_file):
     text = invoke(["ask", text_file, *qs, *roomy])
     want = "\n".join(f"## {a['question']}\n{a['answer']}\n" for a in doc["answers"])
     assert text.exit_code == 0 and text.stdout == want
-    evicting = json.loads(invoke(["ask", text_file, *qs, *SMALL, "--json"]).stdout)  # the cache evicted
+    result = invoke(["ask", text_file, *qs, *SMALL, "--json"])  # the cache evicted
+    evicting = json.loads(result.stdout)
     assert evicting["stats"]["answer_batch"]["document_tokens"] < evicting["stats"]["tokens"]
     assert all(a["answer"] for a in evicting["answers"])
+    assert "may be evicted" not in result.stderr  # the frozen cache evicts nothing while answering
+    assert "may be evicted" in invoke(["ask", text_file, *qs, *SMALL, "--json", "--no-batch"]).stderr
 
 
 def test_question_first_changes_what_is_kept(tiny, text_file):
