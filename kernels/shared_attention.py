@@ -21,9 +21,11 @@ all rows (one [B·G·L, D] x [D, P] product per KV head), and the tails' logits 
 CUDA the 16-bit products accumulate in float32 (`torch.bmm(..., out_dtype=float32)`); elsewhere the inputs are
 upcast. Cost per call: 4·B·Hq·L·(P + T)·D FLOPs; bytes: the prefix's K and V once, each tail's once, and the
 [B·Hq·L, P + T] float32 logits written and read a few times. On CUDA where every row sees the whole prefix (no
-evidence mask, cap or cutting window) the prefix part instead runs in torch's flash kernel, which also returns
+cap or cutting window; an evidence mask only splits the prefix, see below) the prefix part instead runs in
+torch's flash kernel, which also returns
 each query's log-sum-exp, and the tails join it through `merge_with_tail`: the logits never reach memory (at 8
-rows of an 8B model's GQA groups they would weigh more than the prefix's K and V).
+rows of an 8B model's GQA groups they would weigh more than the prefix's K and V). The CPU takes the same route
+through torch's CPU flash kernel.
 """
 from __future__ import annotations
 
@@ -106,20 +108,29 @@ def _fold(q: Tensor, hkv: int) -> Tensor:
 
 def prefix_flash_supported(q: Tensor, k_doc: Tensor, n_tail: int, softcap: float | None,
                            window: int | None) -> bool:
-    """Whether the common prefix can go to torch's flash kernel: CUDA, 16-bit, head dim a multiple of 8 up to 256,
-    no cap and no window that cuts, and not CASCADECTL_KERNELS=ref."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k_doc.dtype
-            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 and softcap is None
-            and (window is None or k_doc.shape[2] + n_tail <= window) and not dispatch.reference_only())
+    """Whether the common prefix can go to torch's flash kernels: on CUDA 16-bit inputs with a head dim that is
+    a multiple of 8 up to 256, on the CPU float32 or bf16; no cap and no window that cuts; not under
+    CASCADECTL_KERNELS=ref."""
+    if dispatch.reference_only() or softcap is not None or q.dtype != k_doc.dtype:
+        return False
+    if window is not None and k_doc.shape[2] + n_tail > window:
+        return False
+    if q.is_cuda:
+        return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
 
 
 def _prefix_flash(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Attention of the stacked queries [1, Hkv, M, D] over the prefix, with each query's log-sum-exp of its
-    scaled logits: (out [1, Hkv, M, D], lse [1, Hkv, M] float32). torch's flash kernel (one pass, no logits in
-    memory); the same op that F.scaled_dot_product_attention runs, called for its log-sum-exp."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q_fold, k_doc, v_doc, 0.0, False, False,
-                                                                   scale=scale)[:2]
-    return out, lse
+    scaled logits: (out [1, Hkv, M, D], lse [1, Hkv, M] float32). torch's flash kernels (one pass, no logits in
+    memory), the ones F.scaled_dot_product_attention runs on CUDA and on the CPU, called for their log-sum-exp."""
+    if q_fold.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q_fold, k_doc, v_doc, 0.0, False, False,
+                                                                       scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_fold, k_doc, v_doc, 0.0, False,
+                                                                               scale=scale)
+    return out, lse.float()
 
 
 def prefix_attention_lse_ref(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale: float) -> tuple[Tensor, Tensor]:

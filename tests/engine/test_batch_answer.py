@@ -30,7 +30,7 @@ class _Ids:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("policy", ["full", "cascade"])
+@pytest.mark.parametrize("policy", ["full", "sink", "cascade"])
 def test_nothing_evicted_equals_the_model_forward(family, policy):
     """Every logit of the request and of every answer step equals the transformers forward over
     [input | request | answer so far], for rows of different request lengths decoded together."""

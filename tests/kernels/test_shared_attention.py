@@ -148,3 +148,28 @@ def test_cuda_flash_route_equals_its_reference(shape, common):
     want = shared_prefix_attention_ref(q.float(), kd.float(), vd.float(), visible, kt.float(), vt.float(), tail_len,
                                        0.125)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_flash_route_equals_definition(shape, dtype):
+    """On the CPU the common prefix goes to torch's CPU flash kernel (natural-log lse), with evidence masks on the
+    rest of the prefix."""
+    from cascade_kernels.shared_attention import _fold, _prefix_flash, prefix_attention_lse_ref, \
+        prefix_flash_supported
+
+    q, kd, vd, kt, vt, tail_len = _inputs(*shape, dtype=dtype)
+    assert prefix_flash_supported(q, kd, kt.shape[2], None, None)
+    qf = _fold(q, kd.shape[1])
+    out, lse = _prefix_flash(qf, kd, vd, 0.125)
+    ref_out, ref_lse = prefix_attention_lse_ref(qf, kd, vd, 0.125)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+    b, n_doc = shape[0], shape[4]
+    n_common = max(1, int(n_doc * 0.6))
+    visible = torch.ones(b, n_doc, dtype=torch.bool)
+    visible[:, n_common:] = torch.rand(b, n_doc - n_common, generator=torch.Generator().manual_seed(4)) > 0.5
+    got = shared_prefix_attention(q, kd, vd, visible, kt, vt, tail_len, 0.125, n_common=n_common)
+    want = shared_prefix_attention_ref(q.float(), kd.float(), vd.float(), visible, kt.float(), vt.float(), tail_len,
+                                       0.125)
+    torch.testing.assert_close(got.float(), want, **(dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else tol))
