@@ -8,7 +8,11 @@ Every family has a torch reference beside its kernels. The entry points ask here
                           SDPA without scores, the reference with them)
     rope_path(x, cos)     rotate_queries: "triton" (CUDA, 16-bit, head dim 32-256) or "torch"
     push_path(k_buf)      push_token: "triton" (CUDA) or "ref"
-    graph_path(device)    Runner.decode: "graph" (CUDA: a decode step captured once, replayed) or "eager"
+    graph_path(device)    Runner.decode, AnswerBatch.decode: "graph" (CUDA: a decode step captured once, replayed)
+                          or "eager"
+    shared_prefix_path(q, k_doc, n_tail, softcap, window)
+                          shared_prefix_attention: "flash" (torch's flash kernels on CUDA or the CPU, merged by
+                          log-sum-exp) or "torch" (the stacked form)
 
 CASCADECTL_KERNELS=ref forces the torch references everywhere. The variable is read on the first question and
 kept for the process (the entry points run once per layer and step); `use_reference` overrides it for a block,
@@ -95,3 +99,19 @@ def graph_path(device: torch.device) -> Literal["graph", "eager"]:
     """Whether decode steps on `device` may be captured and replayed as a CUDA graph (engine/decode_graph.py):
     on CUDA, unless CASCADECTL_KERNELS=ref asks for the plain torch references step by step."""
     return "graph" if device.type == "cuda" and torch.cuda.is_available() and not reference_only() else "eager"
+
+
+def shared_prefix_path(q: Tensor, k_doc: Tensor, n_tail: int, softcap: float | None,
+                       window: int | None) -> Literal["flash", "torch"]:
+    """Where several rows' attention over a shared prefix like `k_doc` (kernels/shared_attention.py) runs: torch's
+    flash kernels on CUDA for 16-bit inputs with a head dim that is a multiple of 8 up to 256, on the CPU for
+    float32 or bf16, with no cap and no window that cuts; the stacked torch form otherwise."""
+    if reference_only() or softcap is not None or q.dtype != k_doc.dtype:
+        return "torch"
+    if window is not None and k_doc.shape[2] + n_tail > window:
+        return "torch"
+    if q.is_cuda:
+        ok = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+    else:
+        ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+    return "flash" if ok else "torch"

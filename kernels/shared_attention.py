@@ -100,27 +100,13 @@ def _weights(p: Tensor, v: Tensor) -> Tensor:
     return p.to(v.dtype) if v.is_cuda and v.dtype in (torch.float16, torch.bfloat16) else p
 
 
-def _fold(q: Tensor, hkv: int) -> Tensor:
+def fold_rows(q: Tensor, hkv: int) -> Tensor:
     """q [B, Hq, L, D] -> [1, Hkv, B·G·L, D]: every row's queries of KV head h side by side (row-major in b, g, l)."""
     b, hq, n_q, d = q.shape
     return q.reshape(b, hkv, hq // hkv, n_q, d).transpose(0, 1).reshape(1, hkv, b * (hq // hkv) * n_q, d)
 
 
-def prefix_flash_supported(q: Tensor, k_doc: Tensor, n_tail: int, softcap: float | None,
-                           window: int | None) -> bool:
-    """Whether the common prefix can go to torch's flash kernels: on CUDA 16-bit inputs with a head dim that is
-    a multiple of 8 up to 256, on the CPU float32 or bf16; no cap and no window that cuts; not under
-    CASCADECTL_KERNELS=ref."""
-    if dispatch.reference_only() or softcap is not None or q.dtype != k_doc.dtype:
-        return False
-    if window is not None and k_doc.shape[2] + n_tail > window:
-        return False
-    if q.is_cuda:
-        return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-
-
-def _prefix_flash(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def prefix_flash(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Attention of the stacked queries [1, Hkv, M, D] over the prefix, with each query's log-sum-exp of its
     scaled logits: (out [1, Hkv, M, D], lse [1, Hkv, M] float32). torch's flash kernels (one pass, no logits in
     memory), the ones F.scaled_dot_product_attention runs on CUDA and on the CPU, called for their log-sum-exp."""
@@ -134,7 +120,7 @@ def _prefix_flash(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale: float) ->
 
 
 def prefix_attention_lse_ref(q_fold: Tensor, k_doc: Tensor, v_doc: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """`_prefix_flash`'s contract in float32 torch (its reference)."""
+    """`prefix_flash`'s contract in float32 torch (its reference)."""
     s = (q_fold.float() @ k_doc.float().transpose(-1, -2)) * scale
     return (torch.softmax(s, dim=-1) @ v_doc.float()).to(q_fold.dtype), torch.logsumexp(s, dim=-1)
 
@@ -153,7 +139,7 @@ def merge_with_rest(q: Tensor, out_c: Tensor, lse_c: Tensor, k_x: Tensor, v_x: T
     s_t = _product(q.reshape(b * hkv, g * n_q, d), k_tail.transpose(-1, -2).reshape(b * hkv, d, n_tail))
     s = s_t.view(b, hkv, g, n_q, n_tail)
     if n_x:
-        s_x = _product(_fold(q, hkv)[0], k_x[0].transpose(-1, -2)).view(hkv, b, g, n_q, n_x).transpose(0, 1)
+        s_x = _product(fold_rows(q, hkv)[0], k_x[0].transpose(-1, -2)).view(hkv, b, g, n_q, n_x).transpose(0, 1)
         s = torch.cat([s_x, s], dim=-1)
     s = s * scale
     hidden = _hidden(n_x, n_tail, n_q, tail_len, x_visible, None)[:, None, None]  # [B, 1, 1, L, X + T]
@@ -179,14 +165,14 @@ def shared_prefix_attention(
     """Same contract as `shared_prefix_attention_ref`; the prefix read once for every row (module docstring).
 
     `n_common`: the first n_common prefix keys are visible to every row (None: all of them when `visible` is None,
-    else none). Where `prefix_flash_supported`, those run in torch's flash kernel and the rest of the prefix and
+    else none). Where `dispatch.shared_prefix_path` says "flash", those run in torch's flash kernel and the rest of the prefix and
     the tails join them through `merge_with_rest`: no [rows, P] logits in memory, which at 8 rows of an 8B
     model's GQA groups would weigh more than the prefix's K and V."""
     n_doc = k_doc.shape[2]
     n_common = (n_doc if visible is None else 0) if n_common is None else n_common
-    if n_common and prefix_flash_supported(q, k_doc, k_tail.shape[2], softcap, window):
+    if n_common and dispatch.shared_prefix_path(q, k_doc, k_tail.shape[2], softcap, window) == "flash":
         hkv = k_doc.shape[1]
-        out, lse = _prefix_flash(_fold(q, hkv), k_doc[:, :, :n_common], v_doc[:, :, :n_common], scale)
+        out, lse = prefix_flash(fold_rows(q, hkv), k_doc[:, :, :n_common], v_doc[:, :, :n_common], scale)
         x_visible = None if visible is None else visible[:, n_common:]
         return merge_with_rest(q, out, lse, k_doc[:, :, n_common:], v_doc[:, :, n_common:], x_visible, k_tail,
                                v_tail, tail_len, scale)
@@ -212,7 +198,7 @@ def _stacked(
         m1 = min(n_q, m0 + BLOCK)
         rows = m1 - m0
         qb = q[:, :, m0:m1].reshape(b, hkv, g, rows, d)
-        q_fold = _fold(q[:, :, m0:m1], hkv)[0]  # [Hkv, B·G·rows, D] x [Hkv, D, P]
+        q_fold = fold_rows(q[:, :, m0:m1], hkv)[0]  # [Hkv, B·G·rows, D] x [Hkv, D, P]
         s_doc = _product(q_fold, kd_t).view(hkv, b, g, rows, n_doc).transpose(0, 1)  # [B, Hkv, G, rows, P]
         s_tail = _product(qb.reshape(b * hkv, g * rows, d), kt_t.reshape(b * hkv, d, n_tail))
         s_tail = s_tail.view(b, hkv, g, rows, n_tail)

@@ -95,7 +95,7 @@ def test_cuda_16bit_against_float32_definition(shape, dtype):
 def test_common_prefix_by_log_sum_exp_merged_with_the_rest_equals_definition(shape, common):
     """The CUDA route (`merge_with_rest`), its prefix op replaced by its float32 reference: the first n_common
     prefix keys seen by every row, the rest by some rows (an evidence store's shares)."""
-    from cascade_kernels.shared_attention import _fold, merge_with_rest, prefix_attention_lse_ref
+    from cascade_kernels.shared_attention import fold_rows, merge_with_rest, prefix_attention_lse_ref
 
     b, n_doc = shape[0], shape[4]
     q, kd, vd, kt, vt, tail_len = _inputs(*shape)
@@ -104,7 +104,7 @@ def test_common_prefix_by_log_sum_exp_merged_with_the_rest_equals_definition(sha
     if n_common < n_doc:
         visible = torch.ones(b, n_doc, dtype=torch.bool)
         visible[:, n_common:] = torch.rand(b, n_doc - n_common, generator=torch.Generator().manual_seed(2)) > 0.5
-    out, lse = prefix_attention_lse_ref(_fold(q, kd.shape[1]), kd[:, :, :n_common], vd[:, :, :n_common], 0.125)
+    out, lse = prefix_attention_lse_ref(fold_rows(q, kd.shape[1]), kd[:, :, :n_common], vd[:, :, :n_common], 0.125)
     x_visible = None if visible is None else visible[:, n_common:]
     got = merge_with_rest(q, out, lse, kd[:, :, n_common:], vd[:, :, n_common:], x_visible, kt, vt, tail_len, 0.125)
     want = shared_prefix_attention_ref(q, kd, vd, visible, kt, vt, tail_len, 0.125)
@@ -130,13 +130,13 @@ def test_cuda_flash_route_equals_its_reference(shape, common):
     (common prefix in flash, the rest masked per row) is within 16-bit rounding of the float32 definition."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from cascade_kernels.shared_attention import _fold, _prefix_flash, prefix_attention_lse_ref, \
-        prefix_flash_supported
+    from cascade_kernels.dispatch import shared_prefix_path
+    from cascade_kernels.shared_attention import fold_rows, prefix_attention_lse_ref, prefix_flash
 
     q, kd, vd, kt, vt, tail_len = _inputs(*shape, dtype=torch.bfloat16, device="cuda")
-    assert prefix_flash_supported(q, kd, kt.shape[2], None, None)
-    qf = _fold(q, kd.shape[1])
-    out, lse = _prefix_flash(qf, kd, vd, 0.125)
+    assert shared_prefix_path(q, kd, kt.shape[2], None, None) == "flash"
+    qf = fold_rows(q, kd.shape[1])
+    out, lse = prefix_flash(qf, kd, vd, 0.125)
     ref_out, ref_lse = prefix_attention_lse_ref(qf, kd, vd, 0.125)
     torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
     torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
@@ -155,13 +155,13 @@ def test_cuda_flash_route_equals_its_reference(shape, common):
 def test_cpu_flash_route_equals_definition(shape, dtype):
     """On the CPU the common prefix goes to torch's CPU flash kernel (natural-log lse), with evidence masks on the
     rest of the prefix."""
-    from cascade_kernels.shared_attention import _fold, _prefix_flash, prefix_attention_lse_ref, \
-        prefix_flash_supported
+    from cascade_kernels.dispatch import shared_prefix_path
+    from cascade_kernels.shared_attention import fold_rows, prefix_attention_lse_ref, prefix_flash
 
     q, kd, vd, kt, vt, tail_len = _inputs(*shape, dtype=dtype)
-    assert prefix_flash_supported(q, kd, kt.shape[2], None, None)
-    qf = _fold(q, kd.shape[1])
-    out, lse = _prefix_flash(qf, kd, vd, 0.125)
+    assert shared_prefix_path(q, kd, kt.shape[2], None, None) == "flash"
+    qf = fold_rows(q, kd.shape[1])
+    out, lse = prefix_flash(qf, kd, vd, 0.125)
     ref_out, ref_lse = prefix_attention_lse_ref(qf, kd, vd, 0.125)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, **tol)
