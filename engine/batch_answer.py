@@ -108,8 +108,7 @@ class AnswerBatch:
         self.used = [0] * n_rows  # the same, on the host
         cos, sin = runner.rotary(doc.n + room)
         self.tables = [tuple(t.to(dtype) for t in fam.tables(cos, sin)) for fam in doc.fams]
-        self._step: tuple[Tensor | None, Tensor] | None = None  # rows (None: all), the step's tail indices [r, L]
-        self.steps = 0  # decode steps taken (each feeds every row one token)
+        self._step: tuple | None = None  # rows (None: all), the step's tail indices [r, L], rotary rows per table
         self.graph = True  # on CUDA, replay decode steps as a CUDA graph (False: every step eager; bench/tests)
         self.graph_counts = GraphCounts()  # how the decode steps ran (on CUDA: eager, captured, replayed)
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -117,6 +116,12 @@ class AnswerBatch:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @property
+    def steps(self) -> int:
+        """Decode steps taken (each feeds every row one token)."""
+        c = self.graph_counts
+        return c.eager + c.captured + c.replayed
 
     @property
     def on_cuda(self) -> bool:
@@ -147,7 +152,7 @@ class AnswerBatch:
         if self._graph is not None:
             self._graph.replay()
             self.graph_counts.replayed += 1
-        elif self.graph and self.steps and self.graph_counts.eager and graph_path(ids.device) == "graph":
+        elif self.graph and self.graph_counts.eager and graph_path(ids.device) == "graph":
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._logits = self._decode_step(ids, advance)
@@ -157,7 +162,6 @@ class AnswerBatch:
         else:  # on CUDA the first step compiles and warms up what the capture records
             self._logits = self._decode_step(ids, advance)
             self.graph_counts.eager += 1
-        self.steps += 1
         self.used = [u + int(on) for u, on in zip(self.used, active)]
         return self._logits
 
@@ -183,7 +187,7 @@ class AnswerBatch:
         """ids [r, L] of `rows` (None: every row) through the layers; the tails then hold them (`advance` each)."""
         length = self.length if rows is None else self.length[rows]
         pos = length[:, None] + torch.arange(ids.shape[1], device=ids.device)  # [r, L] tail index
-        self._step = (rows, pos)
+        self._step = (rows, pos, {})  # the last: the step's rotary rows per table, shared by the layers
         try:
             hidden = self.runner.run_layers(ids, self)
         finally:
@@ -196,10 +200,12 @@ class AnswerBatch:
 
     # called by every layer's patched attention (engine/attention.py) while `_run` is in flight
     def attend(self, layer: int, fam, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        rows, pos = self._step
+        rows, pos, rotary = self._step
         cos, sin = self.tables[layer]
-        at = self.doc.n + pos  # [r, L] absolute positions
-        c, s = cos[at][:, None], sin[at][:, None]  # [r, 1, L, D]
+        if id(cos) not in rotary:  # most layers share one table: gathered once per step
+            at = self.doc.n + pos  # [r, L] absolute positions
+            rotary[id(cos)] = (cos[at][:, None], sin[at][:, None])  # [r, 1, L, D]
+        c, s = rotary[id(cos)]
         q_rot = apply_rope(q.to(c.dtype), c, s)
         tk, tv = self.k[layer], self.v[layer]
         where = (torch.arange(pos.shape[0], device=pos.device) if rows is None else rows)[:, None]
