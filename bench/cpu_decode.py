@@ -1,16 +1,16 @@
 """CPU decode with the embedded model: the step that reads the cache in place against the plain gather path.
 
 Reads `--tokens` of the novel (data/pride_and_prejudice.txt) through a cascade of `--cache-size` (4 sub-cache,
-stride 1024, bf16, so the cache is full and evicting), then alternates rounds of 10 greedy decode steps with
+stride 1024, `--dtype` (default auto: bf16 on AVX512 CPUs, fp32 on others), so the cache is full and evicting), then alternates rounds of 10 greedy decode steps with
 `Runner.in_place_decode` on (engine/slot_decode.py: keys rotated at their slots, runs read where they lie) and off
 (the plain path: gather the past into age order, rotate every key at its rank), 6 rounds each, and prints the
 median and every round's ms/token with the provenance. Then, on the same cache, it alternates 6 rounds of 10
-in-place steps with `--weights native` (the dense bf16 linears) and `--weights auto` (for the embedded model: the
+in-place steps with `--weights native` (the dense linears) and `--weights auto` (for the embedded model: the
 decoder layers' linears packed to int4, engine/weight_pack.py, measured lossless; swapped in and out between
 rounds). `--profile` then prints torch's CPU profiler table (self time per op) over 10 more in-place steps: where
 a step goes now.
 
-    python bench/cpu_decode.py [--tokens 8192] [--cache-size 4096] [--profile]
+    python bench/cpu_decode.py [--tokens 8192] [--cache-size 4096] [--dtype auto] [--profile]
 """
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192, help="tokens read before decoding")
     ap.add_argument("--cache-size", type=int, default=4096)
+    ap.add_argument("--dtype", default="auto", help="the model's dtype: auto, bf16 or fp32")
     ap.add_argument("--profile", action="store_true", help="also print the CPU profiler's table of 10 steps")
     args = ap.parse_args()
-    loaded = models.load_model(None, "cpu", "bf16")
+    loaded = models.load_model(None, "cpu", args.dtype)
     ids = loaded.tokenizer(NOVEL.read_text(encoding="utf-8")[: args.tokens * 8])["input_ids"][: args.tokens]
     ids = torch.tensor([ids])
     config = CacheConfig(policy="cascade", cache_size=args.cache_size, cascades=4, stride=1024)
@@ -66,6 +67,7 @@ def main() -> None:
         runner.in_place_decode = True
         # --weights native against auto on the same cache: the packed modules swapped in and out between rounds
         dense = [(parent, name, linear) for parent, name, linear in decoder_linears(loaded.model)]
+        dense.append((loaded.model, "lm_head", loaded.model.lm_head))  # auto gives an fp32 model's head a bf16 copy
         report = pack_linears(loaded.model, "int4", lossless_only=True)  # what load_model's auto does here
         packed = [getattr(parent, name) for parent, name, _ in dense]
         weight_rounds = {"native": [], "auto": []}
@@ -82,11 +84,12 @@ def main() -> None:
                 steps(10)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16), file=sys.stderr)
         fill = runner.cache.fill()
-    row = {"bench": "cpu_decode", "tokens_before_decode": int(ids.shape[1]), "cache_size": args.cache_size,
+    row = {"bench": "cpu_decode", "dtype": str(loaded.model.dtype).removeprefix("torch."),
+           "tokens_before_decode": int(ids.shape[1]), "cache_size": args.cache_size,
            "cache_fill": fill, "median_ms_per_token": {k: sorted(v)[len(v) // 2] for k, v in rounds.items()},
            "rounds_ms": rounds,
            "weights": {"auto": report.mode, "packed_linears": report.packed, "bytes_added": report.bytes_added,
-                       "max_regrid_error_steps": report.max_regrid_error,
+                       "max_regrid_error_steps": report.max_regrid_error, "head_bf16_copy": report.head,
                        "median_ms_per_token": {k: sorted(v)[len(v) // 2] for k, v in weight_rounds.items()},
                        "rounds_ms": weight_rounds},
            **provenance()}

@@ -152,20 +152,20 @@ def resolve_weights(weights: str, device: torch.device | str, dtype: torch.dtype
         if torch.device(device).type != "cpu":
             raise ConfigError(f"--weights {name} packs the weights for the CPU's kernels; on {device} use "
                               f"--weights native or auto")
-        if dtype != torch.bfloat16:
-            raise ConfigError(f"--weights {name} needs --dtype bf16 (got {str(dtype).removeprefix('torch.')})")
+        if dtype not in weight_pack.PACKED_INPUTS:
+            raise ConfigError(f"--weights {name} needs --dtype bf16 or fp32 (got {str(dtype).removeprefix('torch.')})")
     return name
 
 
 def _pack_weights(model, weights: str, dev: torch.device, dt: torch.dtype, folder: Path, label: str) -> str:
     """Apply a resolved `--weights` to the loaded model; the mode it runs with (native, int4, int8).
 
-    auto packs int4 on a bf16 CPU model converted from a 4-bit GGUF (the converted cache's marker lists its
+    auto packs int4 on a bf16 or fp32 CPU model converted from a 4-bit GGUF (the converted cache's marker lists its
     tensor types), and only the linears whose re-grid error is within weight_pack.LOSSLESS_STEPS."""
     if weights == "native":
         return "native"
     if weights == "auto":
-        if dev.type != "cpu" or dt != torch.bfloat16 or not _from_four_bit_gguf(folder):
+        if dev.type != "cpu" or dt not in weight_pack.PACKED_INPUTS or not _from_four_bit_gguf(folder):
             return "native"
         return weight_pack.pack_linears(model, "int4", lossless_only=True).mode
     report = weight_pack.pack_linears(model, weights)

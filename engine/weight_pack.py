@@ -19,8 +19,12 @@ Memory: the dense weights stay (prefill uses them), so packing adds 0.625 bytes 
 plus 4 bytes of scale and zero per 32) and 1 byte (plus 2 per output channel) for int8: 66 MB and 106 MB for the
 106M layer weights of the embedded model.
 
+On an fp32 model (`--dtype auto` on CPUs without AVX512) the packed kernels take the rows rounded to bf16: on a
+2-core AVX2 EPYC the 210 one-row products of the embedded model take 16.0 ms in int4 against 54.7 ms in fp32
+(docs/BENCHMARKS.md, "CPU decode with packed weights").
+
 `pack_linears` refuses, packing nothing and saying why in its report, on a non-CPU model, a dtype other
-than bf16, a K that is not a multiple of 32 or an N not of 16 (int4), a K not a multiple of 8 (int8), or a
+than bf16 or fp32, a K that is not a multiple of 32 or an N not of 16 (int4), a K not a multiple of 8 (int8), or a
 torch without the kernels; callers fall back to the dense weights. The embedding and the LM head are left alone."""
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ GROUP = 32  # int4 group length along K
 # the multiples of 8 tried (8 to 64): K must be one
 INT8_K_MULTIPLE = 8
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+PACKED_INPUTS = (torch.bfloat16, torch.float32)  # model dtypes the packed kernels serve (fp32 through bf16 rows)
 MAX_PACKED_ROWS = 16  # rows of x (flattened) up to which the packed kernel runs; the dense one above
 # int4 re-grid error (in steps of the group) taken as "lossless up to bf16 rounding": the embedded model's Q4_1
 # weights measure at most 0.046 (tests/engine/test_weight_pack.py), of which 0.043 is the bf16 rounding of the
@@ -53,11 +58,15 @@ class PackReport:
     bytes_added: int  # packed weights and their scales, beside the dense weights that stay
     max_regrid_error: float | None  # int4: the largest |W' - W| over the packed linears, in steps of its group
     reason: str | None = None  # why nothing was packed
+    head: bool = False  # the LM head got a bf16 copy for decode (pack_head)
 
 
 class PackedLinear(nn.Linear):
     """An nn.Linear (same `weight`, `bias`, `in_features`, `out_features`) that also holds a packed copy of its
-    weight and multiplies at most MAX_PACKED_ROWS rows of bf16 CPU input through it."""
+    weight and multiplies at most MAX_PACKED_ROWS rows of bf16 or fp32 CPU input through it.
+
+    torch's packed kernels take bf16 rows; fp32 rows are rounded to bf16 on the way in and the product comes back
+    in fp32 (the rounding a bf16 model's linears make, measured in tests/engine/test_weight_pack.py)."""
 
     def __init__(self, linear: nn.Linear, mode: str, packed: Tensor, scales: Tensor) -> None:
         nn.Module.__init__(self)  # nn.Linear.__init__ would allocate a new weight
@@ -69,13 +78,16 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
-        if rows > MAX_PACKED_ROWS or rows == 0 or x.dtype != torch.bfloat16 or x.device != self.packed.device:
+        if rows > MAX_PACKED_ROWS or rows == 0 or x.dtype not in PACKED_INPUTS or x.device != self.packed.device:
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features).contiguous()
+        flat = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()
         if self.mode == "int4":
             y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
-        else:
+        elif self.mode == "int8":
             y = torch._weight_int8pack_mm(flat, self.packed, self.scales)
+        else:  # "bf16": the weight's exact bf16 copy (pack_head)
+            y = F.linear(flat, self.packed)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -163,7 +175,7 @@ def decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 
 def pack_linears(model: nn.Module, mode: str, lossless_only: bool = False) -> PackReport:
-    """Replace the decoder layers' linears of `model` (a CPU bf16 transformers CausalLM) by PackedLinears.
+    """Replace the decoder layers' linears of `model` (a CPU bf16 or fp32 transformers CausalLM) by PackedLinears.
 
     `mode` is int4 or int8; `lossless_only` (int4) keeps dense every linear whose re-grid error exceeds
     LOSSLESS_STEPS. Packs nothing, with the reason in the report, when the model cannot be packed."""
@@ -182,8 +194,9 @@ def pack_linears(model: nn.Module, mode: str, lossless_only: bool = False) -> Pa
         w = linear.weight
         if w.device.type != "cpu":
             return refuse(f"packed weights are for the CPU; {name} is on {w.device}")
-        if w.dtype != torch.bfloat16:
-            return refuse(f"packed weights need bf16 weights; {name} is {str(w.dtype).removeprefix('torch.')}")
+        if w.dtype not in PACKED_INPUTS:
+            return refuse(f"packed weights need bf16 or fp32 weights; {name} is "
+                          f"{str(w.dtype).removeprefix('torch.')}")
         if mode == "int4" and w.shape[1] % GROUP:
             return refuse(f"int4 packs groups of {GROUP} along K; {name} has K = {w.shape[1]}")
         if mode == "int4" and w.shape[0] % INT4_N_MULTIPLE:
@@ -210,4 +223,24 @@ def pack_linears(model: nn.Module, mode: str, lossless_only: bool = False) -> Pa
     if not packed:
         return PackReport("native", 0, kept, 0, None,
                           f"no linear re-grids to int4 within {LOSSLESS_STEPS} of a step (not from a 4-bit GGUF)")
-    return PackReport(mode, packed, kept, added, worst)
+    head = pack_head(model)
+    return PackReport(mode, packed, kept, added + head, worst, head=head > 0)
+
+
+def pack_head(model: nn.Module) -> int:
+    """Give the LM head of an fp32 CPU model a bf16 copy of its weight for decode rows, where that copy is exact
+    (every weight is a bf16 value: a model converted from a GGUF or shipped in bf16, loaded in fp32); the bytes
+    added, 0 when nothing was done. The copy halves what one decode row reads (the embedded model's tied head is
+    49,152 x 576: 113 MB in fp32); prefill and `ppl` chunks keep the fp32 weight."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is not nn.Linear or head.bias is not None:
+        return 0
+    w = head.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return 0
+    with torch.no_grad():
+        copy = w.to(torch.bfloat16)
+        if not torch.equal(copy.float(), w):
+            return 0
+        model.lm_head = PackedLinear(head, "bf16", copy, copy.new_empty(0))
+    return copy.numel() * copy.element_size()

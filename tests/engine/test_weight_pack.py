@@ -108,8 +108,8 @@ def test_lossless_only_keeps_random_weights_dense():
 
 
 def test_refusals(monkeypatch):
-    fp32 = tiny_model("llama")
-    assert "bf16" in wp.pack_linears(fp32, "int8").reason
+    fp16 = tiny_model("llama").to(torch.float16)
+    assert "bf16 or fp32" in wp.pack_linears(fp16, "int8").reason
     assert "K = 48" in wp.pack_linears(tiny_model("llama", hidden_size=48, head_dim=8).to(torch.bfloat16),
                                        "int4").reason
     assert "N = 40" in wp.pack_linears(tiny_model("llama", intermediate_size=40).to(torch.bfloat16), "int4").reason
@@ -131,8 +131,9 @@ def test_resolve_weights():
     assert models.resolve_weights("int4", "cpu", torch.bfloat16) == "int4"
     with pytest.raises(ConfigError, match="--weights must be one of"):
         models.resolve_weights("int3", "cpu", torch.bfloat16)
-    with pytest.raises(ConfigError, match="needs --dtype bf16"):
-        models.resolve_weights("int8", "cpu", torch.float32)
+    assert models.resolve_weights("int8", "cpu", torch.float32) == "int8"
+    with pytest.raises(ConfigError, match="needs --dtype bf16 or fp32"):
+        models.resolve_weights("int8", "cpu", torch.float16)
     with pytest.raises(ConfigError, match="for the CPU"):
         models.resolve_weights("int4", "cuda", torch.bfloat16)
 
@@ -183,6 +184,64 @@ def test_embedded_greedy_decode_int4_equals_native(embedded_bf16, one_thread):
     assert (forced_logits - native_logits).abs().max().item() <= 1.0
 
 
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_fp32_rows_go_through_bf16(mode):
+    """An fp32 linear's packed copy takes its rows rounded to bf16 and gives fp32 back: the product of the rounded
+    rows with the de-quantized weight, within the kernel's bf16 output rounding."""
+    lin = _linear(64, 128, bias=True).float()
+    packed, _ = wp.pack_linear(lin, mode)
+    x = torch.randn(1, 3, 128)
+    y = packed(x)
+    assert y.dtype == torch.float32 and y.shape == (1, 3, 64)
+    _close(y, x.to(torch.bfloat16).float() @ _dequantized(lin, mode).T + lin.bias)
+    many = torch.randn(40, 128)  # more than MAX_PACKED_ROWS: the fp32 weight, exactly
+    assert torch.equal(packed(many), F.linear(many, lin.weight, lin.bias))
+
+
+def test_pack_head_only_where_the_bf16_copy_is_exact():
+    model = tiny_model("llama")  # fp32, random weights: not bf16 values
+    assert wp.pack_head(model) == 0 and type(model.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.lm_head.weight.to(torch.bfloat16).float())
+    before = model.lm_head
+    added = wp.pack_head(model)
+    head = model.lm_head
+    assert added == head.weight.numel() * 2 and isinstance(head, wp.PackedLinear) and head.weight is before.weight
+    h = torch.randn(1, 1, head.in_features)
+    assert torch.equal(head(h), F.linear(h.to(torch.bfloat16), before.weight.to(torch.bfloat16)).float())
+    many = torch.randn(1, 40, head.in_features)  # a chunk: the fp32 weight, exactly as before
+    assert torch.equal(head(many), before(many))
+    assert wp.pack_head(tiny_model("llama").to(torch.bfloat16)) == 0  # a bf16 model's head is bf16 already
+
+
+@pytest.fixture(scope="module")
+def embedded_fp32_own():
+    return models.load_model(None, "cpu", "fp32")  # its own copy: the test packs it
+
+
+def test_embedded_fp32_greedy_decode_int4_within_bf16_rounding(embedded_fp32_own, one_thread):
+    """The fp32 model (`--dtype auto` on CPUs without AVX512) with `--weights auto`: int4 layers and a bf16 head
+    copy, rows rounded to bf16. 200 tokens read, then 32 greedy tokens. With the native fp32 tokens forced the
+    logits (|max| about 32) differ by at most 0.5 (measured 0.449; the bf16 model differs from fp32 by 0.620 on the
+    same tokens), so greedy tokens can differ only where native's top two are within twice that: they are the
+    same up to step 23 (margin 0.01), where the bf16 model turns too."""
+    lm = embedded_fp32_own
+    ids = torch.tensor([lm.tokenizer(BOOK.read_text(encoding="utf-8")[3000:4500])["input_ids"][:200]])
+    with torch.no_grad():
+        native, native_logits = _greedy(lm.model, ids, 32)
+        report = wp.pack_linears(lm.model, "int4", lossless_only=True)
+        assert report.packed == 210 and report.kept_dense == 0 and report.head
+        packed, _ = _greedy(lm.model, ids, 32)
+        _, forced_logits = _greedy(lm.model, ids, 32, forced=native)
+    bound = 0.5
+    assert (forced_logits - native_logits).abs().max().item() <= bound
+    first = next((i for i, (a, b) in enumerate(zip(packed, native)) if a != b), 32)
+    assert first >= 16  # measured: 23
+    if first < 32:  # the same tokens before it, so its logits are the forced ones: a near-tie of native's top two
+        top2 = native_logits[first].topk(2).values
+        assert (top2[0] - top2[1]).item() < 2 * bound
+
+
 # ---------------------------------------------------------------------------------------------------- --weights CLI
 
 
@@ -199,12 +258,14 @@ def test_cli_weights_auto_int4_on_embedded_bf16(tmp_path):
     assert docs["auto"]["record"]["weights"] == "int4"  # from the Q4_1 GGUF: measured lossless
     assert docs["int8"]["record"]["weights"] == "int8"
     result = invoke(["summarize", str(text), "--dtype", "fp32", "--max-tokens", "2", "--json"])  # auto, fp32
+    assert result.exit_code == 0 and json.loads(result.stdout)["record"]["weights"] == "int4"
+    result = invoke(["summarize", str(text), "--dtype", "fp16", "--max-tokens", "2", "--json"])  # auto, fp16
     assert result.exit_code == 0 and json.loads(result.stdout)["record"]["weights"] == "native"
 
 
 @pytest.mark.parametrize("args,message", [
     (["--weights", "int3"], "error: --weights must be one of auto, native, int4, int8 (got 'int3')"),
-    (["--weights", "int4", "--dtype", "fp32"], "error: --weights int4 needs --dtype bf16 (got float32)"),
+    (["--weights", "int4", "--dtype", "fp16"], "error: --weights int4 needs --dtype bf16 or fp32 (got float16)"),
 ])
 @pytest.mark.parametrize("command", ["summarize", "ppl"])
 def test_cli_bad_weights(tmp_path, command, args, message):
