@@ -32,9 +32,9 @@ Device = Annotated[str, typer.Option("--device", rich_help_panel="Model", help="
 Dtype = Annotated[str, typer.Option("--dtype", rich_help_panel="Model", help="auto, bf16, fp16 or fp32.")]
 Weights = Annotated[str, typer.Option(
     "--weights", rich_help_panel="Model", metavar="auto|native|int4|int8",
-    help="Decode through packed low-bit copies of the layers' weights (CPU, bf16; prefill keeps the dense ones): "
-         "int4, int8, native (none), or auto: int4 where measured lossless (a model from a 4-bit GGUF, such as "
-         "the embedded one), else native.")]
+    help="Decode through packed low-bit copies of the layers' weights (CPU, bf16 or fp32; prefill keeps the dense "
+         "ones): int4, int8, native (none), or auto: int4 where measured lossless (a model from a 4-bit GGUF, such "
+         "as the embedded one), else native; ppl, which never decodes, takes auto as native.")]
 DeviceMap = Annotated[str, typer.Option("--device-map", rich_help_panel="Model",
                                         help="auto: spread the layers over all visible GPUs; none: one device.")]
 

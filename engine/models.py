@@ -526,6 +526,7 @@ def load_model(
     notify: Callable[[str], None] | None = None,
     device_map: str | dict | None = None,
     weights: str = "native",
+    decodes: bool = True,
 ) -> LoadedModel:
     """Load model and tokenizer offline. `spec=None` is the embedded SmolLM2-135M-Instruct.
 
@@ -534,11 +535,15 @@ def load_model(
     once into the safetensors cache; `notify` receives a line before that conversion.
     `device_map` is `--device-map` (auto, none) or an explicit module -> device dict (see resolve_device_map).
     `weights` is `--weights` (auto, native, int4, int8: resolve_weights); native here, auto on the command line.
+    `decodes=False` (a run that never decodes, as `ppl`) makes auto native: packed weights serve decode rows only,
+    and packing costs about 2 s at load for the embedded model.
     Raises ModelNotFoundError (ModelFileError for a damaged GGUF or ollama entry), UnsupportedModelError or
     ConfigError (bad --device/--dtype/--device-map/--weights)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     weights = resolve_weights(weights, dev, dt)
+    if weights == "auto" and not decodes:
+        weights = "native"
     spread = resolve_device_map(device_map, dev)
     _go_offline()
     gguf = None if spec is None else resolve_gguf(spec)

@@ -84,7 +84,7 @@ def retention(
     configs = [CacheConfig(policy=p, **settings) for p in names]
     if plot:
         plots.require(plot)
-    lm = load_model(model, device, dtype, weights=weights, notify=Say.info)
+    lm = load_model(model, device, dtype, weights=weights, notify=Say.info, decodes=False)
     for config in configs:
         if config.policy != "full":
             config.check_positions(config.sinks, lm.max_positions)

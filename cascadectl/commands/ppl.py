@@ -81,13 +81,13 @@ def ppl(
             corpus.list_corpus(srcs)  # a missing path fails here, once, not in every worker
             return launch.run_workers(n, ctx)
         load = lambda dev: load_model(model, dev, dtype, weights=weights, notify=Say.info,  # noqa: E731
-                                      device_map=device_map)
+                                      device_map=device_map, decodes=False)
         return corpus_ppl.ppl_each(srcs, configs[0], load, device, device_map, json_out, quiet, auto)
     opts = ck.CheckpointOptions(checkpoint, checkpoint_every, resume)
     opts.check()
     if opts.path and len(configs) > 1:
         raise ConfigError("--checkpoint follows one policy; drop --compare (or run each policy on its own)")
-    lm = load_model(model, device, dtype, weights=weights, notify=Say.info, device_map=device_map)
+    lm = load_model(model, device, dtype, weights=weights, notify=Say.info, device_map=device_map, decodes=False)
     sizings = [None] * len(configs)
     if auto is not None:  # each policy's cache sized to the model; one policy alone reads a fitting input exactly
         budget = auto.budget(lm.device)
