@@ -261,6 +261,8 @@ def test_cli_weights_auto_int4_on_embedded_bf16(tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout)["record"]["weights"] == "int4"
     result = invoke(["summarize", str(text), "--dtype", "fp16", "--max-tokens", "2", "--json"])  # auto, fp16
     assert result.exit_code == 0 and json.loads(result.stdout)["record"]["weights"] == "native"
+    result = invoke(["ppl", str(text), "--dtype", "fp32", "--json"])  # never decodes: auto packs nothing
+    assert result.exit_code == 0 and json.loads(result.stdout)["model"]["weights"] == "native"
 
 
 @pytest.mark.parametrize("args,message", [
