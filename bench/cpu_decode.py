@@ -1,12 +1,13 @@
 """CPU decode with the embedded model: the step that reads the cache in place against the plain gather path.
 
-Reads `--tokens` of the novel (data/pride_and_prejudice.txt) through a cascade of `--cache-size` (4 sub-cache,
-stride 1024, `--dtype` (default auto: bf16 on AVX512 CPUs, fp32 on others), so the cache is full and evicting), then alternates rounds of 10 greedy decode steps with
-`Runner.in_place_decode` on (engine/slot_decode.py: keys rotated at their slots, runs read where they lie) and off
-(the plain path: gather the past into age order, rotate every key at its rank), 6 rounds each, and prints the
-median and every round's ms/token with the provenance. Then, on the same cache, it alternates 6 rounds of 10
-in-place steps with `--weights native` (the dense linears) and `--weights auto` (for the embedded model: the
-decoder layers' linears packed to int4, engine/weight_pack.py, measured lossless; swapped in and out between
+Reads `--tokens` of the novel (data/pride_and_prejudice.txt) through a cascade of `--cache-size` (4 sub-caches,
+stride 1024, the model in `--dtype`: auto is bf16 on AVX512 CPUs and fp32 on others; the cache ends full and
+evicting), then alternates rounds of 10 greedy decode steps with `Runner.in_place_decode` on (engine/slot_decode.py:
+keys rotated at their slots, runs read where they lie) and off (the plain path: gather the past into age order,
+rotate every key at its rank), 6 rounds each, and prints the median and every round's ms/token with the
+provenance. Then, on the same cache, it alternates 6 rounds of 10 in-place steps with `--weights native` (the dense
+linears) and `--weights auto` (for the embedded model: the decoder layers' linears packed to int4,
+engine/weight_pack.py, measured lossless, and an fp32 model's head given its bf16 copy; swapped in and out between
 rounds). `--profile` then prints torch's CPU profiler table (self time per op) over 10 more in-place steps: where
 a step goes now.
 

@@ -25,7 +25,8 @@ On an fp32 model (`--dtype auto` on CPUs without AVX512) the packed kernels take
 
 `pack_linears` refuses, packing nothing and saying why in its report, on a non-CPU model, a dtype other
 than bf16 or fp32, a K that is not a multiple of 32 or an N not of 16 (int4), a K not a multiple of 8 (int8), or a
-torch without the kernels; callers fall back to the dense weights. The embedding and the LM head are left alone."""
+torch without the kernels; callers fall back to the dense weights. The embedding is left alone; the LM head of an
+fp32 model gets an exact bf16 copy for decode rows (`pack_head`), that of a bf16 model is left as it is."""
 from __future__ import annotations
 
 from dataclasses import dataclass
