@@ -165,9 +165,9 @@ def shared_prefix_attention(
     """Same contract as `shared_prefix_attention_ref`; the prefix read once for every row (module docstring).
 
     `n_common`: the first n_common prefix keys are visible to every row (None: all of them when `visible` is None,
-    else none). Where `dispatch.shared_prefix_path` says "flash", those run in torch's flash kernel and the rest of the prefix and
-    the tails join them through `merge_with_rest`: no [rows, P] logits in memory, which at 8 rows of an 8B
-    model's GQA groups would weigh more than the prefix's K and V."""
+    else none). Where `dispatch.shared_prefix_path` says "flash", those run in torch's flash kernel and the rest of
+    the prefix and the tails join them through `merge_with_rest`: no [rows, P] logits in memory, which at 8 rows
+    of an 8B model's GQA groups would weigh more than the prefix's K and V."""
     n_doc = k_doc.shape[2]
     n_common = (n_doc if visible is None else 0) if n_common is None else n_common
     if n_common and dispatch.shared_prefix_path(q, k_doc, k_tail.shape[2], softcap, window) == "flash":
