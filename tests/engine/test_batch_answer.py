@@ -18,7 +18,7 @@ FAMILIES = list(VARIANTS)
 def _read(model, doc_ids, config):
     runner = Runner(model, config)
     for i in range(0, len(doc_ids), config.stride):
-        runner.step(torch.tensor([doc_ids[i : i + config.stride]]))
+        runner.step(torch.tensor([doc_ids[i : i + config.stride]], device=model.device))
     return runner
 
 
