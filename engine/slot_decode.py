@@ -81,8 +81,7 @@ def decode_in_place(
         if top is None:
             top = memo["top"] = int(order.max()) + 1  # P·V over the used prefix of the buffer
         spread = p16.new_zeros(b, hkv, g, top).index_copy_(3, order, p16[..., :n_past])
-        out = torch.baddbmm((p16[..., n_past:] * v_new).view(b * hkv, g, d), spread.view(b * hkv, g, top),
-                            v_buf[:, :, :top].reshape(b * hkv, top, d))
+        out = values_product(spread, v_buf[:, :, :top]).add_((p16[..., n_past:] * v_new)).view(b * hkv, g, d)
     else:
         out = p16 @ v_new
     out = out.view(b, hq, 1, d).to(q.dtype)
@@ -91,3 +90,22 @@ def decode_in_place(
     col = p * ema.to(p.device, torch.float32)
     scores = col.amax(dim=2) if head_reduce == "max" else col.mean(dim=2)
     return out, scores[:, :, cache.n_unscored :]
+
+
+PV_SPLIT = 8  # pieces a long P·V is cut into along the slots (the batch of a 3-head product is too small to share)
+
+
+def values_product(p: Tensor, v: Tensor) -> Tensor:
+    """p [B, Hkv, G, N] @ v [B, Hkv, N, D] -> [B, Hkv, G, D]. With a few KV heads and G rows each, torch's CPU bmm
+    reads the values at about a third of this VM's bandwidth (2 threads over 3 heads); cutting N into `PV_SPLIT`
+    pieces as more batch entries and summing them reads them about 1.2x faster (by hand: 17.6 against 14.5 ms for
+    30 layers of 3 x 4,160 x 64 float32). Only for float32: the sum order differs from one product's, which
+    moves the result within fp32 rounding."""
+    b, hkv, g, n = p.shape
+    d = v.shape[-1]
+    if n < 1024 or n % PV_SPLIT or v.dtype != torch.float32 or not v.is_contiguous():
+        # (a slice of a longer buffer would be copied; 16-bit pieces would each be rounded before the sum)
+        return (p.reshape(b * hkv, g, n) @ v.reshape(b * hkv, n, d)).view(b, hkv, g, d)
+    c, m = PV_SPLIT, n // PV_SPLIT
+    pieces = p.view(b * hkv, g, c, m).transpose(1, 2).reshape(b * hkv * c, g, m)
+    return torch.bmm(pieces, v.reshape(b * hkv * c, m, d)).view(b, hkv, c, g, d).sum(2)

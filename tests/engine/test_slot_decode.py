@@ -124,3 +124,20 @@ def test_in_place_decode_equals_the_plain_path(family, policy, min_run, monkeypa
     assert (got - want).abs().max().item() <= 1e-4
     for a, b in zip(got_index, want_index):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n, sliced", [(4160, False), (1024, False), (1000, False), (4160, True), (2050, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_values_product_cut_along_the_slots_equals_one_product(n, sliced, dtype):
+    """P·V cut into PV_SPLIT pieces along the slots (long, contiguous buffers) or taken whole (short, a slice of a
+    longer buffer, a length the pieces do not divide) is p @ v within the rounding of another sum order."""
+    from engine.slot_decode import values_product
+    gen = torch.Generator().manual_seed(n)
+    p = torch.rand(2, 3, 3, n, generator=gen).softmax(-1).to(dtype)
+    buf = torch.randn(2, 3, n + (64 if sliced else 0), 64, generator=gen).to(dtype)
+    v = buf[:, :, :n]
+    want = (p.double() @ v.double()).to(torch.float32)
+    got = values_product(p, v)
+    assert got.shape == (2, 3, 3, 64) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.float() - want).abs().max() <= tol
