@@ -20,14 +20,14 @@ from engine.config import CacheConfig
 from engine.errors import CascadeError
 from engine.generate import Sampling
 from engine.prompt import Prompt
-from engine.batch_answer import AnswerBatch, SharedDocument, answer_together
+from engine.batch_answer import AnswerBatch, SharedDocument, answer_together, frozen_bytes
 from engine.evidence import (EvidenceSelector, Selectors, default_slots, others_evidence, probe, quoted_closing,
                              restrict, retrieval_layers, split_slots)
 from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, retention_report
 from engine.runner import Runner
 from engine.reading import answer, check_room, forked, ingest_steps, stop_ids
-from engine.sizing import long_input_config, route
+from engine.sizing import free_bytes, long_input_config, route
 from engine.tokens import rechunk
 
 from . import cache_files
@@ -52,9 +52,12 @@ class Session:
         for --cache-size auto, which sizes `config` to the model here and reads an input that fits exactly;
         `probes`: the questions, each as a question-first prompt, when they are known but not pinned (several
         -q, or one with --save-cache): each gets its share of the evidence store (engine/evidence.py); `frozen`:
-        the answers will come from the frozen cache (`answer_together`), which the requests cannot evict."""
+        the answers are meant to come from the frozen cache (`answer_together`), which the requests cannot evict:
+        the warning that the request may be evicted while answering is then held back until an answer takes the
+        evicting cache after all (`answer`)."""
         self.lm, self.config, self.sources, self.prompt, self.quiet = lm, config, sources, prompt, quiet
         self.max_tokens, self.question_weight, self.frozen = max_tokens, question_weight, frozen
+        self.held_warning: str | None = None  # check_room's, while the answers are meant to be frozen
         self.guided = prompt.question_span is not None and question_weight > 0 and config.policy == "cascade"
         self.n_sinks = max(config.sinks, len(prompt.prefix_ids))
         self.sizing = None
@@ -110,11 +113,10 @@ class Session:
             pieces, known = [ids], len(ids)
         q_tokens = self.prompt.question_span[1] - self.prompt.question_span[0] if self.guided else 0
         warning = check_room(self.config, self.n_sinks, self.lm.max_positions, longest_suffix, self.max_tokens,
-                             None if known is None else n_prefix + known, q_tokens, frozen=self.frozen)
+                             None if known is None else n_prefix + known, q_tokens)
         if self.sizing is not None:
             Say.info(f"[dim]{self.sizing.describe()}[/]")
-        if warning:
-            Say.warn(warning)
+        self._room_warning(warning)
         expected = n_prefix + (known or 0) + longest_suffix + self.max_tokens if known is not None else 0
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks, expected_tokens=expected)
         keeps = self.config.evidence > 0
@@ -242,9 +244,8 @@ class Session:
         cache = saved.cache
         self.config, self.n_sinks, self.loaded = saved.config, saved.n_sinks, {**saved.input, "cache_file": path}
         warning = check_room(self.config, self.n_sinks, self.lm.max_positions, longest_suffix, self.max_tokens,
-                             cache.seen if self.config.policy == "full" else None, frozen=self.frozen)
-        if warning:
-            Say.warn(warning)
+                             cache.seen if self.config.policy == "full" else None)
+        self._room_warning(warning)
         self.runner = Runner(self.lm.model, self.config, n_sinks=self.n_sinks)
         self.runner.replace_cache(cache)
         self.retention = saved.retention
@@ -266,11 +267,21 @@ class Session:
         self.stats.seconds_ingest = time.perf_counter() - start
         self.stats.kv_cache_bytes = cache.nbytes()
 
+    def _room_warning(self, warning: str | None) -> None:
+        """Say check_room's warning now, or hold it while the answers are meant to come from the frozen cache."""
+        if warning and self.frozen:
+            self.held_warning = warning
+        elif warning:
+            Say.warn(warning)
+
     def answer(self, suffix_ids: list[int], sampling: Sampling, echo: bool, fork: bool = False,
                question: int | None = None) -> str:
-        """Stream one answer (to stdout when `echo`); `fork` answers from a copy of the cache, kept for the next.
-        `question`: this question's share of a several-question store (`store_index`), whose evidence alone it
-        sees (in a copy)."""
+        """Stream one answer (to stdout when `echo`) through the evicting cache; `fork` answers from a copy of the
+        cache, kept for the next. `question`: this question's share of a several-question store (`store_index`),
+        whose evidence alone it sees (in a copy)."""
+        if self.held_warning:
+            Say.warn(self.held_warning)
+            self.held_warning = None
         text = []
         seconds_before, start = self.stats.seconds_generate, time.perf_counter()
 
@@ -296,16 +307,41 @@ class Session:
                 sys.stdout.flush()
         return "".join(text)
 
-    def fits_together(self, suffixes: list[list[int]]) -> bool:
-        """Whether `answer_together` fits the model's positions: the cache's tokens, then the longest request and
-        its answer."""
-        return self.runner.cache.n_past + max(map(len, suffixes)) + self.max_tokens <= self.lm.max_positions
+    def answer_one(self, suffix_ids: list[int], sampling: Sampling, echo: bool) -> tuple[str, bool]:
+        """One answer (to stdout when `echo`): from the frozen cache where it can come from there
+        (`frozen_refusal`), else through the evicting cache after one line on stderr saying why. Returns the text
+        and whether it came from the frozen cache."""
+        refusal = self.frozen_refusal([suffix_ids])
+        if refusal:
+            Say.info(f"note: answering from the evicting cache: {refusal}")
+            return self.answer(suffix_ids, sampling, echo=echo), False
+        return self.answer_together([suffix_ids], sampling, [None] if echo else None)[0], True
 
-    def answer_together(self, suffixes: list[list[int]], sampling: Sampling, echo: list[str] | None) -> list[str]:
+    def frozen_refusal(self, suffixes: list[list[int]]) -> str | None:
+        """Why the answers to `suffixes` cannot come from the frozen cache (`answer_together`), as the end of a
+        note; None: they can. They need one device, the model's positions for the cache's tokens and then the
+        longest request and its answer, and free memory for the frozen copy (`frozen_bytes`) with a tenth to
+        spare."""
+        cache = self.runner.cache
+        if cache.shape.layer_devices is not None:
+            return "a model over several devices answers from the evicting cache"
+        room = max(map(len, suffixes)) + self.max_tokens
+        if cache.n_past + room > self.lm.max_positions:
+            return ("the requests and --max-tokens do not fit the model's positions after the frozen cache "
+                    "(lower --max-tokens or the cache size)")
+        need, free = frozen_bytes(self.runner, len(suffixes), room), free_bytes(cache.shape.device)
+        if need * 1.1 > free:
+            return (f"the frozen copy of the cache needs {need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are "
+                    f"free")
+        return None
+
+    def answer_together(self, suffixes: list[list[int]], sampling: Sampling,
+                        echo: list[str | None] | None) -> list[str]:
         """Every question's answer decoded together, one batch per step, from the cache frozen read-only
         (engine/batch_answer.py); question i sees its share of a several-question store only. `echo`: the
         headers to print, one per question, each answer streamed after its own (the first as it is written, the
-        others as soon as the ones before them are done); None: print nothing."""
+        others as soon as the ones before them are done; a single answer's header may be None: none printed);
+        None: print nothing."""
         n = len(suffixes)
         texts, done = [[] for _ in range(n)], [False] * n
         seconds_before, start = self.stats.seconds_generate, time.perf_counter()
@@ -331,7 +367,7 @@ class Session:
                                                                                              range(n))]
         doc = SharedDocument(self.runner, hidden)
         batch = AnswerBatch(self.runner, doc, n, room=max(len(s) for s in suffixes) + self.max_tokens)
-        if echo is not None:
+        if echo is not None and echo[0] is not None:
             sys.stdout.write(f"{echo[0]}\n")
         try:
             with AnswerInterrupts() as interrupts:
@@ -379,8 +415,11 @@ class Session:
 
     def finish(self, doc: dict, generation: dict, as_json: bool, show_report: bool) -> None:
         """Stats line and report on stderr, or the JSON document on stdout."""
-        self.stats.decode_graph = self.runner.decode_report()
-        graph = self.stats.decode_graph
+        graph = self.runner.decode_report()
+        frozen = (self.stats.answer_batch or {}).get("decode_graph")
+        if graph is None and frozen is not None:  # the answers came from the frozen cache, through its own graph
+            graph = {**frozen, "off": None}
+        self.stats.decode_graph = graph
         if graph and graph["off"] and not graph["replayed"]:
             Say.info(f"[dim]decoded without a CUDA graph (slower at batch 1): {graph['off']}[/]")
         if as_json:

@@ -64,9 +64,10 @@ def summarize_each(sources: list[str], out: Path | None, skip_existing: bool, co
         prompt = prompts.setdefault(id(lm), job.prompt_for(lm.tokenizer))
         Say.info(escape(label))
         distributed = world_from_env().distributed
-        with Session(lm, config, [path], prompt, job.max_tokens, quiet or distributed, sizing=auto) as session:
+        with Session(lm, config, [path], prompt, job.max_tokens, quiet or distributed, sizing=auto,
+                     frozen=True) as session:
             session.read(len(prompt.suffix_ids))
-            text = session.answer(prompt.suffix_ids, job.sampling_for(lm), echo=False)
+            text, _ = session.answer_one(prompt.suffix_ids, job.sampling_for(lm), echo=False)
         # each process writes its own files as they finish: a crash or Ctrl-C keeps every summary done so far
         write_text_atomic(target, text.strip() + "\n")
         stats = session.stats

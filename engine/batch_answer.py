@@ -220,6 +220,16 @@ class AnswerBatch:
         return out.to(q.dtype)
 
 
+def frozen_bytes(runner: Runner, n_rows: int, room: int) -> int:
+    """What answering `n_rows` questions of up to `room` tokens (request and answer) each from the frozen cache takes
+    beside the cache itself: `SharedDocument`'s keys and values of every visible token (float32 on a CPU, else the
+    cache's dtype) and `AnswerBatch`'s tails."""
+    shape = runner.cache.shape
+    element = 4 if shape.device.type == "cpu" else shape.dtype.itemsize
+    per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * element
+    return per_token * (runner.cache.n_past + n_rows * room)
+
+
 def answer_together(
     batch: AnswerBatch, tokenizer, requests: list[list[int]], max_tokens: int, sampling: Sampling,
     stop: Iterable[int] = frozenset(), on_token=None,

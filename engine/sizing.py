@@ -122,6 +122,14 @@ def memory_budget(device: torch.device | str, memory: int | None = None) -> int:
     return int(CPU_SHARE * available_ram())
 
 
+def free_bytes(device: torch.device | str) -> int:
+    """Memory free now on `device`: the CUDA allocator's free bytes on a GPU, `available_ram` on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_ram()
+
+
 def available_ram() -> int:
     """Available memory on this machine (MemAvailable on Linux; total pages elsewhere)."""
     try:

@@ -44,9 +44,9 @@ Quote = Annotated[int, typer.Option(
          "(the answer reads them where a small model attends best); 0 = off.")]
 Batch = Annotated[bool, typer.Option(
     "--batch/--no-batch", rich_help_panel="Generation",
-    help="With several questions, decode their answers together, one batch per step, from the cache frozen "
-         "after reading (nothing evicted while answering); --no-batch answers one by one, each from a copy of "
-         "the cache that keeps evicting as it writes.")]
+    help="Answer from the cache frozen after reading (nothing evicted while answering; several questions "
+         "decoded together, one batch per step); --no-batch answers one by one, each from a copy of the cache "
+         "that keeps evicting as it writes.")]
 Quiet = Annotated[bool, typer.Option("--quiet", rich_help_panel="Output", help="Only errors on stderr.")]
 
 
@@ -144,10 +144,11 @@ def ask(
     elif evidence:
         Say.info("note: --evidence needs the questions before the input (not --no-question-first with one "
                  "question) and --policy cascade: off")
-    together = batch and len(questions) > 1
+    together = batch  # from the frozen cache, one question or several, where it can (below)
     if together and device_map != "none":
         together = False
-        Say.info("note: a model over several devices answers the questions one by one (--batch needs one)")
+        if len(questions) > 1:
+            Say.info("note: a model over several devices answers the questions one by one (--batch needs one)")
     with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0,
                    slots, auto, probes, frozen=together) as session:
         longest = max(len(p.suffix_ids) for p in prompts)
@@ -159,13 +160,15 @@ def ask(
             session.save(save_cache, questions[0] if first else None, questions)
         generation["evidence"] = session.config.evidence if not load_cache else 0
         suffixes = [session.closing(i, p.suffix_ids, quote) for i, p in enumerate(prompts)]
-        if together and not session.fits_together(suffixes):
+        refusal = session.frozen_refusal(suffixes) if together else None
+        if refusal:
             together = False
-            Say.info("note: the questions' requests and --max-tokens do not fit the model's positions after the "
-                     "frozen cache: answering one by one (lower --max-tokens or the cache size to batch them)")
+            how = "answering one by one" if len(questions) > 1 else "answering from the evicting cache"
+            Say.info(f"note: {how}: {refusal}")
         generation["batch"] = together
         if together:
-            texts = session.answer_together(suffixes, sampling, None if json_out else [f"## {q}" for q in questions])
+            headers = [f"## {q}" for q in questions] if len(questions) > 1 else [None]
+            texts = session.answer_together(suffixes, sampling, None if json_out else headers)
         else:
             texts = []
             for i, (q, suffix) in enumerate(zip(questions, suffixes)):

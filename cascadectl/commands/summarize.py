@@ -103,12 +103,12 @@ def summarize(
     prompt = build_prompt(lm.tokenizer, request, request, cue="Summary:")
     sampling = sampling_for(lm)
     generation = {"max_tokens": max_tokens, **g.record(sampling, lm), "instruction": request}
-    with a.Session(lm, config, srcs, prompt, max_tokens, quiet, sizing=auto) as session:
+    with a.Session(lm, config, srcs, prompt, max_tokens, quiet, sizing=auto, frozen=True) as session:
         if load_cache:
             session.load(load_cache, cache.explicit(), len(prompt.suffix_ids))
         else:
             session.read(len(prompt.suffix_ids), resumable, "summarize")
         if save_cache:
             session.save(save_cache)
-        text = session.answer(prompt.suffix_ids, sampling, echo=not json_out)
+        text, generation["batch"] = session.answer_one(prompt.suffix_ids, sampling, echo=not json_out)
         session.finish({"answer": text}, generation, json_out, report)

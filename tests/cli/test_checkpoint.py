@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from cascadectl.commands import ppl as ppl_command
+import cascadectl.answering as answering
 from engine import snapshot
+from engine.batch_answer import AnswerBatch
 from engine.checkpoint import Checkpoint
 from engine.runner import Runner
 from tests.cli.fakes import fake_lm, invoke
@@ -233,28 +235,50 @@ def test_answers_after_resume_equal_uninterrupted(tmp_path, monkeypatch, command
     assert not os.path.exists(ckpt)
 
 
-def test_ctrl_c_while_answering_resumes_straight_to_the_answer(tmp_path, text_file, monkeypatch):
+def on_decode_step(m, path: str, n: int, action) -> None:
+    """Run `action` on the n-th decode step of the answer: the frozen cache's batch step (the default), or the
+    evicting cache's one-token `Runner.step` (forced by a frozen copy that does not fit in memory)."""
+    count = [0]
+    if path == "frozen":
+        decode = AnswerBatch.decode
+
+        def counted(self, tokens, active):
+            count[0] += 1
+            if count[0] == n:
+                action()
+            return decode(self, tokens, active)
+        m.setattr(AnswerBatch, "decode", counted)
+        return
+    step = Runner.step
+    m.setattr(answering, "free_bytes", lambda device: 0)
+
+    def counted_step(self, ids):  # one-token steps are decode steps here (910 % stride != 1)
+        count[0] += ids.shape[1] == 1
+        if count[0] == n and ids.shape[1] == 1:
+            action()
+        return step(self, ids)
+    m.setattr(Runner, "step", counted_step)
+
+
+@pytest.mark.parametrize("path", ["frozen", "evicting"])
+def test_ctrl_c_while_answering_resumes_straight_to_the_answer(tmp_path, text_file, monkeypatch, path):
     """The whole ingest is checkpointed before answering: a resume reads nothing and answers the same."""
     args = ["summarize", text_file, *SMALL, *GEN, "--json"]
-    calls = [0]
-    step = Runner.step
     with monkeypatch.context() as m:
-        m.setattr(Runner, "step", lambda self, ids: calls.__setitem__(0, calls[0] + 1) or step(self, ids))
+        if path == "evicting":
+            m.setattr(answering, "free_bytes", lambda device: 0)
         expected = json.loads(invoke(args).stdout)
+    assert expected["record"]["generation"]["batch"] is (path == "frozen")
     ckpt = str(tmp_path / "s.ckpt")
-    decode_steps = [0]
-
-    def ctrl_c_on_second_decode_step(self, ids):  # one-token steps are decode steps here (910 % stride != 1)
-        decode_steps[0] += ids.shape[1] == 1
-        if decode_steps[0] == 2 and ids.shape[1] == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # no chunk boundary to wait for: Ctrl-C acts at once
-        return step(self, ids)
-    with monkeypatch.context() as m:
-        m.setattr(Runner, "step", ctrl_c_on_second_decode_step)
+    with monkeypatch.context() as m:  # no chunk boundary to wait for: Ctrl-C acts at once
+        on_decode_step(m, path, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
         stopped = invoke([*args, "--checkpoint", ckpt])
-    assert stopped.exit_code == 130 and stopped.stdout == "", (calls, decode_steps, stopped.stderr[-2000:])
+    assert stopped.exit_code == 130 and stopped.stdout == "", stopped.stderr[-2000:]
     assert snapshot.read_snapshot(ckpt)[0]["extra"]["tokens_done"] == len(TEXT)
-    resumed = invoke([*args, "--checkpoint", ckpt, "--resume"])
+    with monkeypatch.context() as m:
+        if path == "evicting":
+            m.setattr(answering, "free_bytes", lambda device: 0)
+        resumed = invoke([*args, "--checkpoint", ckpt, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["answer"] == expected["answer"]
 
@@ -269,21 +293,15 @@ def test_interrupted_summarize_prints_partial_stats(tmp_path, text_file, monkeyp
 
 # Python reports the KeyboardInterrupt raised inside the finaliser as "ignored": that is the situation under test
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_ctrl_c_caught_by_a_finaliser_still_stops_the_answer(text_file, monkeypatch):
+@pytest.mark.parametrize("path", ["frozen", "evicting"])
+def test_ctrl_c_caught_by_a_finaliser_still_stops_the_answer(text_file, monkeypatch, path):
     """A Ctrl-C handled while a finaliser runs (the garbage collector's, torch's) raises inside it, and Python
     reports that KeyboardInterrupt as "ignored"; the answer loop must still stop, at the next token, with 130."""
-    step, decode_steps = Runner.step, [0]
-
     class SignalsInItsFinaliser:
         def __del__(self):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the handler runs here, inside __del__, and its exception is swallowed
 
-    def step_then_finalise(self, ids):
-        decode_steps[0] += ids.shape[1] == 1
-        if decode_steps[0] == 2 and ids.shape[1] == 1:
-            SignalsInItsFinaliser()  # dropped at once: __del__ runs now
-        return step(self, ids)
-    monkeypatch.setattr(Runner, "step", step_then_finalise)
+    on_decode_step(monkeypatch, path, 2, SignalsInItsFinaliser)  # dropped at once: __del__ runs now
     result = invoke(["summarize", text_file, *SMALL, *GEN, "--json"])
     assert result.exit_code == 130 and result.stdout == ""

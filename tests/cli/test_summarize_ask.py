@@ -88,7 +88,8 @@ def test_several_questions_share_one_ingest(tiny, text_file):
     assert doc["retention"]["question_guided"] is False
     assert doc["record"]["generation"]["batch"] is False and doc["stats"]["answer_batch"] is None
     for q, got in zip(questions, doc["answers"]):
-        single = json.loads(invoke(["ask", text_file, q, *SMALL, "--no-question-first", "--json"]).stdout)
+        single = json.loads(invoke(["ask", text_file, q, *SMALL, "--no-question-first", "--json",
+                                    "--no-batch"]).stdout)
         assert got["answer"] == single["answer"]
     text = invoke(["ask", text_file, "-q", questions[0], "-q", questions[1], *SMALL, "--no-batch"])
     assert text.stdout.startswith(f"## {questions[0]}\n") and f"\n## {questions[1]}\n" in text.stdout
@@ -157,3 +158,31 @@ def test_embedded_model_summarizes_a_page():
     assert doc["answer"].strip()
     assert doc["stats"]["tokens"] > 500 and doc["retention"]["kept_layer0"] <= 256 + 64
     assert doc["record"]["model_id"].startswith("SmolLM2")
+
+
+def test_one_answer_comes_from_the_frozen_cache(tiny, text_file, monkeypatch):
+    """`summarize` and `ask` with one question answer from the frozen cache (a batch of one): with nothing evicted
+    that is the evicting path's answer (both the model's own attention), the text output is the bare answer, and
+    a frozen copy that would not fit in free memory falls back to the evicting cache with one line on stderr, and
+    with the held-back warning that the request may be evicted."""
+    import cascadectl.answering as answering
+    roomy = [*SMALL, "--cache-size", "4096"]
+    for cmd in (["summarize", text_file], ["ask", text_file, "Who is he?"]):
+        doc = json.loads(invoke([*cmd, *roomy, "--json"]).stdout)
+        assert doc["record"]["generation"]["batch"] is True and doc["answer"]
+        assert doc["stats"]["answer_batch"]["questions"] == 1 and doc["stats"]["decode_graph"] is None
+        text = invoke([*cmd, *roomy])
+        assert text.exit_code == 0 and text.stdout == doc["answer"] + "\n" and "## " not in text.stdout
+        with monkeypatch.context() as m:
+            m.setattr(answering, "free_bytes", lambda device: 0)
+            alone = invoke([*cmd, *roomy, "--json"])
+            assert "answering from the evicting cache: the frozen copy of the cache needs" in alone.stderr
+            alone = json.loads(alone.stdout)
+            assert alone["record"]["generation"]["batch"] is False and alone["stats"]["answer_batch"] is None
+            assert alone["answer"] == doc["answer"]
+            evicting = invoke([*cmd, *SMALL, "--max-tokens", "200", "--json"])
+            assert evicting.exit_code == 0 and "may be evicted" in evicting.stderr
+        frozen = invoke([*cmd, *SMALL, "--max-tokens", "200", "--json"])
+        assert frozen.exit_code == 0 and "may be evicted" not in frozen.stderr
+    assert json.loads(invoke(["ask", text_file, "Who is he?", *roomy, "--json", "--no-batch"]).stdout)["answer"] \
+        == json.loads(invoke(["ask", text_file, "Who is he?", *roomy, "--json"]).stdout)["answer"]

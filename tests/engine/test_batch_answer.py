@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.batch_answer import AnswerBatch, SharedDocument, answer_together
+from engine.batch_answer import AnswerBatch, SharedDocument, answer_together, frozen_bytes
 from engine.config import CacheConfig
 from engine.errors import CapacityError
 from engine.generate import GREEDY, Sampling
@@ -131,6 +131,20 @@ def test_room_past_the_model_positions_is_refused():
     with _read(model, list(range(40)), config) as runner:
         with pytest.raises(CapacityError):
             AnswerBatch(runner, SharedDocument(runner), 2, room=runner.max_positions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("policy", ["cascade", "full"])
+def test_frozen_bytes_is_what_the_frozen_copy_and_the_tails_take(policy, dtype):
+    """The estimate the CLI checks against free memory before answering from the frozen cache is exact on the
+    CPU (float32 copies, whatever the model's dtype), before and after eviction."""
+    model = tiny_model().to(dtype)
+    config = CacheConfig(policy=policy, cache_size=64, cascades=4, sinks=4, stride=16)
+    for n_doc in (40, 300 if policy == "cascade" else 90):
+        with _read(model, [i % 50 for i in range(n_doc)], config) as runner:
+            doc = SharedDocument(runner)
+            batch = AnswerBatch(runner, doc, 3, room=11)
+            assert doc.nbytes() + batch.nbytes() == frozen_bytes(runner, 3, 11)
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU
