@@ -14,13 +14,14 @@ GPU (`--gpu`): a random-weight Llama-3.1-8B-shaped model (bf16), `--tokens` rand
 sinks, 8 sub-caches, stride 4096 (bench/gpu_model.py's setting).
 
     python bench/answer_batch.py [--tokens 8192] [--batches 1,2,4,8] [--rounds 6] [--steps 8]
-    python bench/answer_batch.py --gpu --tokens 131072
+    python bench/answer_batch.py --gpu --tokens 131072 [--profile]
 
 Prints one JSON row with the command, machine and versions."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -73,8 +74,9 @@ def _read(args):
     return runner, requests, dev, time.perf_counter() - t0
 
 
-def _kernel_ms(step, dev: torch.device) -> float | None:
-    """GPU kernel time of one call of `step`, summed over its kernels (profiler), in ms."""
+def _kernel_ms(step, dev: torch.device, table: str = "") -> float | None:
+    """GPU kernel time of one call of `step`, summed over its kernels (profiler), in ms; with `table` (a name),
+    also print the kernels by GPU time to stderr."""
     if dev.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -82,6 +84,9 @@ def _kernel_ms(step, dev: torch.device) -> float | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         _sync(dev)
+    if table:
+        print(f"{table}: one step's kernels by GPU time", file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14), file=sys.stderr)
     return sum(e.self_device_time_total for e in prof.key_averages()
                if (getattr(e, "self_device_time_total", 0) or 0) > 0) / 1000
 
@@ -94,6 +99,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="decode steps per round and loop")
     ap.add_argument("--dtype", default="auto", help="CPU: the model's dtype (auto, fp32, bf16)")
     ap.add_argument("--gpu", action="store_true", help="the 8B shape on CUDA instead of the embedded model")
+    ap.add_argument("--profile", action="store_true", help="CUDA: print one step's kernels of each loop (stderr)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     args.batches = sorted({int(b) for b in args.batches.split(",")} | {1})
@@ -136,9 +142,9 @@ def main() -> None:
                     step()
                 _sync(dev)
                 rounds[name].append(round((time.perf_counter() - t0) / args.steps * 1000, 3))
-        kernels["one_by_one"] = _kernel_ms(single_step, dev)
+        kernels["one_by_one"] = _kernel_ms(single_step, dev, "one_by_one" if args.profile else "")
         for b in args.batches:
-            kernels[f"batch_{b}"] = _kernel_ms(lambda b=b: batch_step(b), dev)
+            kernels[f"batch_{b}"] = _kernel_ms(lambda b=b: batch_step(b), dev, f"batch_{b}" if args.profile else "")
         graph = runner.decode_report()
     median = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
     row = {"bench": "answer_batch", "device": str(dev), "tokens_read": args.tokens, "read_s": round(read_s, 1),
