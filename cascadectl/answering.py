@@ -20,14 +20,14 @@ from engine.config import CacheConfig
 from engine.errors import CascadeError
 from engine.generate import Sampling
 from engine.prompt import Prompt
-from engine.batch_answer import AnswerBatch, SharedDocument, answer_together, frozen_bytes
+from engine.batch_answer import AnswerBatch, SharedDocument, answer_together, frozen_refusal
 from engine.evidence import (EvidenceSelector, Selectors, default_slots, others_evidence, probe, quoted_closing,
                              restrict, retrieval_layers, split_slots)
 from engine.retention import QuestionGuide
 from engine.retention_report import SourceMap, retention_report
 from engine.runner import Runner
 from engine.reading import answer, check_room, forked, ingest_steps, stop_ids
-from engine.sizing import free_bytes, long_input_config, route
+from engine.sizing import long_input_config, route
 from engine.tokens import rechunk
 
 from . import cache_files
@@ -319,21 +319,10 @@ class Session:
 
     def frozen_refusal(self, suffixes: list[list[int]]) -> str | None:
         """Why the answers to `suffixes` cannot come from the frozen cache (`answer_together`), as the end of a
-        note; None: they can. They need one device, the model's positions for the cache's tokens and then the
-        longest request and its answer, and free memory for the frozen copy (`frozen_bytes`) with a tenth to
-        spare."""
-        cache = self.runner.cache
-        if cache.shape.layer_devices is not None:
-            return "a model over several devices answers from the evicting cache"
-        room = max(map(len, suffixes)) + self.max_tokens
-        if cache.n_past + room > self.lm.max_positions:
-            return ("the requests and --max-tokens do not fit the model's positions after the frozen cache "
-                    "(lower --max-tokens or the cache size)")
-        need, free = frozen_bytes(self.runner, len(suffixes), room), free_bytes(cache.shape.device)
-        if need * 1.1 > free:
-            return (f"the frozen copy of the cache needs {need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are "
-                    f"free")
-        return None
+        note; None: they can (engine/batch_answer.py `frozen_refusal`: one device, the positions, free memory)."""
+        why = frozen_refusal(self.runner, len(suffixes), max(map(len, suffixes)) + self.max_tokens,
+                             self.lm.max_positions)
+        return why and why.replace("max_tokens", "--max-tokens")
 
     def answer_together(self, suffixes: list[list[int]], sampling: Sampling,
                         echo: list[str | None] | None) -> list[str]:

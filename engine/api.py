@@ -5,7 +5,7 @@ and cache files. Re-exported by `engine` (`import engine; engine.open_model()`).
     config = CacheConfig(cache_size=256, stride=64)     # any policy: "cascade" (default), "sink", "full"
     perplexity_of(lm, text, config).ppl
     doc = read(lm, text, config, summary_prompt(lm))    # one pass; the cache is the document's memory
-    doc.answer()                                        # from a copy: ask again, or save it
+    doc.answer()                                        # the cache unchanged: ask again, or save it
     doc.save("book.kv"); load(lm, "book.kv").answer()   # the same answer, without reading the text again
 
 These are the same pieces the CLI drives (engine.reading, engine.perplexity, engine.snapshot), without what
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+from .batch_answer import AnswerBatch, SharedDocument, answer_together, frozen_refusal
 from .config import CacheConfig
 from .errors import CascadeError
 from .generate import GREEDY, Sampling
@@ -90,8 +91,9 @@ def ask_prompt(lm: LoadedModel, question: str) -> Prompt:
 
 
 class Document:
-    """A text read once through a cache: `answer` closes the prompt and decodes from a copy of the cache, so one
-    reading answers any number of times; `save` writes the cache to a file that `load` reads back."""
+    """A text read once through a cache: `answer` closes the prompt and decodes without changing the cache (from
+    its frozen view, or a copy), so one reading answers any number of times; `save` writes the cache to a file that
+    `load` reads back."""
 
     def __init__(self, lm: LoadedModel, runner: Runner, prompt: Prompt, input_tokens: int):
         self.lm, self.runner, self.prompt, self.input_tokens = lm, runner, prompt, input_tokens
@@ -100,14 +102,22 @@ class Document:
     def config(self) -> CacheConfig:
         return self.runner.config
 
-    def answer(self, suffix_ids: list[int] | None = None, max_tokens: int = 256, sampling: Sampling = GREEDY) -> str:
-        """The answer to the prompt's closing request (or to `suffix_ids`), decoded from a copy of the cache."""
+    def answer(self, suffix_ids: list[int] | None = None, max_tokens: int = 256, sampling: Sampling = GREEDY,
+               frozen: bool = True) -> str:
+        """The answer to the prompt's closing request (or to `suffix_ids`). It is decoded from the frozen cache
+        (engine/batch_answer.py: nothing evicted while it is written, a cheaper step; the CLI's default) where the
+        model's positions and free memory allow it (`frozen_refusal`), else, and with `frozen=False`, from a copy
+        of the cache that evicts as it writes. Neither changes the document's cache."""
         suffix = self.prompt.suffix_ids if suffix_ids is None else suffix_ids
         check_room(self.config, self.runner.n_sinks, self.lm.max_positions, len(suffix), max_tokens,
                    self.runner.cache.seen if self.config.policy == "full" else None)
+        stop = stop_ids(self.lm.tokenizer, self.lm.model)
+        if frozen and frozen_refusal(self.runner, 1, len(suffix) + max_tokens, self.lm.max_positions) is None:
+            batch = AnswerBatch(self.runner, SharedDocument(self.runner), 1, room=len(suffix) + max_tokens)
+            return "".join(piece for _, piece, _ in answer_together(batch, self.lm.tokenizer, [suffix], max_tokens,
+                                                                    sampling, stop))
         with forked(self.runner):
-            return "".join(answer(self.runner, self.lm.tokenizer, suffix, max_tokens, sampling,
-                                  stop_ids(self.lm.tokenizer, self.lm.model)))
+            return "".join(answer(self.runner, self.lm.tokenizer, suffix, max_tokens, sampling, stop))
 
     def save(self, path: str) -> int:
         """Write the cache and the prompt to `path` (safetensors, engine/snapshot.py); returns its size."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cascadectl.commands import ppl as ppl_command
-import cascadectl.answering as answering
+import engine.batch_answer as batch_answer
 from engine import snapshot
 from engine.batch_answer import AnswerBatch
 from engine.checkpoint import Checkpoint
@@ -250,7 +250,7 @@ def on_decode_step(m, path: str, n: int, action) -> None:
         m.setattr(AnswerBatch, "decode", counted)
         return
     step = Runner.step
-    m.setattr(answering, "free_bytes", lambda device: 0)
+    m.setattr(batch_answer, "free_bytes", lambda device: 0)
 
     def counted_step(self, ids):  # one-token steps are decode steps here (910 % stride != 1)
         count[0] += ids.shape[1] == 1
@@ -266,7 +266,7 @@ def test_ctrl_c_while_answering_resumes_straight_to_the_answer(tmp_path, text_fi
     args = ["summarize", text_file, *SMALL, *GEN, "--json"]
     with monkeypatch.context() as m:
         if path == "evicting":
-            m.setattr(answering, "free_bytes", lambda device: 0)
+            m.setattr(batch_answer, "free_bytes", lambda device: 0)
         expected = json.loads(invoke(args).stdout)
     assert expected["record"]["generation"]["batch"] is (path == "frozen")
     ckpt = str(tmp_path / "s.ckpt")
@@ -277,7 +277,7 @@ def test_ctrl_c_while_answering_resumes_straight_to_the_answer(tmp_path, text_fi
     assert snapshot.read_snapshot(ckpt)[0]["extra"]["tokens_done"] == len(TEXT)
     with monkeypatch.context() as m:
         if path == "evicting":
-            m.setattr(answering, "free_bytes", lambda device: 0)
+            m.setattr(batch_answer, "free_bytes", lambda device: 0)
         resumed = invoke([*args, "--checkpoint", ckpt, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["answer"] == expected["answer"]

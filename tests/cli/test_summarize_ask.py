@@ -165,7 +165,7 @@ def test_one_answer_comes_from_the_frozen_cache(tiny, text_file, monkeypatch):
     that is the evicting path's answer (both the model's own attention), the text output is the bare answer, and
     a frozen copy that would not fit in free memory falls back to the evicting cache with one line on stderr, and
     with the held-back warning that the request may be evicted."""
-    import cascadectl.answering as answering
+    import engine.batch_answer as batch_answer
     roomy = [*SMALL, "--cache-size", "4096"]
     for cmd in (["summarize", text_file], ["ask", text_file, "Who is he?"]):
         doc = json.loads(invoke([*cmd, *roomy, "--json"]).stdout)
@@ -174,7 +174,7 @@ def test_one_answer_comes_from_the_frozen_cache(tiny, text_file, monkeypatch):
         text = invoke([*cmd, *roomy])
         assert text.exit_code == 0 and text.stdout == doc["answer"] + "\n" and "## " not in text.stdout
         with monkeypatch.context() as m:
-            m.setattr(answering, "free_bytes", lambda device: 0)
+            m.setattr(batch_answer, "free_bytes", lambda device: 0)
             alone = invoke([*cmd, *roomy, "--json"])
             assert "answering from the evicting cache: the frozen copy of the cache needs" in alone.stderr
             alone = json.loads(alone.stdout)

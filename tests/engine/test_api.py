@@ -65,3 +65,23 @@ def test_errors_name_the_setting():
     with pytest.raises(ConfigError) as e:
         CacheConfig(cache_size=100, cascades=3)
     assert e.value.setting == "cache_size" and "`cache_size` (100)" in str(e.value)
+
+
+def test_answer_from_the_frozen_cache_or_an_evicting_copy(monkeypatch):
+    """`Document.answer` decodes from the frozen cache by default: with nothing evicted that is the evicting copy's
+    answer (both the model's own attention); after eviction both answer and the cache is left as it was; a frozen
+    copy that would not fit in free memory takes the evicting copy."""
+    import engine.batch_answer as batch_answer
+    lm = fake_lm()
+    text = "abcdefgh " * 40
+    roomy = CacheConfig(cache_size=1024, cascades=2, sinks=4, stride=16)
+    with engine.read(lm, text, roomy, max_tokens=8) as doc:
+        assert doc.answer(max_tokens=8) == doc.answer(max_tokens=8, frozen=False)
+    config = CacheConfig(cache_size=64, cascades=2, sinks=4, stride=16)
+    with engine.read(lm, text, config, max_tokens=8) as doc:
+        seen = doc.runner.cache.seen
+        frozen, evicting = doc.answer(max_tokens=8), doc.answer(max_tokens=8, frozen=False)
+        assert frozen and evicting and doc.runner.cache.seen == seen
+        calls = []
+        monkeypatch.setattr(batch_answer, "free_bytes", lambda device: calls.append(device) or 0)
+        assert doc.answer(max_tokens=8) == evicting and calls
