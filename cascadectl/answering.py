@@ -320,9 +320,7 @@ class Session:
     def frozen_refusal(self, suffixes: list[list[int]]) -> str | None:
         """Why the answers to `suffixes` cannot come from the frozen cache (`answer_together`), as the end of a
         note; None: they can (engine/batch_answer.py `frozen_refusal`: one device, the positions, free memory)."""
-        why = frozen_refusal(self.runner, len(suffixes), max(map(len, suffixes)) + self.max_tokens,
-                             self.lm.max_positions)
-        return why and why.replace("max_tokens", "--max-tokens")
+        return frozen_refusal(self.runner, len(suffixes), max(map(len, suffixes)) + self.max_tokens)
 
     def answer_together(self, suffixes: list[list[int]], sampling: Sampling,
                         echo: list[str | None] | None) -> list[str]:

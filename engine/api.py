@@ -112,7 +112,7 @@ class Document:
         check_room(self.config, self.runner.n_sinks, self.lm.max_positions, len(suffix), max_tokens,
                    self.runner.cache.seen if self.config.policy == "full" else None)
         stop = stop_ids(self.lm.tokenizer, self.lm.model)
-        if frozen and frozen_refusal(self.runner, 1, len(suffix) + max_tokens, self.lm.max_positions) is None:
+        if frozen and frozen_refusal(self.runner, 1, len(suffix) + max_tokens) is None:
             batch = AnswerBatch(self.runner, SharedDocument(self.runner), 1, room=len(suffix) + max_tokens)
             return "".join(piece for _, piece, _ in answer_together(batch, self.lm.tokenizer, [suffix], max_tokens,
                                                                     sampling, stop))

@@ -231,16 +231,17 @@ def frozen_bytes(runner: Runner, n_rows: int, room: int) -> int:
     return per_token * (runner.cache.n_past + n_rows * room)
 
 
-def frozen_refusal(runner: Runner, n_rows: int, room: int, max_positions: int) -> str | None:
+def frozen_refusal(runner: Runner, n_rows: int, room: int) -> str | None:
     """Why `n_rows` answers of up to `room` tokens each (request and answer) cannot come from the frozen cache,
     as the end of a sentence; None: they can. They need the model on one device, the model's positions for the
-    cache's tokens and then `room`, and free memory for the frozen copy (`frozen_bytes`) with a tenth to spare."""
+    cache's tokens and then `room` (what `AnswerBatch` checks), and free memory for the frozen copy
+    (`frozen_bytes`) with a tenth to spare."""
     cache = runner.cache
     if cache.shape.layer_devices is not None:
         return "a model over several devices answers from the evicting cache"
-    if cache.n_past + room > max_positions:
-        return ("the requests and max_tokens do not fit the model's positions after the frozen cache "
-                "(lower max_tokens or the cache size)")
+    if cache.n_past + room > runner.max_positions:
+        return ("the requests and `max_tokens` do not fit the model's positions after the frozen cache "
+                "(lower `max_tokens` or `cache_size`)")
     need, free = frozen_bytes(runner, n_rows, room), free_bytes(cache.shape.device)
     if need * 1.1 > free:
         return f"the frozen copy of the cache needs {need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free"

@@ -49,15 +49,14 @@ def check_room(
     max_tokens: int,
     n_prefix_and_input: int | None = None,
     extra_positions: int = 0,
-    frozen: bool = False,
 ) -> str | None:
     """Fail before any work when reading and answering cannot fit the model's positions; returns a warning or None.
 
     `cascade`/`sink` positions never pass sinks + cache + stride (+ `extra_positions`, the question queries of
     question-guided retention); `full` needs prefix + input + request + `max_tokens` positions, so it needs
     `n_prefix_and_input`. The warning says when the request and answer outgrow the newest sub-cache, which then
-    starts to evict the request while the answer is being written; answers from the frozen cache (`frozen`,
-    engine/batch_answer.py) evict nothing, so they get no such warning."""
+    starts to evict the request while the answer is being written (answers from the frozen cache,
+    engine/batch_answer.py, evict nothing: the CLI holds the warning back for them)."""
     if max_tokens < 1:
         raise ConfigError(f"`max_tokens` must be >= 1 (got {max_tokens})")
     if config.policy == "full":
@@ -78,7 +77,7 @@ def check_room(
             f"or `stride`"
         )
     newest = config.cache_size // config.n_cascades
-    if n_suffix + max_tokens > newest and not frozen:
+    if n_suffix + max_tokens > newest:
         return (
             f"the request ({n_suffix} tokens) + `max_tokens` ({max_tokens}) exceed the newest sub-cache "
             f"({newest} slots): the request may be evicted while answering; raise `cache_size` or lower `max_tokens`"

@@ -144,11 +144,7 @@ def ask(
     elif evidence:
         Say.info("note: --evidence needs the questions before the input (not --no-question-first with one "
                  "question) and --policy cascade: off")
-    together = batch  # from the frozen cache, one question or several, where it can (below)
-    if together and device_map != "none":
-        together = False
-        if len(questions) > 1:
-            Say.info("note: a model over several devices answers the questions one by one (--batch needs one)")
+    together = batch  # from the frozen cache, one question or several, where it can (frozen_refusal, below)
     with a.Session(lm, config, srcs, prompts[0], max_tokens, quiet, question_weight if first else 0.0,
                    slots, auto, probes, frozen=together) as session:
         longest = max(len(p.suffix_ids) for p in prompts)
