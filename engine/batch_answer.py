@@ -98,7 +98,7 @@ class AnswerBatch:
     def __init__(self, runner: Runner, doc: SharedDocument, n_rows: int, room: int):
         if doc.n + room > runner.max_positions:
             raise CapacityError(f"position {doc.n + room - 1} is past the model's limit of {runner.max_positions}; "
-                                f"lower --max-tokens or the cache size")
+                                f"lower `max_tokens` or `cache_size`")
         shape = runner.cache.shape
         self.runner, self.doc, self.rows, self.room = runner, doc, n_rows, room
         dtype = doc.k[0].dtype
