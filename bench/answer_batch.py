@@ -6,14 +6,18 @@ machine noise falls on every loop alike:
               replayed CUDA graph of the evicting step); ms per generated token
   batch_B     `ask -q ... (B times)`: one step feeds one token of each of B questions from the frozen cache
               (`AnswerBatch.decode`, on CUDA a replayed graph); ms per step, for B in --batches
+  room_1      CPU only: one question whose tail lies in the frozen copy's room (`SharedDocument(room=...)`,
+              what `ask` with one question and `summarize` do on a CPU): one flash call a step over
+              [document | tail], nothing to merge
 and reports each loop's median, batch_B's step time over batch_1's (the issue's target: <= 1.3 up to 8
 questions) and over one_by_one's, and on CUDA the GPU kernel time per step (profiler).
 
-CPU (default): the embedded model, `--tokens` of the novel, cache 4096, stride 1024, the dtype `--dtype`.
+CPU (default): the embedded model, `--tokens` of the novel, cache 4096, stride 1024, the dtype `--dtype`, the
+linears as `--weights` loads them (native: dense; auto, the CLI's default: int4 for the embedded model).
 GPU (`--gpu`): a random-weight Llama-3.1-8B-shaped model (bf16), `--tokens` random ids through cache 65,536 + 64
 sinks, 8 sub-caches, stride 4096 (bench/gpu_model.py's setting).
 
-    python bench/answer_batch.py [--tokens 8192] [--batches 1,2,4,8] [--rounds 6] [--steps 8]
+    python bench/answer_batch.py [--tokens 8192] [--batches 1,2,4,8] [--rounds 6] [--steps 8] [--weights auto]
     python bench/answer_batch.py --gpu --tokens 131072 [--profile]
 
 Prints one JSON row with the command, machine and versions."""
@@ -56,7 +60,7 @@ def _read(args):
                     for _ in range(max(args.batches))]
     else:
         from engine import models
-        loaded = models.load_model(None, "cpu", args.dtype)
+        loaded = models.load_model(None, "cpu", args.dtype, weights=args.weights)
         model = loaded.model
         config = CacheConfig(policy="cascade", cache_size=4096, cascades=4, stride=1024)
         text = NOVEL.read_text(encoding="utf-8")
@@ -98,6 +102,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=8, help="decode steps per round and loop")
     ap.add_argument("--dtype", default="auto", help="CPU: the model's dtype (auto, fp32, bf16)")
+    ap.add_argument("--weights", default="native", help="CPU: --weights as the CLI takes it (the CLI's default "
+                    "is auto: the embedded model's decoder linears packed to int4)")
     ap.add_argument("--gpu", action="store_true", help="the 8B shape on CUDA instead of the embedded model")
     ap.add_argument("--profile", action="store_true", help="CUDA: print one step's kernels of each loop (stderr)")
     ap.add_argument("--out", default="")
@@ -115,9 +121,13 @@ def main() -> None:
             batch.prefill(r, requests[r])
         batches[b] = batch
     tokens = {b: [1] * b for b in args.batches}
+    if dev.type == "cpu":  # the key 0 stands for room_1
+        batches[0] = AnswerBatch(runner, SharedDocument(runner, room=room), 1, room)
+        batches[0].prefill(0, requests[0])
+        tokens[0] = [1]
 
     def batch_step(b: int) -> None:
-        logits = batches[b].decode(tokens[b], [True] * b)
+        logits = batches[b].decode(tokens[b], [True] * len(tokens[b]))
         tokens[b] = logits.argmax(-1).tolist()
 
     token = [requests[0][-1]]
@@ -126,16 +136,19 @@ def main() -> None:
         token[0] = int(runner.decode(token[0]).argmax())
 
     rounds: dict[str, list[float]] = {"one_by_one": [], **{f"batch_{b}": [] for b in args.batches}}
+    if 0 in batches:
+        rounds["room_1"] = []
     kernels: dict[str, float | None] = {}
     with forked(runner):  # one question's evicting answer, from a copy (what --no-batch does)
         runner.step(torch.tensor([requests[0]], device=dev))
         for _ in range(warm):
             single_step()
-            for b in args.batches:
+            for b in batches:
                 batch_step(b)
         for _ in range(args.rounds):
             for name in rounds:
-                step = single_step if name == "one_by_one" else (lambda b=int(name.split("_")[1]): batch_step(b))
+                b = 0 if name == "room_1" else int(name.split("_")[-1]) if name != "one_by_one" else None
+                step = single_step if b is None else (lambda b=b: batch_step(b))
                 _sync(dev)
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
@@ -148,6 +161,7 @@ def main() -> None:
         graph = runner.decode_report()
     median = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
     row = {"bench": "answer_batch", "device": str(dev), "tokens_read": args.tokens, "read_s": round(read_s, 1),
+           "weights": None if args.gpu else args.weights,
            "document_tokens": n_past, "frozen_bytes": doc.nbytes(),
            "median_ms_per_step": median, "rounds_ms": rounds,
            "step_over_batch_1": {k: round(v / median["batch_1"], 3) for k, v in median.items()},

@@ -352,8 +352,9 @@ class Session:
 
         hidden = [others_evidence(self.runner.cache, k) if k is not None else [] for k in map(self.store_index,
                                                                                              range(n))]
-        doc = SharedDocument(self.runner, hidden)
-        batch = AnswerBatch(self.runner, doc, n, room=max(len(s) for s in suffixes) + self.max_tokens)
+        room = max(len(s) for s in suffixes) + self.max_tokens
+        doc = SharedDocument(self.runner, hidden, room=room if n == 1 else 0)  # one tail may continue the copy
+        batch = AnswerBatch(self.runner, doc, n, room=room)
         if echo is not None and echo[0] is not None:
             sys.stdout.write(f"{echo[0]}\n")
         try:

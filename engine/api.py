@@ -113,7 +113,8 @@ class Document:
                    self.runner.cache.seen if self.config.policy == "full" else None)
         stop = stop_ids(self.lm.tokenizer, self.lm.model)
         if frozen and frozen_refusal(self.runner, 1, len(suffix) + max_tokens) is None:
-            batch = AnswerBatch(self.runner, SharedDocument(self.runner), 1, room=len(suffix) + max_tokens)
+            room = len(suffix) + max_tokens
+            batch = AnswerBatch(self.runner, SharedDocument(self.runner, room=room), 1, room=room)
             return "".join(piece for _, piece, _ in answer_together(batch, self.lm.tokenizer, [suffix], max_tokens,
                                                                     sampling, stop))
         with forked(self.runner):

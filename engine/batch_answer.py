@@ -25,9 +25,10 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from cascade_kernels import dispatch
 from cascade_kernels.dispatch import graph_path
 from cascade_kernels.rope import apply_rope
-from cascade_kernels.shared_attention import shared_prefix_attention
+from cascade_kernels.shared_attention import fold_rows, prefix_flash, shared_prefix_attention
 
 from .decode_graph import GraphCounts
 from .errors import CapacityError
@@ -43,9 +44,15 @@ class SharedDocument:
     attention runs in float32), which of them each question sees ([B, P] bool, or None: all), and their positions.
 
     Keys every question sees come first (`n_common` of them), so that they can be read by one flash kernel for all
-    questions; the rest (the other questions' evidence) follow, each key at its own position (`pos`)."""
+    questions; the rest (the other questions' evidence) follow, each key at its own position (`pos`).
 
-    def __init__(self, runner: Runner, hidden: list[Iterable[int]] | None = None):
+    `room`: on a CPU, where every question sees every key, each layer's buffers keep `room` slots free after the
+    document's keys for one question's tail: an `AnswerBatch` of one row takes them (`claim_room`) and then reads
+    the document and its tail with one flash call a step, with nothing to merge (on this 2-core VM the merge's
+    ~45 small ops a layer cost more than its products). Ignored elsewhere: on CUDA the step is a graph of fixed
+    shapes."""
+
+    def __init__(self, runner: Runner, hidden: list[Iterable[int]] | None = None, room: int = 0):
         cache = runner.cache
         if cache.shape.layer_devices is not None:
             raise ValueError("a model spread over several devices answers one question at a time")
@@ -60,6 +67,9 @@ class SharedDocument:
         cpu = cache.shape.device.type == "cpu"
         phys = getattr(cache, "ev_base", 0)
         hidden = [sorted(phys + s for s in h) for h in hidden] if hidden is not None else None
+        self.room = room if cpu and (hidden is None or not any(hidden)) else 0
+        self._claimed = False
+        self._bufs: list[tuple[Tensor, Tensor]] = []  # with room: each layer's [1, Hkv, n + room, D] K and V
         with torch.inference_mode(), cache.peek():
             for layer, fam in enumerate(self.fams):
                 k, v = cache.past(layer)  # pre-RoPE, age order
@@ -73,8 +83,13 @@ class SharedDocument:
                     pos = torch.cat([common.nonzero().flatten(), (~common).nonzero().flatten()])
                     k, v, visible = k[:, :, pos], v[:, :, pos], visible[:, pos]
                     n_common = int(common.sum())
-                self.k.append(k.contiguous())
-                self.v.append(v.contiguous())
+                if self.room:
+                    kb, vb = (t.new_zeros(*t.shape[:2], self.n + self.room, t.shape[3]) for t in (k, v))
+                    kb[:, :, : self.n], vb[:, :, : self.n] = k, v
+                    self._bufs.append((kb, vb))
+                    k, v = kb[:, :, : self.n], vb[:, :, : self.n]
+                self.k.append(k if self.room else k.contiguous())
+                self.v.append(v if self.room else v.contiguous())
                 self.visible.append(visible)
                 self.pos.append(pos)
                 self.n_common.append(n_common)
@@ -87,7 +102,17 @@ class SharedDocument:
         return torch.stack(rows)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """What the frozen copy holds, its room included."""
+        held = [t for pair in self._bufs for t in pair] if self._bufs else self.k + self.v
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def claim_room(self, room: int) -> list[tuple[Tensor, Tensor]] | None:
+        """Every layer's whole K and V buffers [1, Hkv, n + room, D], for the one batch that may write `room` keys
+        after the document's; None if there is no such room (or another batch has it)."""
+        if self._claimed or room > self.room or not self._bufs:
+            return None
+        self._claimed = True
+        return self._bufs
 
 
 class AnswerBatch:
@@ -102,9 +127,15 @@ class AnswerBatch:
         shape = runner.cache.shape
         self.runner, self.doc, self.rows, self.room = runner, doc, n_rows, room
         dtype = doc.k[0].dtype
-        self.k = [torch.zeros(n_rows, shape.n_kv_heads, room, shape.head_dim, dtype=dtype, device=shape.device)
-                  for _ in doc.k]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        # one row may write its tail right after the document's keys (SharedDocument's room): one read a step
+        self._whole = doc.claim_room(room) if n_rows == 1 else None
+        if self._whole is not None:
+            self.k = [kb[:, :, doc.n : doc.n + room] for kb, _ in self._whole]
+            self.v = [vb[:, :, doc.n : doc.n + room] for _, vb in self._whole]
+        else:
+            self.k = [torch.zeros(n_rows, shape.n_kv_heads, room, shape.head_dim, dtype=dtype, device=shape.device)
+                      for _ in doc.k]
+            self.v = [torch.zeros_like(t) for t in self.k]
         self.length = torch.zeros(n_rows, dtype=torch.long, device=shape.device)  # tokens in each tail
         self.used = [0] * n_rows  # the same, on the host
         cos, sin = runner.rotary(doc.n + room)
@@ -116,7 +147,8 @@ class AnswerBatch:
         self._ids = self._advance = self._logits = None  # the decode step's inputs and output, fixed addresses
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """What the tails hold beside the document's copy (nothing where they lie in its room)."""
+        return 0 if self._whole is not None else sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     @property
     def steps(self) -> int:
@@ -208,17 +240,31 @@ class AnswerBatch:
             rotary[id(cos)] = (cos[at][:, None], sin[at][:, None])  # [r, 1, L, D]
         c, s = rotary[id(cos)]
         q_rot = apply_rope(q.to(c.dtype), c, s)
+        doc = self.doc
+        if self._whole is not None and rows is None and q.shape[2] == 1 and dispatch.shared_prefix_path(
+                q_rot, doc.k[layer], 1, fam.softcap, fam.window) == "flash":
+            return self._attend_whole(layer, fam, q_rot, apply_rope(k.to(c.dtype), c, s), v).to(q.dtype)
         tk, tv = self.k[layer], self.v[layer]
         where = (torch.arange(pos.shape[0], device=pos.device) if rows is None else rows)[:, None]
         tk[where, :, pos] = apply_rope(k.to(c.dtype), c, s).transpose(1, 2)  # [r, L, Hkv, D]
         tv[where, :, pos] = v.to(tv.dtype).transpose(1, 2)
-        visible = self.doc.visible[layer]
+        visible = doc.visible[layer]
         if rows is not None:
             tk, tv, visible = tk[rows], tv[rows], None if visible is None else visible[rows]
-        doc = self.doc
         out = shared_prefix_attention(q_rot, doc.k[layer], doc.v[layer], visible, tk, tv, pos[:, -1] + 1,
                                       fam.scaling, fam.softcap, fam.window, doc.pos[layer], doc.n_common[layer])
         return out.to(q.dtype)
+
+    def _attend_whole(self, layer: int, fam, q_rot: Tensor, k_rot: Tensor, v: Tensor) -> Tensor:
+        """One row's decode step where its tail continues the document's buffers: its key and value written after
+        the tail's, then one flash call over [document | tail]. q_rot [1, Hq, 1, D], k_rot and v [1, Hkv, 1, D]."""
+        kb, vb = self._whole[layer]
+        at = self.doc.n + self.used[0]  # the length lives on the host too: slices, no index tensors
+        kb[:, :, at] = k_rot[:, :, 0]
+        vb[:, :, at] = v[:, :, 0]
+        hkv = kb.shape[1]
+        out, _ = prefix_flash(fold_rows(q_rot, hkv), kb[:, :, : at + 1], vb[:, :, : at + 1], fam.scaling)
+        return out.reshape(q_rot.shape)
 
 
 def frozen_bytes(runner: Runner, n_rows: int, room: int) -> int:

@@ -55,6 +55,54 @@ def test_nothing_evicted_equals_the_model_forward(family, policy):
             assert (got - want).abs().max().item() <= 1e-4, (family, len(seq))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["full", "cascade"])
+def test_one_row_in_the_documents_room_equals_the_model_forward(family, policy):
+    """One question whose tail continues the frozen copy's buffers (`room`: on the CPU, one flash call a step over
+    [document | tail]) gets the transformers forward's logits for its request and every answer step."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(8)
+    doc = torch.randint(0, 256, (90,), generator=g).tolist()
+    request = torch.randint(0, 256, (6,), generator=g).tolist()
+    config = CacheConfig(policy=policy, cache_size=128, cascades=4, sinks=4, stride=16)
+    with _read(model, doc, config) as runner:
+        frozen = SharedDocument(runner, room=6 + 8)
+        batch = AnswerBatch(runner, frozen, 1, room=6 + 8)
+        assert batch.nbytes() == 0  # the tail lies in the document's room
+        seq, logits, seen = doc + request, batch.prefill(0, request), []
+        for _ in range(8):
+            seen.append((seq, logits))
+            token = int(logits.argmax())
+            seq = seq + [token]
+            logits = batch.decode([token], [True])[0]
+    with torch.no_grad():
+        for seq, got in seen:
+            want = model(torch.tensor([seq])).logits[0, -1]
+            assert (got - want).abs().max().item() <= 1e-4, (family, len(seq))
+
+
+def test_the_room_is_one_batchs_and_matches_separate_tails_after_eviction():
+    """After eviction a row in the room gets the logits of a row with its own tail; a second one-row batch on the
+    same copy, alive at once, takes tails of its own instead of sharing the room, and both stay right."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(9)
+    doc = torch.randint(0, 256, (700,), generator=g).tolist()
+    request = torch.randint(0, 256, (5,), generator=g).tolist()
+    config = CacheConfig(policy="cascade", cache_size=64, cascades=4, sinks=4, stride=16)
+    with _read(model, doc, config) as runner:
+        own = AnswerBatch(runner, SharedDocument(runner), 1, room=20)
+        frozen = SharedDocument(runner, room=20)
+        first, second = AnswerBatch(runner, frozen, 1, room=20), AnswerBatch(runner, frozen, 1, room=20)
+        assert first.nbytes() == 0 < second.nbytes()
+        outs = [[b.prefill(0, request)] for b in (own, first, second)]
+        for _ in range(10):
+            token = int(outs[0][-1].argmax())
+            for b, out in zip((own, first, second), outs):
+                out.append(b.decode([token], [True])[0].clone())
+    for out in outs[1:]:
+        torch.testing.assert_close(torch.stack(out), torch.stack(outs[0]), atol=1e-5, rtol=1e-5)
+
+
 def test_a_batch_equals_each_question_alone_after_eviction():
     """With a cascade that has evicted, each row of a batch gets the logits it gets alone; finished rows do not
     disturb the others."""
@@ -145,6 +193,9 @@ def test_frozen_bytes_is_what_the_frozen_copy_and_the_tails_take(policy, dtype):
             doc = SharedDocument(runner)
             batch = AnswerBatch(runner, doc, 3, room=11)
             assert doc.nbytes() + batch.nbytes() == frozen_bytes(runner, 3, 11)
+            doc = SharedDocument(runner, room=11)  # one row's tail in the copy's room
+            batch = AnswerBatch(runner, doc, 1, room=11)
+            assert doc.nbytes() + batch.nbytes() == frozen_bytes(runner, 1, 11)
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU
