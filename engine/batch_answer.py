@@ -48,9 +48,9 @@ class SharedDocument:
 
     `room`: on a CPU, where every question sees every key, each layer's buffers keep `room` slots free after the
     document's keys for one question's tail: an `AnswerBatch` of one row takes them (`claim_room`) and then reads
-    the document and its tail with one flash call a step, with nothing to merge (on this 2-core VM the merge's
-    ~45 small ops a layer cost more than its products). Ignored elsewhere: on CUDA the step is a graph of fixed
-    shapes."""
+    the document and its tail with one flash call a step, with nothing to merge (the merge is ~45 small torch ops
+    a layer; the step takes 0.88x the time, docs/BENCHMARKS.md). Ignored elsewhere: on CUDA the step is a graph of
+    fixed shapes."""
 
     def __init__(self, runner: Runner, hidden: list[Iterable[int]] | None = None, room: int = 0):
         cache = runner.cache
@@ -242,7 +242,7 @@ class AnswerBatch:
         q_rot = apply_rope(q.to(c.dtype), c, s)
         doc = self.doc
         if self._whole is not None and rows is None and q.shape[2] == 1 and dispatch.shared_prefix_path(
-                q_rot, doc.k[layer], 1, fam.softcap, fam.window) == "flash":
+                q_rot, doc.k[layer], self.used[0] + 1, fam.softcap, fam.window) == "flash":
             return self._attend_whole(layer, fam, q_rot, apply_rope(k.to(c.dtype), c, s), v).to(q.dtype)
         tk, tv = self.k[layer], self.v[layer]
         where = (torch.arange(pos.shape[0], device=pos.device) if rows is None else rows)[:, None]

@@ -10,7 +10,7 @@ from engine.config import CacheConfig
 from engine.errors import CapacityError
 from engine.generate import GREEDY, Sampling
 from engine.runner import Runner
-from tests.engine.tiny import VARIANTS, tiny_model
+from tests.engine.tiny import VARIANTS, WINDOW, tiny_model
 
 FAMILIES = list(VARIANTS)
 
@@ -75,6 +75,28 @@ def test_one_row_in_the_documents_room_equals_the_model_forward(family, policy):
             token = int(logits.argmax())
             seq = seq + [token]
             logits = batch.decode([token], [True])[0]
+    with torch.no_grad():
+        for seq, got in seen:
+            want = model(torch.tensor([seq])).logits[0, -1]
+            assert (got - want).abs().max().item() <= 1e-4, (family, len(seq))
+
+
+@pytest.mark.parametrize("family", ["mistral-window", "gemma3_text"])
+def test_a_room_tail_that_grows_past_the_window_equals_the_model_forward(family):
+    """A document shorter than the sliding window, and an answer that takes the tail past it: the steps inside
+    the window may read [document | tail] at once, the later ones must hide the keys it leaves behind."""
+    model = tiny_model(family)
+    doc = list(range(3, 3 + WINDOW - 8))
+    config = CacheConfig(policy="full", cache_size=128, cascades=4, sinks=4, stride=16)
+    with _read(model, doc, config) as runner:
+        batch = AnswerBatch(runner, SharedDocument(runner, room=3 + 16), 1, room=3 + 16)
+        seq, logits, seen = doc + [7, 8, 9], batch.prefill(0, [7, 8, 9]), []
+        for _ in range(16):
+            seen.append((seq, logits))
+            token = int(logits.argmax())
+            seq = seq + [token]
+            logits = batch.decode([token], [True])[0]
+    assert len(seq) > WINDOW + 4
     with torch.no_grad():
         for seq, got in seen:
             want = model(torch.tensor([seq])).logits[0, -1]
