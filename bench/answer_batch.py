@@ -6,7 +6,7 @@ machine noise falls on every loop alike:
               replayed CUDA graph of the evicting step); ms per generated token
   batch_B     `ask -q ... (B times)`: one step feeds one token of each of B questions from the frozen cache
               (`AnswerBatch.decode`, on CUDA a replayed graph); ms per step, for B in --batches
-  room_1      CPU only: one question whose tail lies in the frozen copy's room (`SharedDocument(room=...)`,
+  room_1      CPU only: one question whose tail lies in the frozen copy's room (`frozen_batch`,
               what `ask` with one question and `summarize` do on a CPU): one flash call a step over
               [document | tail], nothing to merge
 and reports each loop's median, batch_B's step time over batch_1's (the issue's target: <= 1.3 up to 8
@@ -35,7 +35,7 @@ if not __package__:  # python bench/x.py: bench/checkout.py puts this checkout o
     import checkout  # noqa: F401
 
 from bench.common import provenance  # noqa: E402
-from engine.batch_answer import AnswerBatch, SharedDocument  # noqa: E402
+from engine.batch_answer import AnswerBatch, SharedDocument, frozen_batch  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402
 from engine.reading import forked  # noqa: E402
 from engine.runner import Runner  # noqa: E402
@@ -114,50 +114,43 @@ def main() -> None:
     doc = SharedDocument(runner)
     warm = 3
     room = max(map(len, requests)) + warm + args.rounds * args.steps + 2
-    batches = {}
+    batches = {}  # loop name -> its batch, every question's request read
     for b in args.batches:
-        batch = AnswerBatch(runner, doc, b, room)
-        for r in range(b):
+        batches[f"batch_{b}"] = AnswerBatch(runner, doc, b, room)
+    if dev.type == "cpu":
+        batches["room_1"] = frozen_batch(runner, 1, room)  # what ask and summarize build for one question
+    for batch in batches.values():
+        for r in range(batch.rows):
             batch.prefill(r, requests[r])
-        batches[b] = batch
-    tokens = {b: [1] * b for b in args.batches}
-    if dev.type == "cpu":  # the key 0 stands for room_1
-        batches[0] = AnswerBatch(runner, SharedDocument(runner, room=room), 1, room)
-        batches[0].prefill(0, requests[0])
-        tokens[0] = [1]
+    tokens = {name: [1] * batch.rows for name, batch in batches.items()}
 
-    def batch_step(b: int) -> None:
-        logits = batches[b].decode(tokens[b], [True] * len(tokens[b]))
-        tokens[b] = logits.argmax(-1).tolist()
+    def batch_step(name: str) -> None:
+        logits = batches[name].decode(tokens[name], [True] * batches[name].rows)
+        tokens[name] = logits.argmax(-1).tolist()
 
     token = [requests[0][-1]]
 
     def single_step() -> None:
         token[0] = int(runner.decode(token[0]).argmax())
 
-    rounds: dict[str, list[float]] = {"one_by_one": [], **{f"batch_{b}": [] for b in args.batches}}
-    if 0 in batches:
-        rounds["room_1"] = []
+    steps = {"one_by_one": single_step, **{name: (lambda name=name: batch_step(name)) for name in batches}}
+    rounds: dict[str, list[float]] = {name: [] for name in steps}
     kernels: dict[str, float | None] = {}
     with forked(runner):  # one question's evicting answer, from a copy (what --no-batch does)
         runner.step(torch.tensor([requests[0]], device=dev))
         for _ in range(warm):
-            single_step()
-            for b in batches:
-                batch_step(b)
+            for step in steps.values():
+                step()
         for _ in range(args.rounds):
-            for name in rounds:
-                b = 0 if name == "room_1" else int(name.split("_")[-1]) if name != "one_by_one" else None
-                step = single_step if b is None else (lambda b=b: batch_step(b))
+            for name, step in steps.items():
                 _sync(dev)
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     step()
                 _sync(dev)
                 rounds[name].append(round((time.perf_counter() - t0) / args.steps * 1000, 3))
-        kernels["one_by_one"] = _kernel_ms(single_step, dev, "one_by_one" if args.profile else "")
-        for b in args.batches:
-            kernels[f"batch_{b}"] = _kernel_ms(lambda b=b: batch_step(b), dev, f"batch_{b}" if args.profile else "")
+        for name, step in steps.items():
+            kernels[name] = _kernel_ms(step, dev, name if args.profile else "")
         graph = runner.decode_report()
     median = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
     row = {"bench": "answer_batch", "device": str(dev), "tokens_read": args.tokens, "read_s": round(read_s, 1),
@@ -167,7 +160,7 @@ def main() -> None:
            "step_over_batch_1": {k: round(v / median["batch_1"], 3) for k, v in median.items()},
            "step_over_one_by_one": {k: round(v / median["one_by_one"], 3) for k, v in median.items()},
            "kernel_ms_per_step": kernels,
-           "graphs": {"one_by_one": graph, **{f"batch_{b}": batches[b].graph_counts.as_dict() for b in args.batches}},
+           "graphs": {"one_by_one": graph, **{name: batch.graph_counts.as_dict() for name, batch in batches.items()}},
            **provenance()}
     print(json.dumps(row))
     if args.out:

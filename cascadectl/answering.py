@@ -20,7 +20,7 @@ from engine.config import CacheConfig
 from engine.errors import CascadeError
 from engine.generate import Sampling
 from engine.prompt import Prompt
-from engine.batch_answer import AnswerBatch, SharedDocument, answer_together, frozen_refusal
+from engine.batch_answer import answer_together, frozen_batch, frozen_refusal
 from engine.evidence import (EvidenceSelector, Selectors, default_slots, others_evidence, probe, quoted_closing,
                              restrict, retrieval_layers, split_slots)
 from engine.retention import QuestionGuide
@@ -320,7 +320,11 @@ class Session:
     def frozen_refusal(self, suffixes: list[list[int]]) -> str | None:
         """Why the answers to `suffixes` cannot come from the frozen cache (`answer_together`), as the end of a
         note; None: they can (engine/batch_answer.py `frozen_refusal`: one device, the positions, free memory)."""
-        return frozen_refusal(self.runner, len(suffixes), max(map(len, suffixes)) + self.max_tokens)
+        return frozen_refusal(self.runner, len(suffixes), self._room(suffixes))
+
+    def _room(self, suffixes: list[list[int]]) -> int:
+        """The tail each frozen answer needs: the longest request and `max_tokens`."""
+        return max(map(len, suffixes)) + self.max_tokens
 
     def answer_together(self, suffixes: list[list[int]], sampling: Sampling,
                         echo: list[str | None] | None) -> list[str]:
@@ -352,9 +356,8 @@ class Session:
 
         hidden = [others_evidence(self.runner.cache, k) if k is not None else [] for k in map(self.store_index,
                                                                                              range(n))]
-        room = max(len(s) for s in suffixes) + self.max_tokens
-        doc = SharedDocument(self.runner, hidden, room=room if n == 1 else 0)  # one tail may continue the copy
-        batch = AnswerBatch(self.runner, doc, n, room=room)
+        batch = frozen_batch(self.runner, n, self._room(suffixes), hidden)
+        doc = batch.doc
         if echo is not None and echo[0] is not None:
             sys.stdout.write(f"{echo[0]}\n")
         try:

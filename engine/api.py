@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from .batch_answer import AnswerBatch, SharedDocument, answer_together, frozen_refusal
+from .batch_answer import answer_together, frozen_batch, frozen_refusal
 from .config import CacheConfig
 from .errors import CascadeError
 from .generate import GREEDY, Sampling
@@ -111,10 +111,9 @@ class Document:
         suffix = self.prompt.suffix_ids if suffix_ids is None else suffix_ids
         check_room(self.config, self.runner.n_sinks, self.lm.max_positions, len(suffix), max_tokens,
                    self.runner.cache.seen if self.config.policy == "full" else None)
-        stop = stop_ids(self.lm.tokenizer, self.lm.model)
-        if frozen and frozen_refusal(self.runner, 1, len(suffix) + max_tokens) is None:
-            room = len(suffix) + max_tokens
-            batch = AnswerBatch(self.runner, SharedDocument(self.runner, room=room), 1, room=room)
+        stop, room = stop_ids(self.lm.tokenizer, self.lm.model), len(suffix) + max_tokens
+        if frozen and frozen_refusal(self.runner, 1, room) is None:
+            batch = frozen_batch(self.runner, 1, room)
             return "".join(piece for _, piece, _ in answer_together(batch, self.lm.tokenizer, [suffix], max_tokens,
                                                                     sampling, stop))
         with forked(self.runner):

@@ -1,7 +1,7 @@
 """Several questions answered together, from the document's cache frozen read-only (docs/ALGORITHM.md §12).
 
-    doc = SharedDocument(runner, hidden=[others_evidence(runner.cache, i) for i in range(n)])
-    batch = AnswerBatch(runner, doc, n_rows=n, room=longest_request + max_tokens)
+    hidden = [others_evidence(runner.cache, i) for i in range(n)]
+    batch = frozen_batch(runner, n, room=longest_request + max_tokens, hidden=hidden)  # SharedDocument + AnswerBatch
     for row, piece, done in answer_together(batch, tokenizer, requests, max_tokens, sampling, stop): ...
 
 Once the input is read, nothing needs evicting any more: `SharedDocument` rotates every layer's cached keys once
@@ -25,8 +25,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from cascade_kernels import dispatch
-from cascade_kernels.dispatch import graph_path
+from cascade_kernels.dispatch import graph_path, shared_prefix_path
 from cascade_kernels.rope import apply_rope
 from cascade_kernels.shared_attention import fold_rows, prefix_flash, shared_prefix_attention
 
@@ -239,14 +238,14 @@ class AnswerBatch:
             at = self.doc.n + pos  # [r, L] absolute positions
             rotary[id(cos)] = (cos[at][:, None], sin[at][:, None])  # [r, 1, L, D]
         c, s = rotary[id(cos)]
-        q_rot = apply_rope(q.to(c.dtype), c, s)
+        q_rot, k_rot = apply_rope(q.to(c.dtype), c, s), apply_rope(k.to(c.dtype), c, s)
         doc = self.doc
-        if self._whole is not None and rows is None and q.shape[2] == 1 and dispatch.shared_prefix_path(
+        if self._whole is not None and rows is None and q.shape[2] == 1 and shared_prefix_path(
                 q_rot, doc.k[layer], self.used[0] + 1, fam.softcap, fam.window) == "flash":
-            return self._attend_whole(layer, fam, q_rot, apply_rope(k.to(c.dtype), c, s), v).to(q.dtype)
+            return self._attend_whole(layer, fam, q_rot, k_rot, v).to(q.dtype)
         tk, tv = self.k[layer], self.v[layer]
         where = (torch.arange(pos.shape[0], device=pos.device) if rows is None else rows)[:, None]
-        tk[where, :, pos] = apply_rope(k.to(c.dtype), c, s).transpose(1, 2)  # [r, L, Hkv, D]
+        tk[where, :, pos] = k_rot.transpose(1, 2)  # [r, L, Hkv, D]
         tv[where, :, pos] = v.to(tv.dtype).transpose(1, 2)
         visible = doc.visible[layer]
         if rows is not None:
@@ -265,6 +264,13 @@ class AnswerBatch:
         hkv = kb.shape[1]
         out, _ = prefix_flash(fold_rows(q_rot, hkv), kb[:, :, : at + 1], vb[:, :, : at + 1], fam.scaling)
         return out.reshape(q_rot.shape)
+
+
+def frozen_batch(runner: Runner, n_rows: int, room: int, hidden: list[Iterable[int]] | None = None) -> AnswerBatch:
+    """The batch that answers `n_rows` questions of up to `room` tokens each (request and answer) from the frozen
+    cache, over its own `SharedDocument` (`hidden` as it takes it); one question's tail lies in the copy's room."""
+    doc = SharedDocument(runner, hidden, room=room if n_rows == 1 else 0)
+    return AnswerBatch(runner, doc, n_rows, room)
 
 
 def frozen_bytes(runner: Runner, n_rows: int, room: int) -> int:
